@@ -1,0 +1,42 @@
+"""Interactive chat: keeps the conversation, applies the model's chat template, streams replies."""
+from __future__ import annotations
+
+import sys
+
+from .generate import SamplingConfig, stream
+from .loader import load
+
+HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D)"
+
+
+def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system: str | None = None,
+              stdin=None, stdout=None):
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    model, tok = load(model_path, dtype=dtype)
+    interactive = stdin.isatty()
+    print(f"chatting with {model_path}; {HELP}", file=sys.stderr)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        if interactive:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": text})
+        ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        reply = []
+        for piece in stream(model, tok, ids, cfg):
+            reply.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n")
+        stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply)})

@@ -1,0 +1,120 @@
+"""The `llamaforge` command. Thin: parse flags, call one public function, print the result.
+
+stdout carries results only (generated text, JSON, reports); everything else goes to stderr.
+Every user-facing error is a LlamaforgeError, printed as one line (a traceback with --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import LlamaforgeError
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser):
+    p.add_argument("--model", default="default", help="default | FILE.gguf | HF dir | Meta dir")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="compute dtype (default: bf16, measured fastest at equal output on this class of CPU)")
+
+
+def _sampling_config(args):
+    from .generate import SamplingConfig
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaforge", description="Load, run and export Llama-family models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt; prints only the generated text")
+    _add_sampling_flags(p)
+    p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
+    p.add_argument("prompt", metavar="PROMPT")
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    _add_sampling_flags(p)
+    p.add_argument("--system", default=None, help="system message")
+
+    p = sub.add_parser("info", help="architecture, size, quantisation, tokenizer, licence")
+    p.add_argument("model", nargs="?", default="default", metavar="MODEL")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+
+    p = sub.add_parser("export", help="write a model in another format")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--to", choices=["hf", "gguf"], required=True)
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="HF export weight dtype")
+    p.add_argument("--quant", default="F32", help="GGUF export tensor type: F32, F16, BF16, Q8_0, Q4_0, ...")
+    return parser
+
+
+def cmd_generate(args):
+    from .generate import encode_prompt, stream
+    from .loader import load
+
+    model, tok = load(args.model, dtype=args.dtype or "bf16")
+    cfg = _sampling_config(args)
+    ids = encode_prompt(tok, args.prompt, chat=args.chat)
+    pieces = stream(model, tok, ids, cfg)
+    if args.no_stream:
+        sys.stdout.write("".join(pieces) + "\n")
+        return
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args):
+    from .chat import chat_loop
+    chat_loop(args.model, _sampling_config(args), dtype=args.dtype or "bf16", system=args.system)
+
+
+def cmd_info(args):
+    from .info import model_info, format_info
+    info = model_info(args.model)
+    print(json.dumps(info, indent=2, ensure_ascii=False) if args.format == "json" else format_info(info))
+
+
+def cmd_export(args):
+    from .export import export
+    out = export(args.model, args.to, args.out, dtype=args.dtype, quant=args.quant)
+    print(out)
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except LlamaforgeError as e:
+        if args.debug:
+            raise
+        print(f"llamaforge: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `llamaforge generate ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

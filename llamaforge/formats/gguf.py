@@ -1,0 +1,381 @@
+"""GGUF (llama.cpp) in and out.
+
+Reading uses a small header parser of our own and the `gguf` package's dequantisers: the
+package's `GGUFReader` builds a numpy view per vocabulary entry and takes ~3 s on SmolLM2's
+49k-token vocabulary, while parsing the header directly takes well under 0.1 s.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import LlamaConfig
+from ..errors import LlamaforgeError
+from ..tokenizer import Tokenizer, byte_level_bpe, sentencepiece_bpe
+from . import Checkpoint
+
+# GGUF metadata value types.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
+# GGUF tensor name -> our parameter name (per block, then global).
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+class _Parser:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise LlamaforgeError(f"{self.path}: truncated GGUF header (ends at byte {len(self.buf)})")
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return v
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise LlamaforgeError(f"{self.path}: truncated GGUF header (ends at byte {len(self.buf)})")
+        s = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return s
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if etype == _STRING:
+                return [self.string() for _ in range(count)]
+            if etype in _NUMPY:
+                dt = np.dtype(_NUMPY[etype])
+                end = self.pos + count * dt.itemsize
+                if end > len(self.buf):
+                    raise LlamaforgeError(f"{self.path}: truncated GGUF header (ends at byte {len(self.buf)})")
+                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+                self.pos = end
+                return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
+            return [self.value(etype) for _ in range(count)]
+        raise LlamaforgeError(f"{self.path}: unknown GGUF metadata value type {vtype} at byte {self.pos}")
+
+
+def read_gguf(path: Path):
+    """(metadata dict, {name: (numpy shape, ggml type, byte offset, nbytes)}, mmap buffer)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise LlamaforgeError(f"{path}: empty file") from None
+    p = _Parser(buf, path)
+    if bytes(buf[:4]) != b"GGUF":
+        raise LlamaforgeError(f"{path}: not a GGUF file (bad magic)")
+    p.pos = 4
+    version = p.unpack("<I")
+    if version not in (2, 3):
+        raise LlamaforgeError(f"{path}: unsupported GGUF version {version}")
+    n_tensors, n_kv = p.unpack("<Q"), p.unpack("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = p.string()
+        meta[key] = p.value(p.unpack("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = p.string()
+        dims = [p.unpack("<Q") for _ in range(p.unpack("<I"))]
+        ttype, offset = p.unpack("<I"), p.unpack("<Q")
+        infos.append((name, dims, ttype, offset))
+    align = meta.get("general.alignment", 32)
+    data_start = (p.pos + align - 1) // align * align
+    tensors = {}
+    for name, dims, ttype, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(ttype)
+        except ValueError:
+            raise LlamaforgeError(f"{path}: tensor {name} has unknown GGML type {ttype}") from None
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n = math.prod(dims)
+        nbytes = n // block * type_size
+        start = data_start + offset
+        if start + nbytes > len(buf):
+            raise LlamaforgeError(f"{path}: truncated: tensor {name} needs bytes up to {start + nbytes}, "
+                                  f"file has {len(buf)}")
+        tensors[name] = (tuple(reversed(dims)), qtype, start, nbytes)
+    return meta, tensors, buf
+
+
+def _dequantize(buf, shape, qtype, start, nbytes, path, name) -> torch.Tensor:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+    if qtype == Q.F32:
+        arr = raw.view(np.float32)
+    elif qtype == Q.F16:
+        arr = raw.view(np.float16)
+    elif qtype == Q.BF16:
+        return torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).reshape(shape)
+    else:
+        try:
+            arr = quants.dequantize(raw.reshape(shape[:-1] + (-1,)), qtype)
+        except NotImplementedError:
+            raise LlamaforgeError(f"{path}: tensor {name}: quantisation type {qtype.name} "
+                                  "cannot be dequantised by the gguf package") from None
+    return torch.from_numpy(np.array(arr).reshape(shape))
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp stores Q/K rows with RoPE pairs interleaved (Meta's layout); ours pairs i with
+    i + head_dim/2. Undo the permutation its converter applies to llama-architecture models."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of `unpermute_qk`: our layout -> llama.cpp's."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LlamaforgeError(f"{path}: unsupported architecture {arch!r} (llamaforge reads 'llama')")
+
+    def get(key, default=None):
+        v = meta.get(f"llama.{key}", default)
+        if v is None:
+            raise LlamaforgeError(f"{path}: missing metadata llama.{key}")
+        return v
+
+    if "token_embd.weight" not in tensors:
+        raise LlamaforgeError(f"{path}: missing tensor token_embd.weight")
+    vocab = tensors["token_embd.weight"][0][0]
+    dim, n_heads = get("embedding_length"), get("attention.head_count")
+    cfg = LlamaConfig(
+        vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
+        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+        intermediate_size=get("feed_forward_length"),
+        head_dim=meta.get("llama.attention.key_length", dim // n_heads),
+        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_seq_len=get("context_length", 2048),
+        tie_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+    )
+    return cfg
+
+
+def _rope_scaling_from_freqs(freqs: torch.Tensor, cfg: LlamaConfig, path: Path) -> dict:
+    """llama.cpp bakes Llama-3.1 scaling into a `rope_freqs` tensor of per-frequency divisors.
+    Recover the HF parameters (factor from the tensor, the rest Meta's published defaults) and
+    check they reproduce it."""
+    from ..model import rope_inv_freq
+
+    scaling = dict(factor=float(freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
+                                      rope_theta=cfg.rope_theta))
+    scaled = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
+                                       rope_theta=cfg.rope_theta, rope_scaling=scaling))
+    if not torch.allclose(plain / scaled, freqs.float(), rtol=1e-3):
+        raise LlamaforgeError(f"{path}: rope_freqs tensor does not match Llama-3 frequency scaling")
+    return scaling
+
+
+def tokenizer_from_metadata(meta: dict, path: Path) -> Tokenizer:
+    kind = meta.get("tokenizer.ggml.model")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise LlamaforgeError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
+    types = meta.get("tokenizer.ggml.token_type")
+    if kind == "gpt2":
+        backend = byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), types,
+                                 meta.get("tokenizer.ggml.pre"))
+        tk_kind, add_bos_default = "bpe", False
+    elif kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise LlamaforgeError(f"{path}: SentencePiece tokenizer without tokenizer.ggml.scores")
+        backend = sentencepiece_bpe(tokens, scores, types, meta.get("tokenizer.ggml.add_space_prefix", True))
+        tk_kind, add_bos_default = "sentencepiece", True  # llama.cpp's default for this kind
+    else:
+        raise LlamaforgeError(f"{path}: unsupported tokenizer model {kind!r} (supported: gpt2, llama)")
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    extra = [meta[f"tokenizer.ggml.{k}"] for k in ("eot_token_id", "eom_token_id") if f"tokenizer.ggml.{k}" in meta]
+    return Tokenizer(backend, kind=tk_kind, bos_token=token("bos_token_id"), eos_token=token("eos_token_id"),
+                     pad_token=token("padding_token_id"), unk_token=token("unknown_token_id"),
+                     add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
+                     chat_template=meta.get("tokenizer.chat_template"), extra_eos_ids=extra)
+
+
+def _our_name(gguf_name: str, path: Path) -> str:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    raise LlamaforgeError(f"{path}: unexpected tensor {gguf_name}")
+
+
+def load(path: Path) -> Checkpoint:
+    meta, tensors, buf = read_gguf(path)
+    cfg = config_from_metadata(meta, tensors, path)
+    state = {}
+    for name, (shape, qtype, start, nbytes) in tensors.items():
+        w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
+        if name == "rope_freqs.weight":
+            cfg.rope_scaling = _rope_scaling_from_freqs(w, cfg, path)
+            continue
+        ours = _our_name(name, path)
+        if ".q_proj." in ours:
+            w = unpermute_qk(w, cfg.n_heads)
+        elif ".k_proj." in ours:
+            w = unpermute_qk(w, cfg.n_kv_heads)
+        state[ours] = w
+    from collections import Counter
+    types = Counter(t[1].name for t in tensors.values())
+    metadata = {
+        "name": meta.get("general.name"),
+        "license": {k: meta[k] for k in meta if k.startswith("general.license")} or None,
+        "quantization": ", ".join(f"{n} {k}" for k, n in types.most_common()),
+        "gguf_metadata": {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")},
+    }
+    return Checkpoint(cfg, state, tokenizer_from_metadata(meta, path), metadata)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
+    """Write a llama-architecture GGUF. Norms stay F32; 2-D weights use `qtype` where their row
+    length fits its block size (llama.cpp's converter makes the same exceptions)."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    out_path = Path(out_path)
+    cfg, tok = ckpt.config, ckpt.tokenizer
+    qt = Q[qtype.upper()]
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_name(ckpt.metadata.get("name") or "llamaforge model")
+    lic = (ckpt.metadata.get("license") or {}).get("general.license")
+    if lic:
+        w.add_license(lic)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else gguf.LlamaFileType.MOSTLY_F16)
+    _write_tokenizer(w, tok)
+
+    inverse = {v: k for k, v in _BLOCK_NAMES.items()}
+    inverse_global = {v: k for k, v in _GLOBAL_NAMES.items()}
+    if cfg.rope_scaling:
+        from ..model import rope_inv_freq
+        plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
+                                          rope_theta=cfg.rope_theta))
+        w.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(cfg)).float().numpy())
+    for name, t in ckpt.state_dict.items():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            gname = f"blk.{parts[1]}.{inverse['.'.join(parts[2:-1])]}.{parts[-1]}"
+        else:
+            gname = f"{inverse_global[parts[0]]}.{parts[-1]}"
+        t = t.detach().float()
+        if ".q_proj." in name:
+            t = permute_qk(t, cfg.n_heads)
+        elif ".k_proj." in name:
+            t = permute_qk(t, cfg.n_kv_heads)
+        arr = t.numpy()
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        this_qt = qt if arr.ndim == 2 and arr.shape[-1] % block == 0 else Q.F32
+        if this_qt == Q.F32:
+            w.add_tensor(gname, arr)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(arr, this_qt), raw_dtype=this_qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tmp.replace(out_path)
+
+
+def _write_tokenizer(w, tok: Tokenizer):
+    import json as _json
+
+    from ..tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN
+
+    spec = _json.loads(tok.backend.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    for added in spec.get("added_tokens", []):
+        if added["id"] >= len(tokens):
+            tokens.extend([None] * (added["id"] + 1 - len(tokens)))
+        tokens[added["id"]] = added["content"]
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    types = []
+    for t in tokens:
+        if t == tok.unk_token:
+            types.append(TOKEN_UNKNOWN)
+        elif t in special:
+            types.append(TOKEN_CONTROL)
+        elif tok.kind == "sentencepiece" and t.startswith("<0x") and len(t) == 6:
+            types.append(TOKEN_BYTE)
+        else:
+            types.append(TOKEN_NORMAL)
+    if tok.kind == "sentencepiece":
+        w.add_tokenizer_model("llama")
+        # Merges were derived from scores; a piece's rank is its merge order, so scores are -rank.
+        ranks: dict[str, int] = {}
+        for r, m in enumerate(spec["model"]["merges"]):
+            ranks.setdefault("".join(m.split(" ") if isinstance(m, str) else m), r)
+        w.add_token_scores([-float(ranks.get(t, 0 if types[i] != TOKEN_NORMAL else len(ranks)))
+                            for i, t in enumerate(tokens)])
+    else:
+        w.add_tokenizer_model("gpt2")
+        pre = spec.get("pre_tokenizer") or {}
+        w.add_tokenizer_pre("smollm" if "Digits" in _json.dumps(pre) else
+                            "llama-bpe" if "Split" in _json.dumps(pre) else "default")
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    for key, token in (("bos", tok.bos_token), ("eos", tok.eos_token), ("unk", tok.unk_token),
+                       ("pad", tok.pad_token)):
+        tid = tok.token_id(token)
+        if tid is not None:
+            getattr(w, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
+                        "pad": "add_pad_token_id"}[key])(tid)
+    w.add_add_bos_token(tok.add_bos)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)

@@ -1,0 +1,153 @@
+"""Hugging Face model directories in and out: config.json, safetensors (single or sharded),
+pytorch_model.bin (through `torch.load(weights_only=True)` only), tokenizer files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import LlamaConfig
+from ..errors import LlamaforgeError
+from ..tokenizer import from_hf_dir
+from . import Checkpoint, atomic_output_dir
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"}
+
+
+def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type", "llama") != "llama" or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
+        raise LlamaforgeError(f"{path}: unsupported architecture {archs or cfg.get('model_type')!r} "
+                              "(llamaforge reads Llama-architecture models)")
+    try:
+        n_heads = cfg["num_attention_heads"]
+        scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None)
+        rope_theta = cfg.get("rope_theta") or (scaling or {}).get("rope_theta", 10000.0)
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3",):
+            if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+                raise LlamaforgeError(f"{path}: unsupported rope_scaling {scaling!r}")
+            scaling = None
+        if scaling:
+            scaling = {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
+                       for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        return LlamaConfig(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
+    except KeyError as e:
+        raise LlamaforgeError(f"{path / 'config.json'}: missing field {e.args[0]}") from None
+
+
+def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "intermediate_size": c.intermediate_size, "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta, "max_position_embeddings": c.max_seq_len,
+        "tie_word_embeddings": c.tie_embeddings, "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias,
+        "hidden_act": "silu", "torch_dtype": "float32",
+        "rope_scaling": dict(c.rope_scaling, rope_type="llama3") if c.rope_scaling else None,
+    }
+    if tokenizer is not None:
+        cfg["bos_token_id"], cfg["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
+        cfg["pad_token_id"] = tokenizer.token_id(tokenizer.pad_token)
+    return cfg
+
+
+def _from_hf_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LlamaforgeError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
+    return state
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LlamaforgeError(f"{index}: not a safetensors index ({e})") from None
+        missing = [s for s in shards if not (path / s).exists()]
+        if missing:
+            raise LlamaforgeError(f"{path / missing[0]}: shard listed in {index.name} is missing")
+        return _read_safetensors([path / s for s in shards])
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return _read_safetensors(files)
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        state = {}
+        for f in bins:
+            try:
+                # weights_only: never unpickle arbitrary objects from a file we did not write.
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:
+                raise LlamaforgeError(f"{f}: unreadable PyTorch weights ({str(e).splitlines()[0]})") from None
+        return state
+    raise LlamaforgeError(f"{path}: no *.safetensors or pytorch_model.bin weights")
+
+
+def load(path: Path) -> Checkpoint:
+    cfg_path = path / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlamaforgeError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = config_from_hf(raw, path)
+    state = {_from_hf_name(k): v for k, v in read_weights(path).items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    state.pop("score.weight", None)  # a classification head is not part of the language model
+    metadata = {"name": raw.get("_name_or_path") or path.name, "license": _card_license(path),
+                "quantization": ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in state.values()}))}
+    return Checkpoint(config, state, from_hf_dir(path), metadata)
+
+
+def _card_license(path: Path) -> dict | None:
+    """`license:` from the model card's YAML front matter, if any."""
+    card = path / "README.md"
+    if not card.exists():
+        return None
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    for line in text.split("\n---", 1)[0].splitlines():
+        if line.startswith("license:"):
+            return {"license": line.split(":", 1)[1].strip()}
+    return None
+
+
+def save(ckpt, out_dir, dtype: torch.dtype | None = None):
+    """Write an HF directory that transformers' LlamaForCausalLM loads to the same logits."""
+    from safetensors.torch import save_file
+
+    with atomic_output_dir(out_dir) as tmp:
+        state = {}
+        for k, v in ckpt.state_dict.items():
+            t = v.detach().contiguous()
+            state[k if k == "lm_head.weight" else "model." + k] = t.to(dtype) if dtype else t
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = config_to_hf(ckpt.config, ckpt.tokenizer)
+        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        gen = {"bos_token_id": ckpt.tokenizer.bos_id, "eos_token_id": sorted(ckpt.tokenizer.stop_ids) or None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        ckpt.tokenizer.save_hf(tmp)

@@ -1,0 +1,44 @@
+"""Load a model and its tokenizer in one call."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import LlamaforgeError
+from .formats import Checkpoint, load_checkpoint
+from .model import Llama
+from .tokenizer import Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlamaforgeError(f"unknown dtype {dtype!r}; use one of bf16, fp32")
+    return DTYPES[dtype]
+
+
+def build_model(ckpt: Checkpoint, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Llama:
+    """A Llama holding the checkpoint's weights, in eval mode.
+
+    Built on the meta device and filled with `assign=True`, so no time goes to random init.
+    """
+    dt = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Llama(ckpt.config)
+    state = {k: v.to(device=device, dtype=dt) for k, v in ckpt.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None = None,
+         device: str = "cpu") -> tuple[Llama, Tokenizer]:
+    """(model, tokenizer) from `default`, a .gguf file, an HF directory or a Meta directory."""
+    ckpt = load_checkpoint(model)
+    return build_model(ckpt, dtype, device), ckpt.tokenizer

@@ -1,0 +1,204 @@
+"""The Llama transformer in plain PyTorch.
+
+Covers Llama 1/2/3/3.1/3.2, TinyLlama, SmolLM/SmolLM2 and OpenLLaMA: RMSNorm, RoPE (with
+`rope_theta` and Llama-3 frequency scaling), grouped-query attention through
+`scaled_dot_product_attention`, a SwiGLU MLP, tied or untied embeddings and a static KV cache.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` without its `model.` prefix, and Q/K rows
+are in HF's "rotate half" layout, so an HF state dict loads with a prefix strip and nothing else.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the scale, exactly as the reference does, so bf16
+        # runs round the same way.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim // 2,), fp32, with Llama-3 scaling applied when configured."""
+    hd = config.head_dim
+    # Always on the CPU, even while a model is being built on the meta device.
+    arange = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (config.rope_theta ** (arange / hd))
+    s = config.rope_scaling
+    if not s:
+        return inv_freq
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # "Rotate half" pairs dimension i with i + head_dim/2 (HF layout; Meta and GGUF interleave
+    # pairs instead, and their loaders permute Q/K rows into this layout).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, (B, n_kv_heads, max_len, head_dim), filled in place."""
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(key_valid: torch.Tensor | None, q_len: int, cache_pos: int, kv_len: int, device=None):
+    """Boolean SDPA mask (B or 1, 1, q_len, kv_len): causal, minus padded keys.
+
+    Query i sits at cache slot cache_pos + i. It always sees itself, so a padded query row is never
+    fully masked (a fully masked row gives NaN, which would then leak through the cached values).
+    """
+    device = key_valid.device if key_valid is not None else device
+    q_idx = torch.arange(cache_pos, cache_pos + q_len, device=device)[:, None]
+    k_idx = torch.arange(kv_len, device=device)[None, :]
+    mask = (k_idx <= q_idx)[None, None]                                # (1, 1, T, S)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :kv_len]
+        mask = mask | (k_idx == q_idx)[None, None]
+    return mask
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        # Tied models have no lm_head of their own: the output projection is the embedding matrix.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # fp32 whatever the model dtype, and not a buffer, so `.to(bfloat16)` cannot round it.
+        self.inv_freq = rope_inv_freq(config)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate a static KV cache of max_len positions in every layer."""
+        p = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads,
+                                               self.config.head_dim, dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    def hidden_states(self, input_ids, position_ids=None, mask=None, cache_pos=None):
+        """Final normalised hidden states (B, T, dim).
+
+        position_ids: (B, T), default cache_pos + arange(T). mask: boolean (B|1, 1, T, S), default
+        causal. cache_pos: write keys/values to the KV cache from this slot (needs `setup_cache`).
+        """
+        B, T = input_ids.shape
+        start = cache_pos or 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+        if mask is None and start > 0 and T > 1:
+            mask = attention_mask(None, T, start, start + T, input_ids.device)
+        x = self.embed_tokens(input_ids)                                    # (B, T, dim)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        return self.norm(x)
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False):
+        """Logits (B, T, vocab), or (B, 1, vocab) with last_only (prefill needs no more)."""
+        h = self.hidden_states(input_ids, position_ids, mask, cache_pos)
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(h, self.output_weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

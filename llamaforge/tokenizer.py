@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from .errors import LlamaforgeError
@@ -20,6 +20,8 @@ GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA3_PRE_NAMES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
+# llama.cpp splits every digit off first for these, then applies GPT-2's pattern.
+DIGIT_SPLIT_PRE_NAMES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 # ChatML, used for models that carry no template of their own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -228,8 +230,7 @@ def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] 
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre == "smollm":
-        # SmolLM's tokenizer.json: every digit is its own pre-token, then GPT-2's split.
+    elif pre in DIGIT_SPLIT_PRE_NAMES:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -261,8 +262,10 @@ def sentencepiece_bpe(tokens: list[str], scores: list[float], token_types: list[
     pairs = [(left, right) for _, _, _, left, right in candidates]
     unk = next((t for t, ty in zip(tokens, types) if ty == TOKEN_UNKNOWN), None)
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False)
+    # SentencePiece's dummy prefix is added even before a leading space (" x" -> "▁▁x"), which
+    # Metaspace does not do; Llama 2's own tokenizer.json uses this normalizer for that reason.
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("\u2581")] if add_space_prefix else []) + [normalizers.Replace(" ", "\u2581")])
     backend.decoder = decoders.Sequence([
         decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
         *([decoders.Strip(" ", 1, 0)] if add_space_prefix else [])])

@@ -55,6 +55,9 @@ class _Parser:
         return s
 
     def value(self, vtype: int):
+        if vtype == 6:
+            # The shortest decimal that rounds to this float32: 1e-05, not 9.999999747378752e-06.
+            return float(str(np.float32(self.unpack("<f"))))
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
@@ -183,14 +186,21 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
     return cfg
 
 
-def _rope_scaling_from_freqs(freqs: torch.Tensor, cfg: LlamaConfig, path: Path) -> dict:
+# Our own metadata keys for Llama-3 scaling parameters (llama.cpp keeps only the rope_freqs tensor).
+_SCALING_KEY = "llamaforge.rope_scaling"
+
+
+def _rope_scaling_from_freqs(freqs: torch.Tensor, cfg: LlamaConfig, meta: dict, path: Path) -> dict:
     """llama.cpp bakes Llama-3.1 scaling into a `rope_freqs` tensor of per-frequency divisors.
-    Recover the HF parameters (factor from the tensor, the rest Meta's published defaults) and
-    check they reproduce it."""
+    Recover the HF parameters (from our metadata if we wrote the file; otherwise the factor from
+    the tensor and Meta's published defaults for the rest) and check they reproduce it."""
     from ..model import rope_inv_freq
 
     scaling = dict(factor=float(freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
+    for key in scaling:
+        if f"{_SCALING_KEY}.{key}" in meta:
+            scaling[key] = type(scaling[key])(meta[f"{_SCALING_KEY}.{key}"])
     plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
                                       rope_theta=cfg.rope_theta))
     scaled = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
@@ -246,7 +256,7 @@ def load(path: Path) -> Checkpoint:
     for name, (shape, qtype, start, nbytes) in tensors.items():
         w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
         if name == "rope_freqs.weight":
-            cfg.rope_scaling = _rope_scaling_from_freqs(w, cfg, path)
+            cfg.rope_scaling = _rope_scaling_from_freqs(w, cfg, meta, path)
             continue
         ours = _our_name(name, path)
         if ".q_proj." in ours:
@@ -304,6 +314,8 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
         plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
                                           rope_theta=cfg.rope_theta))
         w.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(cfg)).float().numpy())
+        for key, value in cfg.rope_scaling.items():
+            (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{_SCALING_KEY}.{key}", value)
     for name, t in ckpt.state_dict.items():
         parts = name.split(".")
         if parts[0] == "layers":

@@ -1,0 +1,171 @@
+"""GGUF in and out: every quant type the gguf package writes, both tokenizer kinds, bad files."""
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from llamaforge.errors import LlamaforgeError
+from llamaforge.formats import load_checkpoint
+from llamaforge.formats import gguf as gguf_format
+from llamaforge.loader import build_model
+from llamaforge.tokenizer import from_sentencepiece_model
+
+from conftest import MIXED_TEXT, random_model
+
+QUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+def logits(ckpt, ids):
+    with torch.no_grad():
+        return build_model(ckpt, "fp32")(ids)
+
+
+def expected_weight(w: torch.Tensor, qtype: str, name: str) -> torch.Tensor:
+    """What a reader must get back: the gguf package's own quantise -> dequantise of the source,
+    with Q/K rows in llama.cpp's layout and back (norms and odd-sized rows stay F32)."""
+    import gguf
+    qt = gguf.GGMLQuantizationType[qtype]
+    arr = w.float().numpy()
+    if arr.ndim != 2 or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qt][0] or qt == gguf.GGMLQuantizationType.F32:
+        return w.float()
+    return torch.from_numpy(np.array(gguf.quants.dequantize(gguf.quants.quantize(arr, qt), qt))).float()
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+def test_quant_types_load_like_their_source(qtype, tiny_bpe, tmp_path):
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    gguf_format.save(ckpt, path, qtype=qtype)
+    loaded = load_checkpoint(path)
+    assert loaded.config == ckpt.config
+    for name, w in ckpt.state_dict.items():
+        # Q/K permutation commutes with row-wise block quantisation (rows move whole).
+        assert torch.equal(loaded.state_dict[name].float(), expected_weight(w, qtype, name)), name
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    diff = (logits(loaded, ids) - logits(ckpt, ids)).abs().max().item()
+    if qtype == "F32":
+        assert diff == 0.0
+    for text in MIXED_TEXT:
+        assert loaded.tokenizer.encode(text) == tiny_bpe.encode(text)
+    assert loaded.tokenizer.chat_template == tiny_bpe.chat_template
+
+
+def test_transformers_reads_our_gguf_to_the_same_logits(tiny_bpe, tmp_path):
+    # An independent reader: checks our Q/K permutation and metadata, not just our round trip.
+    from transformers import AutoModelForCausalLM
+    ckpt, hf_twin = random_model("tiny", tiny_bpe)
+    gguf_format.save(ckpt, tmp_path / "m.gguf")
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (1, 90), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = ref(ids).logits
+    assert (theirs - hf_twin(ids).logits).abs().max() < 1e-4
+    assert (logits(load_checkpoint(tmp_path / "m.gguf"), ids) - theirs).abs().max() < 1e-4
+
+
+def test_llama3_rope_scaling_round_trip(tiny_bpe, tmp_path):
+    ckpt, hf_twin = random_model("tiny-llama3", tiny_bpe)
+    gguf_format.save(ckpt, tmp_path / "l3.gguf")
+    loaded = load_checkpoint(tmp_path / "l3.gguf")
+    assert loaded.config.rope_scaling == ckpt.config.rope_scaling
+    ids = torch.randint(0, 512, (1, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (logits(loaded, ids) - hf_twin(ids).logits).abs().max() < 1e-4
+
+
+def test_sentencepiece_vocab_in_gguf(spm_model, tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    tok = from_sentencepiece_model(spm_model)
+    ckpt, _ = random_model("tiny-mha", tok, vocab_size=sp.get_piece_size())
+    gguf_format.save(ckpt, tmp_path / "spm.gguf", qtype="Q8_0")
+    loaded = load_checkpoint(tmp_path / "spm.gguf").tokenizer
+    assert loaded.kind == "sentencepiece" and loaded.add_bos
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in MIXED_TEXT:
+        assert loaded.encode(text) == [sp.bos_id()] + sp.encode(text), text
+        if not text.startswith(" "):
+            # transformers' Metaspace skips SentencePiece's dummy prefix before a leading space
+            # (" x" -> "▁x" instead of "▁▁x"); sentencepiece itself is the reference there.
+            assert loaded.encode(text) == hf_tok.encode(text), text
+        assert loaded.decode(loaded.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
+def test_smollm2_gguf_reads_as_llama_cpp_describes(default_checkpoint):
+    c = default_checkpoint.config
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.vocab_size) == (30, 576, 9, 3, 49152)
+    assert c.tie_embeddings and "lm_head.weight" not in default_checkpoint.state_dict
+    assert default_checkpoint.metadata["license"] == {"general.license": "apache-2.0"}
+    assert "Q4_1" in default_checkpoint.metadata["quantization"]
+
+
+# --- bad files -----------------------------------------------------------------------------
+
+@pytest.fixture
+def good_gguf(tiny_bpe, tmp_path):
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    path = tmp_path / "good.gguf"
+    gguf_format.save(ckpt, path)
+    return ckpt, path
+
+
+def expect_error(path, pattern):
+    with pytest.raises(LlamaforgeError, match=pattern) as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    expect_error(tmp_path / "empty.gguf", "bad magic|empty")
+
+
+def test_not_gguf(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    expect_error(tmp_path / "x.gguf", "not a GGUF file")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.01])
+def test_truncated(good_gguf, tmp_path, keep):
+    data = good_gguf[1].read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    expect_error(cut, "truncated")
+
+
+def test_unknown_architecture(tmp_path):
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    expect_error(tmp_path / "falcon.gguf", "unsupported architecture 'falcon'")
+
+
+def test_unknown_quant_type(good_gguf, tmp_path):
+    data = bytearray(good_gguf[1].read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 250)     # the tensor's type field
+    bad = tmp_path / "badtype.gguf"
+    bad.write_bytes(bytes(data))
+    expect_error(bad, "blk.0.attn_q.weight has unknown GGML type 250")
+
+
+def test_missing_tensor(good_gguf, tmp_path):
+    ckpt = good_gguf[0]
+    state = dict(ckpt.state_dict)
+    del state["layers.1.mlp.up_proj.weight"]
+    from dataclasses import replace
+    gguf_format.save(replace(ckpt, state_dict=state), tmp_path / "missing.gguf")
+    expect_error(tmp_path / "missing.gguf", "missing tensor layers.1.mlp.up_proj.weight")
+
+
+def test_wrong_shape(good_gguf, tmp_path):
+    ckpt = good_gguf[0]
+    state = dict(ckpt.state_dict, **{"layers.0.mlp.down_proj.weight": torch.zeros(64, 32)})
+    from dataclasses import replace
+    gguf_format.save(replace(ckpt, state_dict=state), tmp_path / "shape.gguf")
+    expect_error(tmp_path / "shape.gguf", r"layers.0.mlp.down_proj.weight has shape \(64, 32\), expected \(64, 160\)")

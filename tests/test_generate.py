@@ -1,0 +1,104 @@
+"""Generation on tiny models: greedy equals transformers, batching changes nothing, each sampling
+option does what it says."""
+import pytest
+import torch
+
+from llamaforge.generate import SamplingConfig, generate, generate_tokens, sample, stream
+from llamaforge.loader import build_model
+
+from conftest import random_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bpe):
+    ckpt, twin = random_model("tiny-llama3", tiny_bpe, seed=3)
+    return build_model(ckpt, "fp32"), twin, tiny_bpe
+
+
+def greedy(model, prompts, n, **kw):
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0, **kw)
+    return torch.stack(list(generate_tokens(model, prompts, cfg)), dim=1)
+
+
+def test_greedy_matches_transformers_generate(tiny):
+    model, twin, _ = tiny
+    prompt = [5, 17, 300, 42, 9]
+    ours = greedy(model, [prompt], 30)[0].tolist()
+    ref = twin.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == ref
+
+
+def test_batch_equals_one_by_one(tiny):
+    model, _, _ = tiny
+    prompts = [[5, 17, 300, 42, 9], [7, 8], [100, 200, 300, 400, 500, 11, 12, 13]]
+    batched = greedy(model, prompts, 20)
+    for i, p in enumerate(prompts):
+        assert batched[i].tolist() == greedy(model, [p], 20)[0].tolist()
+
+
+def test_top_k_1_is_greedy_and_seed_is_reproducible(tiny):
+    model, _, _ = tiny
+    p = [[5, 17, 300]]
+    a = torch.stack(list(generate_tokens(model, p, SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1, top_p=None))), 1)
+    assert a.tolist() == greedy(model, p, 10).tolist()
+    cfg = SamplingConfig(max_new_tokens=15, temperature=1.0, top_p=None, seed=123)
+    s1 = torch.stack(list(generate_tokens(model, p, cfg)), 1)
+    s2 = torch.stack(list(generate_tokens(model, p, cfg)), 1)
+    assert s1.tolist() == s2.tolist()
+    assert s1.tolist() != greedy(model, p, 15).tolist()   # sampling at T=1 from a random model wanders
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    cfg = SamplingConfig(temperature=1.0, top_p=0.7)
+    picks = {int(sample(logits, cfg, generator=torch.Generator().manual_seed(i))) for i in range(200)}
+    assert picks == {0, 1}
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.07, 0.03]]))
+    cfg = SamplingConfig(temperature=1.0, top_p=None, min_p=0.1)     # threshold 0.06
+    picks = {int(sample(logits, cfg, generator=torch.Generator().manual_seed(i))) for i in range(300)}
+    assert picks == {0, 1, 2}
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers import RepetitionPenaltyLogitsProcessor
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    seen = torch.tensor([[1, 2, 3, 3], [4, 5, 6, 7]])
+    cfg = SamplingConfig(temperature=0, repetition_penalty=1.3)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone()).argmax(-1)
+    assert sample(logits, cfg, seen).tolist() == ref.tolist()
+    # With a strong penalty the top token, once seen, is no longer chosen.
+    top = logits.argmax(-1, keepdim=True)
+    assert (sample(logits, SamplingConfig(temperature=0, repetition_penalty=100.0), top) != top[:, 0]).all()
+
+
+def test_eos_stops_and_ignore_eos_does_not(tiny):
+    model, _, tok = tiny
+    prompt = [5, 17, 300, 42, 9]
+    first = greedy(model, [prompt], 1)[0, 0].item()
+    stopped = list(generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=10, temperature=0), {first}))
+    assert len(stopped) == 1
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert len(list(generate_tokens(model, [prompt], cfg, {first}))) == 10
+
+
+def test_stop_strings_cut_streamed_and_whole_text(tiny):
+    model, _, tok = tiny
+    full = generate(model, tok, "the llama", temperature=0, max_new_tokens=24, ignore_eos=True)
+    assert len(full) > 6
+    stop = full[3:6]
+    cut = full[:full.find(stop)]
+    assert generate(model, tok, "the llama", temperature=0, max_new_tokens=24, ignore_eos=True, stop=[stop]) == cut
+    ids = tok.encode("the llama")
+    pieces = list(stream(model, tok, ids, SamplingConfig(max_new_tokens=24, temperature=0, ignore_eos=True, stop=[stop])))
+    assert "".join(pieces) == cut
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny):
+    from llamaforge.errors import LlamaforgeError
+    model, _, _ = tiny
+    with pytest.raises(LlamaforgeError, match="exceeds the context length"):
+        list(generate_tokens(model, [[1] * 250], SamplingConfig(max_new_tokens=10)))

@@ -1,0 +1,57 @@
+"""Integration on the real default model, SmolLM2-135M-Instruct (Q4_1 GGUF), against transformers
+reading the same file."""
+import torch
+
+from llamaforge.formats import hf as hf_format
+from llamaforge.generate import SamplingConfig, encode_prompt, generate_tokens
+from llamaforge.loader import build_model
+
+from conftest import hf_model_from_dir
+
+PROMPT = "The llama is a domesticated South American camelid. Llamas are social animals and"
+
+
+def test_logits_match_transformers(default_checkpoint, hf_smollm2):
+    model = build_model(default_checkpoint, "fp32")
+    ids = torch.tensor([default_checkpoint.tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        diff = (model(ids) - hf_smollm2[0](ids).logits).abs().max().item()
+    print(f"\nSmolLM2-135M Q4_1, fp32: max abs logit difference vs transformers = {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_greedy_64_tokens_identical_to_transformers(default_checkpoint, hf_smollm2):
+    tok = default_checkpoint.tokenizer
+    model = build_model(default_checkpoint, "fp32")
+    ids = encode_prompt(tok, "Write a short poem about mountains.", chat=True)
+    cfg = SamplingConfig(max_new_tokens=64, temperature=0, ignore_eos=True)
+    ours = [int(t) for t in generate_tokens(model, [ids], cfg)]
+    ref = hf_smollm2[0].generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                 pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    assert ours == ref
+    assert len(ours) == 64
+
+
+def test_batch_generation_matches_single(default_checkpoint):
+    tok = default_checkpoint.tokenizer
+    model = build_model(default_checkpoint, "fp32")
+    prompts = [encode_prompt(tok, p, chat=True) for p in ["What is 2+2?", "Name a colour of the sky on a clear day."]]
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    batched = torch.stack(list(generate_tokens(model, prompts, cfg)), 1)
+    for i, p in enumerate(prompts):
+        assert batched[i].tolist() == [int(t) for t in generate_tokens(model, [p], cfg)]
+
+
+def test_gguf_to_hf_export_keeps_logits(default_checkpoint, hf_smollm2, tmp_path):
+    from transformers import AutoTokenizer
+    hf_format.save(default_checkpoint, tmp_path / "hf")
+    ref = hf_model_from_dir(tmp_path / "hf")
+    ids = torch.tensor([default_checkpoint.tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        assert (ref(ids).logits - hf_smollm2[0](ids).logits).abs().max() < 1e-4
+    ref_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in [PROMPT, "Digits 12345 and 你好 🦙"]:
+        assert ref_tok.encode(text) == default_checkpoint.tokenizer.encode(text)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        default_checkpoint.tokenizer.apply_chat_template(msgs)

@@ -129,6 +129,8 @@ def _dequantize(buf, shape, qtype, start, nbytes, path, name) -> torch.Tensor:
     from gguf import quants
 
     raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=start)
+    if qtype in _TORCH_DEQUANT:
+        return _TORCH_DEQUANT[qtype](torch.from_numpy(raw.copy()).view(-1, _BLOCK_BYTES[qtype])).reshape(shape)
     if qtype == Q.F32:
         arr = raw.view(np.float32)
     elif qtype == Q.F16:
@@ -142,6 +144,38 @@ def _dequantize(buf, shape, qtype, start, nbytes, path, name) -> torch.Tensor:
             raise LlamaforgeError(f"{path}: tensor {name}: quantisation type {qtype.name} "
                                   "cannot be dequantised by the gguf package") from None
     return torch.from_numpy(np.array(arr).reshape(shape))
+
+
+# The common llama.cpp block formats, dequantised with torch (multi-threaded) instead of numpy:
+# 0.2 s instead of 1.4 s for SmolLM2's Q4_1 file. Same fp32 arithmetic as the gguf package, so the
+# results are bit-identical (the GGUF tests compare them).
+def _scale(blocks, at=0):
+    return blocks[:, at:at + 2].contiguous().view(torch.float16).float()        # (n_blocks, 1)
+
+
+def _nibbles(packed):
+    # 16 bytes hold 32 values: low nibbles are values 0-15, high nibbles values 16-31.
+    return torch.cat([packed & 0x0F, packed >> 4], dim=1).float()
+
+
+def _dequant_q8_0(b):   # 34 bytes: f16 scale, 32 x int8
+    return (_scale(b) * b[:, 2:].contiguous().view(torch.int8).float()).flatten()
+
+
+def _dequant_q4_0(b):   # 18 bytes: f16 scale, 32 x 4-bit, offset 8
+    return (_scale(b) * (_nibbles(b[:, 2:]) - 8)).flatten()
+
+
+def _dequant_q4_1(b):   # 20 bytes: f16 scale, f16 min, 32 x 4-bit
+    return (_scale(b) * _nibbles(b[:, 4:]) + _scale(b, 2)).flatten()
+
+
+def _torch_dequantizers():
+    from gguf import GGMLQuantizationType as Q
+    return {Q.Q8_0: _dequant_q8_0, Q.Q4_0: _dequant_q4_0, Q.Q4_1: _dequant_q4_1}, {Q.Q8_0: 34, Q.Q4_0: 18, Q.Q4_1: 20}
+
+
+_TORCH_DEQUANT, _BLOCK_BYTES = _torch_dequantizers()
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -57,10 +57,13 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
 
     quantize="int8": weight-only int8 linear layers for faster decoding (computes in bf16).
     """
-    ckpt = load_checkpoint(model)
     if quantize not in (None, "none", "int8"):
         raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8")
+    dt = torch.bfloat16 if quantize == "int8" else parse_dtype(dtype)
+    ckpt = load_checkpoint(model, dtype=dt)
+    net = build_model(ckpt, dt, device)
+    ckpt.state_dict.clear()  # the model holds the only reference now; quantising frees as it goes
     if quantize == "int8":
         from .quantize import quantize_int8
-        return quantize_int8(build_model(ckpt, "bf16", device)), ckpt.tokenizer
-    return build_model(ckpt, dtype, device), ckpt.tokenizer
+        quantize_int8(net)
+    return net, ckpt.tokenizer

@@ -13,7 +13,11 @@ from llamaforge.tokenizer import from_sentencepiece_model
 
 from conftest import MIXED_TEXT, random_model
 
-QUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+QUANT_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4"]
+# Types the gguf package writes only for rows of 256 values.
+WIDE_QUANT_TYPES = ["TQ1_0", "TQ2_0"]
+# Types it reads but cannot write: llama.cpp's K-quants and i-quants.
+READ_ONLY_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ3_S", "IQ1_S"]
 
 
 def logits(ckpt, ids):
@@ -49,6 +53,40 @@ def test_quant_types_load_like_their_source(qtype, tiny_bpe, tmp_path):
     for text in MIXED_TEXT:
         assert loaded.tokenizer.encode(text) == tiny_bpe.encode(text)
     assert loaded.tokenizer.chat_template == tiny_bpe.chat_template
+
+
+@pytest.mark.parametrize("qtype", WIDE_QUANT_TYPES)
+def test_wide_block_quant_types(qtype, tiny_bpe, tmp_path):
+    ckpt, _ = random_model("tiny", tiny_bpe, dim=256, intermediate_size=512)
+    gguf_format.save(ckpt, tmp_path / "w.gguf", qtype=qtype)
+    loaded = load_checkpoint(tmp_path / "w.gguf")
+    for name, w in ckpt.state_dict.items():
+        assert torch.equal(loaded.state_dict[name].float(), expected_weight(w, qtype, name)), name
+
+
+def test_read_only_quant_types_dequantise_like_the_gguf_package(tmp_path):
+    """Random blocks of each K-/i-quant type, read through our reader: the same values as the
+    gguf package's own dequantiser gives for those bytes."""
+    import gguf
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    raw = {}
+    for name in READ_ONLY_TYPES:
+        qt = gguf.GGMLQuantizationType[name]
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        data = rng.integers(0, 256, (4, 512 // block * size), dtype=np.uint8)
+        # Keep the f16 scales finite: random bytes can spell NaN.
+        data.view(np.uint8)[:] = np.where(data >= 0x7C, data & 0x3F, data)
+        raw[name] = data
+        w.add_tensor(name, data, raw_dtype=qt)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    _, tensors, buf = gguf_format.read_gguf(tmp_path / "k.gguf")
+    for name, data in raw.items():
+        shape, qtype, start, nbytes = tensors[name]
+        assert shape == (4, 512)
+        ours = gguf_format._dequantize(buf, shape, qtype, start, nbytes, tmp_path, name)
+        ref = torch.from_numpy(np.array(gguf.quants.dequantize(data, qtype)))
+        assert torch.equal(ours, ref), name
 
 
 def test_transformers_reads_our_gguf_to_the_same_logits(tiny_bpe, tmp_path):

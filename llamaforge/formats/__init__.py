@@ -65,14 +65,18 @@ def detect_format(path: Path) -> str:
     raise LlamaforgeError(f"{path}: not a model directory (no config.json or params.json)")
 
 
-def load_checkpoint(model: str | os.PathLike | None = "default") -> Checkpoint:
-    """Read any supported checkpoint (GGUF file, HF directory, Meta directory) into a Checkpoint."""
+def load_checkpoint(model: str | os.PathLike | None = "default", dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read any supported checkpoint (GGUF file, HF directory, Meta directory) into a Checkpoint.
+
+    dtype: cast each tensor as it is read, so peak memory is one copy of the model in that dtype
+    (plus one tensor) rather than a full fp32 copy as well. None keeps what the reader produces.
+    """
     from . import gguf, hf, meta
 
     path = resolve_model_path(model)
     fmt = detect_format(path)
     reader = {"gguf": gguf.load, "hf": hf.load, "meta": meta.load}[fmt]
-    ckpt = reader(path)
+    ckpt = reader(path, dtype)
     ckpt.metadata.setdefault("format", fmt)
     ckpt.metadata.setdefault("path", str(path))
     check_state_dict(ckpt, path)

@@ -283,7 +283,7 @@ def _our_name(gguf_name: str, path: Path) -> str:
     raise LlamaforgeError(f"{path}: unexpected tensor {gguf_name}")
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     meta, tensors, buf = read_gguf(path)
     cfg = config_from_metadata(meta, tensors, path)
     state = {}
@@ -297,7 +297,7 @@ def load(path: Path) -> Checkpoint:
             w = unpermute_qk(w, cfg.n_heads)
         elif ".k_proj." in ours:
             w = unpermute_qk(w, cfg.n_kv_heads)
-        state[ours] = w
+        state[ours] = w.to(dtype) if dtype is not None else w
     from collections import Counter
     types = Counter(t[1].name for t in tensors.values())
     metadata = {
@@ -368,10 +368,14 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
             w.add_tensor(gname, arr)
         else:
             w.add_tensor(gname, gguf.quants.quantize(arr, this_qt), raw_dtype=this_qt)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # never leave a half-written file behind
+        raise
     tmp.replace(out_path)
 
 

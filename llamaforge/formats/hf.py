@@ -105,14 +105,15 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise LlamaforgeError(f"{path}: no *.safetensors or pytorch_model.bin weights")
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     cfg_path = path / "config.json"
     try:
         raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlamaforgeError(f"{cfg_path}: not valid JSON ({e})") from None
     config = config_from_hf(raw, path)
-    state = {_from_hf_name(k): v for k, v in read_weights(path).items()}
+    state = read_weights(path)
+    state = {_from_hf_name(k): state.pop(k).to(dtype) if dtype is not None else state.pop(k) for k in list(state)}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     state.pop("score.weight", None)  # a classification head is not part of the language model

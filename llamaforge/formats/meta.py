@@ -45,7 +45,7 @@ def _read_params(path: Path) -> dict:
         raise LlamaforgeError(f"{path / 'params.json'}: not valid JSON ({e})") from None
 
 
-def load(path: Path) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     params = _read_params(path)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -70,7 +70,8 @@ def load(path: Path) -> Checkpoint:
         # Llama 1/2 split the embedding along its columns; Llama 3 along its rows.
         if ours == "embed_tokens.weight" and len(parts) > 1 and tensors[0].shape[1] == params.get("dim"):
             dim = 0
-        state[ours] = tensors[0] if dim is None or len(parts) == 1 else torch.cat(tensors, dim=dim)
+        t = tensors[0] if dim is None or len(parts) == 1 else torch.cat(tensors, dim=dim)
+        state[ours] = t.to(dtype) if dtype is not None else t
     try:
         dim, n_heads = params["dim"], params["n_heads"]
         config = LlamaConfig(

@@ -1,12 +1,15 @@
 """Inference speed: llamaforge against HF transformers on the same SmolLM2 GGUF, in one run.
 
-    .venv/bin/python benchmarks/bench_inference.py [--runs 3] [--dtypes fp32,bf16]
+    .venv/bin/python benchmarks/bench_inference.py [--runs 5] [--dtypes fp32,bf16] [--no-int8]
 
-Each (implementation, dtype) is measured in its own process, so peak memory is its own. Printed
-per dtype, side by side with the ratio: load time (GGUF file to a model ready to generate),
-batch-1 greedy decode tokens/s (128 new tokens), prefill tokens/s (512-token prompt), peak RSS,
-and, for llamaforge, perplexity on held-out text (the quality figure next to every speed-up).
-Figures are medians of --runs runs. This machine's absolute numbers drift; the ratios hold.
+Per dtype it prints, side by side with the ratio:
+- load time (GGUF file to a model ready to generate) and peak RSS (load, one generation and one
+  512-token prefill), each implementation in a process of its own so the memory is its own;
+- batch-1 greedy decode tokens/s (128 new tokens) and prefill tokens/s (512-token prompt), with
+  every implementation loaded in one process and timed in alternation, round after round, so
+  that drift of this machine hits all of them alike (medians of --runs rounds);
+- for llamaforge, perplexity on held-out text: the quality figure next to every speed-up.
+Variants in bf16: plain, weight-only int8, and int8 with the decode step compiled.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ FALLBACK_TEXT = (
     "a herd. Their wool is soft and contains only a small amount of lanolin. Llamas can learn simple "
     "tasks after a few repetitions. When using a pack, they can carry about 25 to 30% of their body "
     "weight for 8 to 13 km. ") * 8
+PROMPT = "Once upon a time, in a small village, there lived"
 
 
 def held_out_text() -> str:
@@ -36,131 +40,167 @@ def held_out_text() -> str:
     return FALLBACK_TEXT
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class Transformers:
+    name = "transformers"
+
+    def __init__(self, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from llamaforge.formats import default_model_path
+        path = default_model_path()
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt).eval()
+        self.tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        self.prompt = torch.tensor([self.tok.encode(PROMPT)])
+
+    def decode(self, n: int):
+        import torch
+        with torch.inference_mode():
+            self.model.generate(self.prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=self.tok.pad_token_id)
+
+    def prefill(self, ids):
+        import torch
+        with torch.inference_mode():
+            self.model(ids, logits_to_keep=1)
 
 
-def timed(fn, runs):
-    times = []
-    for _ in range(runs):
+class Llamaforge:
+    def __init__(self, dtype: str, variant: str):
+        import llamaforge
+        self.name = "llamaforge" if variant == "plain" else variant
+        self.compile = variant.endswith("compile")
+        self.model, self.tok = llamaforge.load("default", dtype=dtype,
+                                               quantize="int8" if variant.startswith("int8") else None)
+        self.prompt = self.tok.encode(PROMPT)
+
+    def decode(self, n: int):
+        from llamaforge.generate import SamplingConfig, generate_tokens
+        cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
+        list(generate_tokens(self.model, [self.prompt], cfg, compile=self.compile))
+
+    def prefill(self, ids):
+        import torch
+        with torch.inference_mode():
+            self.model(ids, last_only=True)
+
+    def perplexity(self, text: str, window: int = 512) -> float:
+        """Perplexity over consecutive non-overlapping windows of the held-out text."""
+        import torch
+        import torch.nn.functional as F
+        ids = torch.tensor(self.tok.encode(text, add_special_tokens=False))
+        n = (len(ids) - 1) // window * window
+        total = 0.0
+        with torch.inference_mode():
+            for s in range(0, n, window):
+                x = ids[s:s + window + 1]
+                total += F.cross_entropy(self.model(x[None, :-1])[0].float(), x[1:], reduction="sum").item()
+        return float(torch.exp(torch.tensor(total / n)))
+
+
+def make(impl: str, dtype: str):
+    return Transformers(dtype) if impl == "transformers" else Llamaforge(dtype, impl)
+
+
+def worker_memory(impl: str, dtype: str) -> dict:
+    """Load time and peak RSS of one implementation alone in this process."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    t = time.perf_counter()
+    m = make(impl, dtype)
+    load = time.perf_counter() - t
+    m.decode(16)
+    m.prefill(torch.randint(100, 40000, (1, 512)))
+    return {"load_s": load, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def worker_speed(impls: list[str], dtype: str, runs: int, new_tokens: int, prompt_tokens: int) -> dict:
+    """Every implementation in this one process, timed in alternation."""
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    models = [make(i, dtype) for i in impls]
+    long_prompt = torch.randint(100, 40000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    first_call = {}
+    for m in models:  # warm-up; for a compiled variant this is where compilation happens
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        m.decode(8)
+        first_call[m.name] = time.perf_counter() - t
+        m.prefill(long_prompt)
+    decode = {m.name: [] for m in models}
+    prefill = {m.name: [] for m in models}
+    for _ in range(runs):
+        for m in models:
+            t = time.perf_counter()
+            m.decode(new_tokens)
+            decode[m.name].append(new_tokens / (time.perf_counter() - t))
+            t = time.perf_counter()
+            m.prefill(long_prompt)
+            prefill[m.name].append(prompt_tokens / (time.perf_counter() - t))
+    text = held_out_text()
+    return {m.name: {"decode_tok_s": statistics.median(decode[m.name]),
+                     "prefill_tok_s": statistics.median(prefill[m.name]),
+                     "first_call_s": first_call[m.name],
+                     "perplexity": m.perplexity(text) if isinstance(m, Llamaforge) else None}
+            for m in models}
 
 
-def worker_transformers(dtype: str, runs: int, new_tokens: int, prompt_tokens: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llamaforge.formats import default_model_path
-    torch.set_num_threads(os.cpu_count())
-    path = default_model_path()
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt).eval()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    load = time.perf_counter() - t
-    prompt = torch.tensor([tok.encode("Once upon a time, in a small village, there lived")])
-    long_prompt = torch.randint(100, 40000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        model.generate(prompt, max_new_tokens=8, do_sample=False)  # warm-up
-        decode = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                              do_sample=False, pad_token_id=tok.pad_token_id), runs)
-        model(long_prompt, logits_to_keep=1)
-        prefill = timed(lambda: model(long_prompt, logits_to_keep=1), runs)
-    return {"load_s": load, "decode_tok_s": new_tokens / decode, "prefill_tok_s": prompt_tokens / prefill,
-            "peak_rss_mb": peak_rss_mb()}
-
-
-def perplexity(model, tok, text: str, window: int = 512) -> float:
-    """Perplexity over consecutive non-overlapping windows of the held-out text."""
-    import torch
-    import torch.nn.functional as F
-    ids = torch.tensor(tok.encode(text, add_special_tokens=False))
-    n = (len(ids) - 1) // window * window
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for s in range(0, n, window):
-            x = ids[s:s + window + 1]
-            logits = model(x[None, :-1]).float()
-            total += F.cross_entropy(logits[0], x[1:], reduction="sum").item()
-            count += len(x) - 1
-    return float(torch.exp(torch.tensor(total / count)))
-
-
-def worker_llamaforge(dtype: str, runs: int, new_tokens: int, prompt_tokens: int, quantize: str | None) -> dict:
-    import torch
-
-    import llamaforge
-    from llamaforge.generate import SamplingConfig, generate_tokens
-    torch.set_num_threads(os.cpu_count())
-    t = time.perf_counter()
-    model, tok = llamaforge.load("default", dtype=dtype, quantize=quantize)
-    load = time.perf_counter() - t
-    prompt = tok.encode("Once upon a time, in a small village, there lived")
-    long_prompt = torch.randint(100, 40000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
-    list(generate_tokens(model, [prompt], SamplingConfig(max_new_tokens=8, temperature=0)))  # warm-up
-    decode = timed(lambda: list(generate_tokens(model, [prompt], cfg)), runs)
-    with torch.inference_mode():
-        model(long_prompt, last_only=True)
-        prefill = timed(lambda: model(long_prompt, last_only=True), runs)
-    return {"load_s": load, "decode_tok_s": new_tokens / decode, "prefill_tok_s": prompt_tokens / prefill,
-            "peak_rss_mb": peak_rss_mb(), "perplexity": perplexity(model, tok, held_out_text())}
-
-
-def run_worker(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", *map(str, args)], capture_output=True, text=True,
-                         cwd=ROOT)
+def run_worker(kind: str, *args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, *map(str, args)], capture_output=True,
+                         text=True, cwd=ROOT)
     if out.returncode:
-        sys.exit(f"worker {args} failed:\n{out.stderr[-3000:]}")
+        sys.exit(f"worker {kind} {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 and compiled-int8 variants")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        impl, dtype, runs, new, prompt, *rest = a.worker
-        quantize = rest[0] if rest and rest[0] != "none" else None
-        res = (worker_transformers(dtype, int(runs), int(new), int(prompt)) if impl == "transformers"
-               else worker_llamaforge(dtype, int(runs), int(new), int(prompt), quantize))
+        kind, dtype, *impls = a.worker
+        res = (worker_memory(impls[0], dtype) if kind == "memory"
+               else worker_speed(impls, dtype, a.runs, a.new_tokens, a.prompt_tokens))
         print(json.dumps(res))
         return
 
-    print(f"SmolLM2-135M-Instruct Q4_1 GGUF, {os.cpu_count()} threads, medians of {a.runs} runs; "
+    print(f"SmolLM2-135M-Instruct Q4_1 GGUF, {os.cpu_count()} threads, medians of {a.runs} alternating rounds; "
           f"held-out text: {'TinyStories (shared/data)' if HELD_OUT.exists() else 'built-in paragraph'}")
     fp32_ppl = None
     for dtype in a.dtypes.split(","):
-        ref = run_worker("transformers", dtype, a.runs, a.new_tokens, a.prompt_tokens)
-        variants = [("llamaforge", None)] + ([("llamaforge int8", "int8")] if dtype == "bf16" else [])
+        impls = ["plain"] + (["int8", "int8+compile"] if dtype == "bf16" and not a.no_int8 else [])
+        speed = run_worker("speed", dtype, "transformers", *impls, "--runs", a.runs, "--new-tokens",
+                           a.new_tokens, "--prompt-tokens", a.prompt_tokens)
+        memory = {i: run_worker("memory", dtype, i) for i in ["transformers"] + impls}
+        names = ["llamaforge" if i == "plain" else i for i in impls]
+        res = {n: {**speed[n], **memory[i]} for n, i in zip(["transformers"] + names, ["transformers"] + impls)}
+        ref = res["transformers"]
         print(f"\n== {dtype} ==")
-        print(f"{'':28}{'transformers':>14}" + "".join(f"{name:>18}{'ratio':>8}" for name, _ in variants))
-        results = [run_worker("llamaforge", dtype, a.runs, a.new_tokens, a.prompt_tokens, q or "none")
-                   for _, q in variants]
+        print(f"{'':28}{'transformers':>14}" + "".join(f"{n:>16}{'ratio':>8}" for n in names))
         rows = [("load time (s)", "load_s", True), ("decode tokens/s (128 new)", "decode_tok_s", False),
                 ("prefill tokens/s (512)", "prefill_tok_s", False), ("peak RSS (MB)", "peak_rss_mb", True)]
         for label, key, lower_better in rows:
             line = f"{label:28}{ref[key]:>14.2f}"
-            for r in results:
-                ratio = ref[key] / r[key] if lower_better else r[key] / ref[key]
-                line += f"{r[key]:>18.2f}{ratio:>7.2f}x"
+            for n in names:
+                ratio = ref[key] / res[n][key] if lower_better else res[n][key] / ref[key]
+                line += f"{res[n][key]:>16.2f}{ratio:>7.2f}x"
             print(line)
         if dtype == "fp32":
-            fp32_ppl = results[0]["perplexity"]
+            fp32_ppl = res["llamaforge"]["perplexity"]
         line = f"{'perplexity (held-out)':28}{'':>14}"
-        for r in results:
-            rel = f"{(r['perplexity'] / fp32_ppl - 1) * 100:+.2f}%" if fp32_ppl else ""
-            line += f"{r['perplexity']:>18.3f}{rel:>8}"
+        for n in names:
+            rel = f"{(res[n]['perplexity'] / fp32_ppl - 1) * 100:+.2f}%" if fp32_ppl else ""
+            line += f"{res[n]['perplexity']:>16.3f}{rel:>8}"
         print(line)
-    print("\nratio: llamaforge over transformers (for load time and memory: transformers over llamaforge), "
-          "so > 1 is better; perplexity change is against llamaforge fp32.")
+        print(f"{'first generate call (s)':28}{ref['first_call_s']:>14.2f}"
+              + "".join(f"{res[n]['first_call_s']:>16.2f}{'':>8}" for n in names))
+    print("\nratio: llamaforge over transformers (load time and memory: transformers over llamaforge), so > 1 "
+          "is better. Perplexity change is against llamaforge fp32. First call includes compilation.")
 
 
 if __name__ == "__main__":

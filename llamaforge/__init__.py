@@ -7,11 +7,11 @@
 from .config import LlamaConfig
 from .errors import LlamaforgeError
 from .formats import Checkpoint, load_checkpoint
-from .generate import SamplingConfig, generate
+from .generate import SamplingConfig, generate, generate_tokens
 from .loader import build_model, load
 from .model import Llama
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["LlamaConfig", "LlamaforgeError", "Checkpoint", "load_checkpoint", "SamplingConfig", "generate",
+__all__ = ["LlamaConfig", "LlamaforgeError", "Checkpoint", "load_checkpoint", "SamplingConfig", "generate", "generate_tokens",
            "build_model", "load", "Llama", "Tokenizer", "__version__"]

@@ -10,7 +10,7 @@ HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D)"
 
 
 def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system: str | None = None,
-              stdin=None, stdout=None, quantize: str | None = None):
+              stdin=None, stdout=None, quantize: str | None = None, compile: bool = False):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tok = load(model_path, dtype=dtype, quantize=quantize)
     interactive = stdin.isatty()
@@ -33,7 +33,7 @@ def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system:
         history.append({"role": "user", "content": text})
         ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
         reply = []
-        for piece in stream(model, tok, ids, cfg):
+        for piece in stream(model, tok, ids, cfg, compile=compile):
             reply.append(piece)
             stdout.write(piece)
             stdout.flush()

@@ -27,6 +27,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
                    help="compute dtype (default: bf16, see README: Speed)")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: weight-only int8 linear layers, faster decoding (computes in bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: faster per token after a ~40 s first call")
 
 
 def _sampling_config(args):
@@ -71,7 +73,7 @@ def cmd_generate(args):
     model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize)
     cfg = _sampling_config(args)
     ids = encode_prompt(tok, args.prompt, chat=args.chat)
-    pieces = stream(model, tok, ids, cfg)
+    pieces = stream(model, tok, ids, cfg, compile=args.compile)
     if args.no_stream:
         sys.stdout.write("".join(pieces) + "\n")
         return
@@ -84,7 +86,7 @@ def cmd_generate(args):
 def cmd_chat(args):
     from .chat import chat_loop
     chat_loop(args.model, _sampling_config(args), dtype=args.dtype or "bf16", system=args.system,
-              quantize=args.quantize)
+              quantize=args.quantize, compile=args.compile)
 
 
 def cmd_info(args):

@@ -170,11 +170,21 @@ class Llama(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate a static KV cache of max_len positions in every layer."""
+        """Allocate a static KV cache of at least max_len positions in every layer.
+
+        A cache that already fits is kept, so a compiled decode step sees the same buffers from
+        one generation to the next (new buffers would cost a recompile). Attention only ever
+        reads slots written in the current generation, so stale contents are harmless.
+        """
         p = self.embed_tokens.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        cache = self.layers[0].self_attn.kv_cache
+        if (cache is not None and cache.k.shape[0] == batch_size and cache.k.shape[2] >= max_len
+                and cache.k.dtype == dtype and cache.k.device == torch.device(device)):
+            return
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype or p.dtype, device or p.device)
+                                               self.config.head_dim, dtype, device)
 
     def clear_cache(self):
         for layer in self.layers:

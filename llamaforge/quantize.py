@@ -17,14 +17,22 @@ INT8_KERNEL_MAX_ROWS = 16
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, chunk_rows: int = 4096):
         super().__init__()
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8))
+        n, k = weight.shape
+        q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+        scales = torch.empty(n, dtype=torch.float32, device=weight.device)
+        # A few thousand rows at a time: the fp32 temporaries of a 49k-row output projection
+        # would otherwise add hundreds of MB to peak memory.
+        for i in range(0, n, chunk_rows):
+            w = weight[i:i + chunk_rows].detach().float()
+            s = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            q[i:i + chunk_rows] = (w / s[:, None]).round_().clamp_(-128, 127).to(torch.int8)
+            scales[i:i + chunk_rows] = s
+        self.register_buffer("weight", q)
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        self.in_features, self.out_features = k, n
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

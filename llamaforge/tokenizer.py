@@ -295,6 +295,11 @@ def from_sentencepiece_model(path: Path) -> Tokenizer:
     try:
         sp.Load(str(path))
     except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(200).split(b"\n")[0].split(b" ")
+        if len(head) == 2 and head[1].isdigit():
+            raise LlamaforgeError(f"{path}: a tiktoken vocabulary (Llama 3 Meta format), which llamaforge does "
+                                  "not read yet; use the model's HF or GGUF release") from None
         raise LlamaforgeError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
     n = sp.GetPieceSize()
     tokens = [sp.IdToPiece(i) for i in range(n)]

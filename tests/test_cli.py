@@ -52,7 +52,7 @@ def test_chat_keeps_history(tiny_gguf, monkeypatch):
     from llamaforge.generate import SamplingConfig, stream
     prompts, replies = [], []
 
-    def recording_stream(model, tok, ids, cfg):   # the real stream, with its inputs recorded
+    def recording_stream(model, tok, ids, cfg, **kw):   # the real stream, with its inputs recorded
         prompts.append(tok.decode(ids))
         replies.append("")
         for piece in stream(model, tok, ids, cfg):

@@ -119,3 +119,10 @@ def test_corrupt_weights(meta_dir):
     (path / "consolidated.00.pth").write_bytes(b"\x80\x04garbage")
     with pytest.raises(LlamaforgeError, match="consolidated.00.pth: unreadable PyTorch weights"):
         load_checkpoint(path)
+
+
+def test_tiktoken_vocabulary_is_named_not_misread(meta_dir):
+    path = meta_dir[0]
+    (path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
+    with pytest.raises(LlamaforgeError, match="tiktoken vocabulary"):
+        load_checkpoint(path)

@@ -102,3 +102,17 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny):
     model, _, _ = tiny
     with pytest.raises(LlamaforgeError, match="exceeds the context length"):
         list(generate_tokens(model, [[1] * 250], SamplingConfig(max_new_tokens=10)))
+
+
+def test_compiled_decode_gives_the_same_tokens_without_recompiling(tiny):
+    from torch._dynamo.utils import counters
+    model, _, _ = tiny
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[5, 17, 300, 42, 9], [8, 9, 10]]
+    eager = [[int(t) for t in generate_tokens(model, [p], cfg)] for p in prompts]
+    compiled = [[int(t) for t in generate_tokens(model, [p], cfg, compile=True)] for p in prompts]
+    frames = counters["stats"]["unique_graphs"]
+    again = [int(t) for t in generate_tokens(model, [[1, 2, 3, 4, 5, 6, 7]], cfg, compile=True)]
+    assert compiled == eager
+    assert again == [int(t) for t in generate_tokens(model, [[1, 2, 3, 4, 5, 6, 7]], cfg)]
+    assert counters["stats"]["unique_graphs"] == frames   # a new prompt length did not recompile

@@ -1,6 +1,6 @@
 """Inference speed: llamaforge against HF transformers on the same SmolLM2 GGUF, in one run.
 
-    .venv/bin/python benchmarks/bench_inference.py [--runs 5] [--dtypes fp32,bf16] [--no-int8]
+    .venv/bin/python benchmarks/bench_inference.py [--runs 5] [--dtypes fp32,bf16] [--no-quant]
 
 Per dtype it prints, side by side with the ratio:
 - load time (GGUF file to a model ready to generate) and peak RSS (load, one generation and one
@@ -9,7 +9,8 @@ Per dtype it prints, side by side with the ratio:
   every implementation loaded in one process and timed in alternation, round after round, so
   that drift of this machine hits all of them alike (medians of --runs rounds);
 - for llamaforge, perplexity on held-out text: the quality figure next to every speed-up.
-Variants in bf16: plain, weight-only int8, and int8 with the decode step compiled.
+Variants in bf16: plain, weight-only int8, weight-only int4 (groups of 32), and int4 with the
+decode step compiled (`--compile`).
 """
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ class Llamaforge:
         import llamaforge
         self.name = "llamaforge" if variant == "plain" else variant
         self.compile = variant.endswith("compile")
+        quantize = variant.split("+")[0]
         self.model, self.tok = llamaforge.load("default", dtype=dtype,
-                                               quantize="int8" if variant.startswith("int8") else None)
+                                               quantize=quantize if quantize in ("int8", "int4") else None)
         self.prompt = self.tok.encode(PROMPT)
 
     def decode(self, n: int):
@@ -159,7 +161,7 @@ def main():
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--no-int8", action="store_true", help="skip the int8 and compiled-int8 variants")
+    p.add_argument("--no-quant", action="store_true", help="skip the int8 / int4 / compiled int4 variants")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -173,7 +175,7 @@ def main():
           f"held-out text: {'TinyStories (shared/data)' if HELD_OUT.exists() else 'built-in paragraph'}")
     fp32_ppl = None
     for dtype in a.dtypes.split(","):
-        impls = ["plain"] + (["int8", "int8+compile"] if dtype == "bf16" and not a.no_int8 else [])
+        impls = ["plain"] + (["int8", "int4", "int4+compile"] if dtype == "bf16" and not a.no_quant else [])
         speed = run_worker("speed", dtype, "transformers", *impls, "--runs", a.runs, "--new-tokens",
                            a.new_tokens, "--prompt-tokens", a.prompt_tokens)
         memory = {i: run_worker("memory", dtype, i) for i in ["transformers"] + impls}

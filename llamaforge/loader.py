@@ -55,15 +55,16 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
          device: str = "cpu", quantize: str | None = None) -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) from `default`, a .gguf file, an HF directory or a Meta directory.
 
-    quantize="int8": weight-only int8 linear layers for faster decoding (computes in bf16).
+    quantize="int8" | "int4": weight-only quantised linear layers for faster decoding (computes in
+    bf16; see quantize.py).
     """
-    if quantize not in (None, "none", "int8"):
-        raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8")
-    dt = torch.bfloat16 if quantize == "int8" else parse_dtype(dtype)
+    if quantize not in (None, "none", "int8", "int4"):
+        raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8 or int4")
+    dt = torch.bfloat16 if quantize in ("int8", "int4") else parse_dtype(dtype)
     ckpt = load_checkpoint(model, dtype=dt)
     net = build_model(ckpt, dt, device)
     ckpt.state_dict.clear()  # the model holds the only reference now; quantising frees as it goes
-    if quantize == "int8":
-        from .quantize import quantize_int8
-        quantize_int8(net)
+    if quantize in ("int8", "int4"):
+        from .quantize import quantize_weights
+        quantize_weights(net, bits=int(quantize[3:]))
     return net, ckpt.tokenizer

@@ -2,7 +2,7 @@
 import torch
 
 from llamaforge.loader import build_model
-from llamaforge.quantize import Int8Linear, quantize_int8
+from llamaforge.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 
 from conftest import random_model
 
@@ -36,3 +36,41 @@ def test_int8_model_tracks_the_dense_model(tiny_bpe):
         a, b = dense(ids).float(), q(ids).float()
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     assert (a - b).abs().max() < 0.1 * a.abs().max()
+
+
+def int4_weight(lin: Int4Linear) -> torch.Tensor:
+    """The weight the int4 kernel computes with: multiply the identity."""
+    eye = torch.eye(lin.in_features, dtype=torch.bfloat16)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, lin.weight, lin.group_size, lin.scales_and_zeros).T.float()
+
+
+def test_int4_keeps_q4_1_blocks():
+    """A Q4_1 weight (as llama.cpp's quantiser makes it) goes through int4 with no loss beyond
+    rounding each block's scale and offset to bf16."""
+    import gguf
+    import numpy as np
+    src = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)).numpy()
+    qt = gguf.GGMLQuantizationType.Q4_1
+    w = torch.from_numpy(np.array(gguf.quants.dequantize(gguf.quants.quantize(src, qt), qt))).float()
+    got = int4_weight(Int4Linear(w, None, torch.bfloat16))
+    block_range = w.view(64, 4, 32).amax(-1) - w.view(64, 4, 32).amin(-1)
+    tol = (block_range.repeat_interleave(32, dim=1) * 2 ** -7 + w.abs() * 2 ** -7)
+    assert ((got - w).abs() <= tol).all()
+    # ... while a generic weight is only approximated to within half a level.
+    g = torch.from_numpy(src)
+    step = (g.view(64, 4, 32).amax(-1) - g.view(64, 4, 32).amin(-1)).repeat_interleave(32, dim=1) / 15
+    err = (int4_weight(Int4Linear(g, None, torch.bfloat16)) - g).abs()
+    assert (err <= step * 0.5 + g.abs() * 2 ** -7 + step * 2 ** -6).all() and err.max() > 1e-3
+
+
+def test_int4_model_tracks_the_dense_model(tiny_bpe):
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    dense = build_model(ckpt, "bf16")
+    q = quantize_int4(build_model(ckpt, "bf16"))
+    assert isinstance(q.layers[0].mlp.up_proj, Int4Linear) and isinstance(q.lm_head, Int8Linear)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a, b = dense(ids).float(), q(ids).float()
+        one = q(ids[:, :1]).float()
+    assert (a - b).abs().max() < 0.25 * a.abs().max()
+    assert (one[0, 0] - b[0, 0]).abs().max() < 0.05 * b.abs().max()   # kernel path at 1 row and 40 rows

@@ -25,9 +25,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="compute dtype (default: bf16, see README: Speed)")
-    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto",
                    help="weight-only int8 / int4 (groups of 32) linear layers: faster decoding, computes in "
-                        "bf16; int4 keeps a Q4_1 GGUF's own precision")
+                        "bf16. auto (default): int4 for a Q4_1 GGUF in bf16, whose precision it keeps")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token after a ~40 s first call")
 

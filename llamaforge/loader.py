@@ -56,12 +56,16 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
     """(model, tokenizer) from `default`, a .gguf file, an HF directory or a Meta directory.
 
     quantize="int8" | "int4": weight-only quantised linear layers for faster decoding (computes in
-    bf16; see quantize.py).
+    bf16; see quantize.py). "auto": int4 when the file stores those weights as Q4_1 blocks (int4
+    then holds them at their own precision) and the dtype is bf16, else nothing.
     """
-    if quantize not in (None, "none", "int8", "int4"):
-        raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8 or int4")
+    if quantize not in (None, "none", "auto", "int8", "int4"):
+        raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8, int4 or auto")
     dt = torch.bfloat16 if quantize in ("int8", "int4") else parse_dtype(dtype)
     ckpt = load_checkpoint(model, dtype=dt)
+    if quantize == "auto":
+        keeps_precision = ckpt.metadata.get("linear_weight_type") == "Q4_1"
+        quantize = "int4" if keeps_precision and dt == torch.bfloat16 and device == "cpu" else None
     net = build_model(ckpt, dt, device)
     ckpt.state_dict.clear()  # the model holds the only reference now; quantising frees as it goes
     if quantize in ("int8", "int4"):

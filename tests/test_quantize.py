@@ -74,3 +74,18 @@ def test_int4_model_tracks_the_dense_model(tiny_bpe):
         one = q(ids[:, :1]).float()
     assert (a - b).abs().max() < 0.25 * a.abs().max()
     assert (one[0, 0] - b[0, 0]).abs().max() < 0.05 * b.abs().max()   # kernel path at 1 row and 40 rows
+
+
+def test_auto_picks_int4_only_for_q4_1_weights_in_bf16(tiny_bpe, tmp_path):
+    import llamaforge
+    from llamaforge.formats import gguf as gguf_format
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    gguf_format.save(ckpt, tmp_path / "q41.gguf", qtype="Q4_1")
+    gguf_format.save(ckpt, tmp_path / "q8.gguf", qtype="Q8_0")
+
+    def kind(path, dtype):
+        model, _ = llamaforge.load(path, dtype=dtype, quantize="auto")
+        return type(model.layers[0].mlp.up_proj).__name__
+    assert kind(tmp_path / "q41.gguf", "bf16") == "Int4Linear"
+    assert kind(tmp_path / "q41.gguf", "fp32") == "Linear"
+    assert kind(tmp_path / "q8.gguf", "bf16") == "Linear"

@@ -304,9 +304,18 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
         "name": meta.get("general.name"),
         "license": {k: meta[k] for k in meta if k.startswith("general.license")} or None,
         "quantization": ", ".join(f"{n} {k}" for k, n in types.most_common()),
+        # Storage type of the transformer's linear weights (the bulk of the bytes), if all alike.
+        "linear_weight_type": _single_type(tensors, ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                     "ffn_gate", "ffn_up", "ffn_down")),
         "gguf_metadata": {k: v for k, v in meta.items() if not k.startswith("tokenizer.ggml.")},
     }
     return Checkpoint(cfg, state, tokenizer_from_metadata(meta, path), metadata)
+
+
+def _single_type(tensors: dict, kinds: tuple[str, ...]) -> str | None:
+    found = {info[1].name for name, info in tensors.items()
+             if name.startswith("blk.") and name.split(".")[2] in kinds and name.endswith(".weight")}
+    return found.pop() if len(found) == 1 else None
 
 
 # --- writing -----------------------------------------------------------------------------------

@@ -73,7 +73,8 @@ class Llamaforge:
         self.name = "llamaforge" if variant == "plain" else variant
         self.compile = variant.endswith("compile")
         quantize = variant.split("+")[0]
-        self.model, self.tok = llamaforge.load("default", dtype=dtype,
+        # As the command line runs it: projections fused for inference.
+        self.model, self.tok = llamaforge.load("default", dtype=dtype, fuse=True,
                                                quantize=quantize if quantize in ("int8", "int4") else None)
         self.prompt = self.tok.encode(PROMPT)
 

@@ -76,3 +76,18 @@ def test_bf16_close_to_fp32(tiny_bpe):
         b = build_model(ckpt, "bf16")(ids)
     assert b.dtype == torch.bfloat16
     assert (a - b.float()).abs().max() < 0.1 * a.abs().max()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])
+def test_fused_projections_compute_the_same(preset, tiny_bpe):
+    from llamaforge.generate import SamplingConfig, generate_tokens
+    ckpt, _ = random_model(preset, tiny_bpe, attention_bias=True)
+    plain = build_model(ckpt, "fp32")
+    fused = build_model(ckpt, "fp32").fuse_projections()
+    assert fused.layers[0].self_attn.q_proj is None and fused.layers[0].mlp.gate_up_proj is not None
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert (plain(ids) - fused(ids)).abs().max() < 1e-5
+    cfg = SamplingConfig(max_new_tokens=15, temperature=0, ignore_eos=True)
+    assert [int(t) for t in generate_tokens(plain, [[4, 5, 6]], cfg)] == \
+        [int(t) for t in generate_tokens(fused, [[4, 5, 6]], cfg)]

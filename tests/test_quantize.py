@@ -89,3 +89,16 @@ def test_auto_picks_int4_only_for_q4_1_weights_in_bf16(tiny_bpe, tmp_path):
     assert kind(tmp_path / "q41.gguf", "bf16") == "Int4Linear"
     assert kind(tmp_path / "q41.gguf", "fp32") == "Linear"
     assert kind(tmp_path / "q8.gguf", "bf16") == "Linear"
+
+
+def test_fusing_then_quantising_matches_quantising_alone(tiny_bpe):
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    for quantize in (quantize_int4, quantize_int8):
+        alone = quantize(build_model(ckpt, "bf16"))
+        fused = quantize(build_model(ckpt, "bf16").fuse_projections())
+        assert type(fused.layers[0].self_attn.qkv_proj) is type(alone.layers[0].self_attn.q_proj)
+        with torch.no_grad():
+            for n in (1, 20):   # the decode kernel path and the prefill path
+                a, b = alone(ids[:, :n]).float(), fused(ids[:, :n]).float()
+                assert (a - b).abs().max() <= 0.02 * a.abs().max()

@@ -102,3 +102,14 @@ def test_errors_are_one_line(model, message):
     r = run("generate", "--model", model, "hi", check=False)
     assert r.returncode == 1 and r.stdout == ""
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_export_gguf_round_trip(tiny_gguf, tmp_path):
+    from llamaforge.formats import load_checkpoint
+    out = run("export", str(tiny_gguf), "--to", "gguf", "--quant", "Q8_0", str(tmp_path / "again.gguf")).stdout
+    assert out.strip() == str(tmp_path / "again.gguf")
+    a, b = load_checkpoint(tiny_gguf), load_checkpoint(tmp_path / "again.gguf")
+    # Re-quantising Q8_0 values to Q8_0 finds the same blocks.
+    assert all((a.state_dict[k] - b.state_dict[k]).abs().max() <= 1e-3 * a.state_dict[k].abs().max()
+               for k in a.state_dict)
+    assert run("export", str(tiny_gguf), "--to", "gguf", str(tmp_path / "again.gguf"), check=False).returncode == 1

@@ -164,3 +164,21 @@ def test_pickle_with_code_is_refused(exported):
     with open(exported / "pytorch_model.bin", "wb") as f:
         pickle.dump({"x": Evil()}, f)
     expect_error(exported, "pytorch_model.bin: unreadable PyTorch weights")
+
+
+def test_sentencepiece_only_hf_directory(spm_model, tmp_path):
+    """Older Llama 2 style directories carry tokenizer.model and no tokenizer.json."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from llamaforge.tokenizer import from_sentencepiece_model
+    tok = from_sentencepiece_model(spm_model)
+    ckpt, twin = random_model("tiny-mha", tok, vocab_size=tok.vocab_size)
+    hf_format.save(ckpt, tmp_path / "m")
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    shutil.copy(spm_model, tmp_path / "m" / "tokenizer.model")
+    loaded = load_checkpoint(tmp_path / "m")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    for text in MIXED_TEXT:
+        assert loaded.tokenizer.encode(text) == [sp.bos_id()] + sp.encode(text)

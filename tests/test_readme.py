@@ -1,0 +1,30 @@
+"""README.md's two commands stay true: the main job runs and prints an answer, and the test
+command is the one .ci/run runs."""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_main_command_runs():
+    main = code_blocks()[0].strip()
+    setup, _, job = main.partition(" && ")
+    assert setup == "bash scripts/setup.sh" and (ROOT / "scripts" / "setup.sh").exists()
+    args = shlex.split(job)
+    assert args[0] == ".venv/bin/llamaforge"
+    r = subprocess.run([sys.executable, "-m", "llamaforge", *args[1:]], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.split()) >= 10
+
+
+def test_test_command_is_what_ci_runs():
+    test_cmd = code_blocks()[1].strip()
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()

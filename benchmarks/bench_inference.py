@@ -8,7 +8,8 @@ Per dtype it prints, side by side with the ratio:
 - batch-1 greedy decode tokens/s (128 new tokens) and prefill tokens/s (512-token prompt), with
   every implementation loaded in one process and timed in alternation, round after round, so
   that drift of this machine hits all of them alike (medians of --runs rounds);
-- for llamaforge, perplexity on held-out text: the quality figure next to every speed-up.
+- for llamaforge, perplexity on held-out text: the quality figure next to every speed-up;
+- llama.cpp on the same file as a further column, when llama-cpp-python is installed.
 Variants in bf16: plain, weight-only int8, weight-only int4 (groups of 32), and int4 with the
 decode step compiled (`--compile`).
 """
@@ -102,8 +103,40 @@ class Llamaforge:
         return float(torch.exp(torch.tensor(total / n)))
 
 
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python (optional: `pip install llama-cpp-python` builds it),
+    on the GGUF as stored (Q4_1); the dtype does not apply."""
+    name = "llama.cpp"
+
+    def __init__(self, dtype: str):
+        from llama_cpp import Llama
+
+        from llamaforge.formats import default_model_path
+        self.llm = Llama(model_path=str(default_model_path()), n_ctx=1024, n_batch=512,
+                         n_threads=os.cpu_count(), verbose=False)
+        self.prompt = self.llm.tokenize(PROMPT.encode())
+
+    def decode(self, n: int):
+        for i, _ in enumerate(self.llm.generate(self.prompt, top_k=1, temp=0.0, reset=True)):
+            if i + 1 >= n:
+                break
+
+    def prefill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids[0].tolist())
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 def make(impl: str, dtype: str):
-    return Transformers(dtype) if impl == "transformers" else Llamaforge(dtype, impl)
+    if impl == "transformers":
+        return Transformers(dtype)
+    if impl == "llama.cpp":
+        return LlamaCpp(dtype)
+    return Llamaforge(dtype, impl)
 
 
 def worker_memory(impl: str, dtype: str) -> dict:
@@ -177,10 +210,13 @@ def main():
     fp32_ppl = None
     for dtype in a.dtypes.split(","):
         impls = ["plain"] + (["int8", "int4", "int4+compile"] if dtype == "bf16" and not a.no_quant else [])
+        if dtype == "bf16" and llama_cpp_available():
+            impls.append("llama.cpp")
         speed = run_worker("speed", dtype, "transformers", *impls, "--runs", a.runs, "--new-tokens",
                            a.new_tokens, "--prompt-tokens", a.prompt_tokens)
         memory = {i: run_worker("memory", dtype, i) for i in ["transformers"] + impls}
         names = ["llamaforge" if i == "plain" else i for i in impls]
+        ours = [n for n in names if n != "llama.cpp"]
         res = {n: {**speed[n], **memory[i]} for n, i in zip(["transformers"] + names, ["transformers"] + impls)}
         ref = res["transformers"]
         print(f"\n== {dtype} ==")
@@ -196,14 +232,15 @@ def main():
         if dtype == "fp32":
             fp32_ppl = res["llamaforge"]["perplexity"]
         line = f"{'perplexity (held-out)':28}{'':>14}"
-        for n in names:
+        for n in ours:
             rel = f"{(res[n]['perplexity'] / fp32_ppl - 1) * 100:+.2f}%" if fp32_ppl else ""
             line += f"{res[n]['perplexity']:>16.3f}{rel:>8}"
         print(line)
         print(f"{'first generate call (s)':28}{ref['first_call_s']:>14.2f}"
               + "".join(f"{res[n]['first_call_s']:>16.2f}{'':>8}" for n in names))
-    print("\nratio: llamaforge over transformers (load time and memory: transformers over llamaforge), so > 1 "
-          "is better. Perplexity change is against llamaforge fp32. First call includes compilation.")
+    print("\nratio: over transformers (load time and memory: transformers over the column), so > 1 is better. "
+          "Perplexity change is against llamaforge fp32. First call includes compilation. llama.cpp (when "
+          "llama-cpp-python is installed) runs the Q4_1 file as stored.")
 
 
 if __name__ == "__main__":

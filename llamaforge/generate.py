@@ -57,11 +57,23 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-def prefill(model: Llama, input_ids, position_ids, key_valid):
-    """Run the prompt (B, T) through the model, filling cache slots [0, T); last logits (B, V)."""
+@dataclass
+class PromptCache:
+    """The tokens whose keys and values a model's KV cache holds for one running conversation.
+
+    Passed to successive generations (batch 1), it lets each one prefill only what follows the
+    longest prefix it shares with the previous prompt and reply, instead of the whole history.
+    """
+    ids: list[int] = field(default_factory=list)
+    reused: int = 0       # prefix length the last generation did not recompute
+
+
+def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0):
+    """Run the prompt (B, T) through the model, filling cache slots [start, start + T) (slots
+    before start already hold the prefix); last logits (B, V)."""
     T = input_ids.shape[1]
-    mask = None if key_valid is None else attention_mask(key_valid, T, 0, T)
-    return model(input_ids, position_ids, mask, cache_pos=0, last_only=True)[:, -1]
+    mask = None if key_valid is None else attention_mask(key_valid, T, start, start + T)
+    return model(input_ids, position_ids, mask, cache_pos=start, last_only=True)[:, -1]
 
 
 def decode_one_token(model: Llama, token, position_ids, cache_pos: int, key_valid):
@@ -86,13 +98,24 @@ def compiled_decode_step(model: Llama):
     return step
 
 
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @torch.inference_mode()
 def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
-                    stop_ids: set[int] = frozenset(), compile: bool = False) -> Iterator[torch.Tensor]:
+                    stop_ids: set[int] = frozenset(), compile: bool = False,
+                    prompt_cache: PromptCache | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step until all stop or max_new_tokens.
 
     A row that has stopped keeps being fed its last token; callers ignore what it yields.
     compile: run decode steps through `compiled_decode_step`.
+    prompt_cache: reuse the KV cache's shared prefix from the previous generation (batch 1).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LlamaforgeError("every prompt needs at least one token")
@@ -117,9 +140,16 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
 
     # Round the cache up so that later, slightly longer generations reuse it (and a compiled
     # decode step is not rebuilt for new buffers).
+    cache_before = model.layers[0].self_attn.kv_cache
     model.setup_cache(B, min(model.config.max_seq_len, -(-total // 512) * 512))
+    start = 0
+    if prompt_cache is not None and B == 1 and model.layers[0].self_attn.kv_cache is cache_before:
+        # At least the last prompt token is recomputed: its logits start the generation.
+        start = min(_shared_prefix(prompt_cache.ids, prompts[0]), T - 1)
+    if prompt_cache is not None:
+        prompt_cache.reused, prompt_cache.ids = start, list(prompts[0])
     decode = compiled_decode_step(model) if compile else decode_one_token
-    logits = prefill(model, input_ids, position_ids, key_valid if padded else None)
+    logits = prefill(model, input_ids[:, start:], position_ids[:, start:], key_valid if padded else None, start)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
         token = sample(logits, cfg, seen, generator)
@@ -132,6 +162,8 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
             return
         if seen is not None:
             seen = torch.cat([seen, token[:, None]], dim=1)
+        if prompt_cache is not None:
+            prompt_cache.ids.append(int(token[0]))   # its keys and values enter the cache now
         logits = decode(model, token[:, None], next_pos, T + step, key_valid if padded else None)
         next_pos = next_pos + 1
 
@@ -164,13 +196,13 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], cfg: S
 
 
 def stream(model: Llama, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
-           compile: bool = False) -> Iterator[str]:
+           compile: bool = False, prompt_cache: PromptCache | None = None) -> Iterator[str]:
     """Text pieces of one generation as they become printable, honouring stop strings (text that
     might begin a stop string is held back until it is clear that it does not)."""
     decoder = StreamDecoder(tokenizer)
     pending = ""
     stop_ids = tokenizer.stop_ids
-    for token in generate_tokens(model, [prompt_ids], cfg, stop_ids, compile=compile):
+    for token in generate_tokens(model, [prompt_ids], cfg, stop_ids, compile=compile, prompt_cache=prompt_cache):
         t = int(token[0])
         if t in stop_ids and not cfg.ignore_eos:
             break

@@ -116,3 +116,21 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling(tiny):
     assert compiled == eager
     assert again == [int(t) for t in generate_tokens(model, [[1, 2, 3, 4, 5, 6, 7]], cfg)]
     assert counters["stats"]["unique_graphs"] == frames   # a new prompt length did not recompile
+
+
+def test_prompt_cache_reuses_the_shared_prefix(tiny):
+    from llamaforge.generate import PromptCache
+    model, _, _ = tiny
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True)
+    cache = PromptCache()
+    first = [5, 17, 300, 42, 9]
+    out1 = [int(t) for t in generate_tokens(model, [first], cfg, prompt_cache=cache)]
+    assert cache.reused == 0
+    second = first + out1 + [77, 78, 79]
+    out2 = [int(t) for t in generate_tokens(model, [second], cfg, prompt_cache=cache)]
+    assert cache.reused == len(first) + len(out1) - 1      # the last sampled token was never fed
+    assert out2 == [int(t) for t in generate_tokens(model, [second], cfg)]
+    third = [5, 17, 1, 2, 3]                                 # diverges after two tokens
+    out3 = [int(t) for t in generate_tokens(model, [third], cfg, prompt_cache=cache)]
+    assert cache.reused == 2
+    assert out3 == [int(t) for t in generate_tokens(model, [third], cfg)]

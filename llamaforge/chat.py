@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from .generate import PromptCache, SamplingConfig, stream
+from .errors import LlamaforgeError
+from .generate import SamplingConfig, stream
 from .loader import load
 
 HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D)"
@@ -16,7 +17,6 @@ def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system:
     interactive = stdin.isatty()
     print(f"chatting with {model_path}; {HELP}", file=sys.stderr)
     history = [{"role": "system", "content": system}] if system else []
-    cache = PromptCache()  # each turn prefills only what the previous turn did not
     while True:
         if interactive:
             print(">>> ", end="", file=sys.stderr, flush=True)
@@ -34,10 +34,16 @@ def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system:
         history.append({"role": "user", "content": text})
         ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
         reply = []
-        for piece in stream(model, tok, ids, cfg, compile=compile, prompt_cache=cache):
-            reply.append(piece)
-            stdout.write(piece)
-            stdout.flush()
+        try:
+            # reuse_cache: each turn prefills only what the previous turn did not.
+            for piece in stream(model, tok, ids, cfg, compile=compile, reuse_cache=True):
+                reply.append(piece)
+                stdout.write(piece)
+                stdout.flush()
+        except LlamaforgeError as e:   # e.g. the history outgrew the context: keep the session
+            history.pop()
+            print(f"llamaforge: {e}; /reset starts a new conversation", file=sys.stderr)
+            continue
         stdout.write("\n")
         stdout.flush()
         history.append({"role": "assistant", "content": "".join(reply)})

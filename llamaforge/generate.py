@@ -57,17 +57,6 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-@dataclass
-class PromptCache:
-    """The tokens whose keys and values a model's KV cache holds for one running conversation.
-
-    Passed to successive generations (batch 1), it lets each one prefill only what follows the
-    longest prefix it shares with the previous prompt and reply, instead of the whole history.
-    """
-    ids: list[int] = field(default_factory=list)
-    reused: int = 0       # prefix length the last generation did not recompute
-
-
 def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0):
     """Run the prompt (B, T) through the model, filling cache slots [start, start + T) (slots
     before start already hold the prefix); last logits (B, V)."""
@@ -110,12 +99,13 @@ def _shared_prefix(a: list[int], b: list[int]) -> int:
 @torch.inference_mode()
 def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
                     stop_ids: set[int] = frozenset(), compile: bool = False,
-                    prompt_cache: PromptCache | None = None) -> Iterator[torch.Tensor]:
+                    reuse_cache: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step until all stop or max_new_tokens.
 
     A row that has stopped keeps being fed its last token; callers ignore what it yields.
     compile: run decode steps through `compiled_decode_step`.
-    prompt_cache: reuse the KV cache's shared prefix from the previous generation (batch 1).
+    reuse_cache: prefill only what follows the longest prefix this prompt shares with the tokens
+    the KV cache holds from the previous generation (batch 1; a chat's growing history).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LlamaforgeError("every prompt needs at least one token")
@@ -135,7 +125,11 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
     padded = any(len(p) != T for p in prompts)
     position_ids = (key_valid[:, :T].long().cumsum(-1) - 1).clamp(min=0)
     next_pos = position_ids[:, -1:] + 1
-    seen = input_ids if cfg.repetition_penalty != 1.0 else None
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        # Padding is not part of a prompt: fill it with the row's first token, already counted.
+        seen = torch.where(key_valid[:, :T], input_ids, input_ids[torch.arange(B), T - torch.tensor(
+            [len(p) for p in prompts])][:, None])
     stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if not cfg.ignore_eos else None
 
     # Round the cache up so that later, slightly longer generations reuse it (and a compiled
@@ -143,11 +137,11 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
     cache_before = model.layers[0].self_attn.kv_cache
     model.setup_cache(B, min(model.config.max_seq_len, -(-total // 512) * 512))
     start = 0
-    if prompt_cache is not None and B == 1 and model.layers[0].self_attn.kv_cache is cache_before:
+    if reuse_cache and B == 1 and model.cache_tokens and model.layers[0].self_attn.kv_cache is cache_before:
         # At least the last prompt token is recomputed: its logits start the generation.
-        start = min(_shared_prefix(prompt_cache.ids, prompts[0]), T - 1)
-    if prompt_cache is not None:
-        prompt_cache.reused, prompt_cache.ids = start, list(prompts[0])
+        start = min(_shared_prefix(model.cache_tokens, prompts[0]), T - 1)
+    # What the cache will hold, kept up to date as tokens are fed (rows of a batch are not tracked).
+    model.cache_tokens = list(prompts[0]) if B == 1 else None
     decode = compiled_decode_step(model) if compile else decode_one_token
     logits = prefill(model, input_ids[:, start:], position_ids[:, start:], key_valid if padded else None, start)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -162,8 +156,8 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
             return
         if seen is not None:
             seen = torch.cat([seen, token[:, None]], dim=1)
-        if prompt_cache is not None:
-            prompt_cache.ids.append(int(token[0]))   # its keys and values enter the cache now
+        if model.cache_tokens is not None:
+            model.cache_tokens.append(int(token[0]))   # its keys and values enter the cache now
         logits = decode(model, token[:, None], next_pos, T + step, key_valid if padded else None)
         next_pos = next_pos + 1
 
@@ -196,13 +190,13 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], cfg: S
 
 
 def stream(model: Llama, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
-           compile: bool = False, prompt_cache: PromptCache | None = None) -> Iterator[str]:
+           compile: bool = False, reuse_cache: bool = False) -> Iterator[str]:
     """Text pieces of one generation as they become printable, honouring stop strings (text that
     might begin a stop string is held back until it is clear that it does not)."""
     decoder = StreamDecoder(tokenizer)
     pending = ""
     stop_ids = tokenizer.stop_ids
-    for token in generate_tokens(model, [prompt_ids], cfg, stop_ids, compile=compile, prompt_cache=prompt_cache):
+    for token in generate_tokens(model, [prompt_ids], cfg, stop_ids, compile=compile, reuse_cache=reuse_cache):
         t = int(token[0])
         if t in stop_ids and not cfg.ignore_eos:
             break

@@ -177,6 +177,9 @@ class Llama(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         # fp32 whatever the model dtype, and not a buffer, so `.to(bfloat16)` cannot round it.
         self.inv_freq = rope_inv_freq(config)
+        # Token ids whose keys/values fill the KV cache's first slots (batch 1), kept by generation
+        # so that a next prompt sharing that prefix need not recompute it; None when unknown.
+        self.cache_tokens: list[int] | None = None
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -195,11 +198,13 @@ class Llama(nn.Module):
         if (cache is not None and cache.k.shape[0] == batch_size and cache.k.shape[2] >= max_len
                 and cache.k.dtype == dtype and cache.k.device == torch.device(device)):
             return
+        self.cache_tokens = None
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads,
                                                self.config.head_dim, dtype, device)
 
     def clear_cache(self):
+        self.cache_tokens = None
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 

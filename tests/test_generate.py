@@ -118,19 +118,41 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling(tiny):
     assert counters["stats"]["unique_graphs"] == frames   # a new prompt length did not recompile
 
 
-def test_prompt_cache_reuses_the_shared_prefix(tiny):
-    from llamaforge.generate import PromptCache
+def test_reuse_cache_prefills_only_the_new_suffix(tiny, monkeypatch):
+    import importlib
+    gen = importlib.import_module("llamaforge.generate")   # the module, not the re-exported function
     model, _, _ = tiny
+    prefilled = []
+    real_prefill = gen.prefill
+
+    def recording_prefill(model, input_ids, *args):
+        prefilled.append(input_ids.shape[1])
+        return real_prefill(model, input_ids, *args)
+    monkeypatch.setattr(gen, "prefill", recording_prefill)
     cfg = SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True)
-    cache = PromptCache()
+
+    def run(prompt, reuse=True):
+        return [int(t) for t in generate_tokens(model, [prompt], cfg, reuse_cache=reuse)]
     first = [5, 17, 300, 42, 9]
-    out1 = [int(t) for t in generate_tokens(model, [first], cfg, prompt_cache=cache)]
-    assert cache.reused == 0
+    out1 = run(first)
     second = first + out1 + [77, 78, 79]
-    out2 = [int(t) for t in generate_tokens(model, [second], cfg, prompt_cache=cache)]
-    assert cache.reused == len(first) + len(out1) - 1      # the last sampled token was never fed
-    assert out2 == [int(t) for t in generate_tokens(model, [second], cfg)]
-    third = [5, 17, 1, 2, 3]                                 # diverges after two tokens
-    out3 = [int(t) for t in generate_tokens(model, [third], cfg, prompt_cache=cache)]
-    assert cache.reused == 2
-    assert out3 == [int(t) for t in generate_tokens(model, [third], cfg)]
+    out2 = run(second)
+    assert prefilled[-1] == len(second) - (len(first) + len(out1) - 1)   # the last sampled token was never fed
+    assert out2 == run(second, reuse=False)
+    third = [5, 17, 1, 2, 3]                                               # shares two tokens with the cache
+    other = run([9, 9, 9], reuse=False)                                    # ... not any more: overwritten
+    out3 = run(third)
+    assert prefilled[-1] == len(third) and out3 == run(third, reuse=False)
+    run([5, 17, 1])                    # a prefix of what the cache holds: only its last token is recomputed
+    assert prefilled[-1] == 1
+    assert run(third) == out3 and prefilled[-1] == 2
+    assert other == run([9, 9, 9], reuse=False)
+
+
+def test_repetition_penalty_ignores_padding(tiny):
+    model, _, _ = tiny
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, repetition_penalty=1.5)
+    prompts = [[5, 17], [100, 200, 300, 400, 500, 11, 12, 13]]
+    batched = torch.stack(list(generate_tokens(model, prompts, cfg)), 1)
+    for i, p in enumerate(prompts):
+        assert batched[i].tolist() == [int(t) for t in generate_tokens(model, [p], cfg)]

@@ -118,7 +118,8 @@ def main(argv=None):
         print(file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # `llamaforge generate ... | head` closed the pipe: not an error
-        sys.stderr.close()
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail
         sys.exit(0)
 
 

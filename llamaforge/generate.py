@@ -29,6 +29,17 @@ class SamplingConfig:
     ignore_eos: bool = False
     seed: int | None = None
 
+    def __post_init__(self):
+        checks = [(self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+                  (self.temperature is None or self.temperature >= 0, "temperature must be >= 0"),
+                  (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
+                  (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (self.min_p is None or 0 <= self.min_p < 1, "min_p must be in [0, 1)"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise LlamaforgeError(message)
+
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
@@ -208,6 +219,8 @@ def stream(model: Llama, tokenizer: Tokenizer, prompt_ids: list[int], cfg: Sampl
         if len(pending) > keep:
             yield pending[:len(pending) - keep]
             pending = pending[len(pending) - keep:]
+    pending += decoder.flush()
+    pending, _ = _cut_at_stop(pending, cfg.stop)
     if pending:
         yield pending
 

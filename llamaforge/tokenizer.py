@@ -139,6 +139,12 @@ class StreamDecoder:
         new, self.emitted = text[len(self.emitted):], text
         return new
 
+    def flush(self) -> str:
+        """Whatever was held back, at the end (a character cut short decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+        new, self.emitted = text[len(self.emitted):], text
+        return new
+
 
 def render_chat_template(template: str, messages, add_generation_prompt=True, **kwargs) -> str:
     from jinja2.exceptions import TemplateError
@@ -175,6 +181,8 @@ def from_hf_dir(path: Path) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json, chat template, generation_config.json)."""
     cfg_path = path / "tokenizer_config.json"
     cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+    if not isinstance(cfg, dict):
+        raise LlamaforgeError(f"{cfg_path}: not a JSON object")
     if (path / "tokenizer.json").exists():
         try:
             backend = Backend.from_file(str(path / "tokenizer.json"))
@@ -203,7 +211,8 @@ def from_hf_dir(path: Path) -> Tokenizer:
         tok.add_bos = bos is not None and tok.encode("a")[:1] == [bos]
     gen_path = path / "generation_config.json"
     if gen_path.exists():
-        eos = _read_json(gen_path).get("eos_token_id")
+        gen = _read_json(gen_path)
+        eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
         tok.extra_eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     tok._set_bos_post_processor()
     return tok

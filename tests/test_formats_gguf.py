@@ -207,3 +207,20 @@ def test_wrong_shape(good_gguf, tmp_path):
     from dataclasses import replace
     gguf_format.save(replace(ckpt, state_dict=state), tmp_path / "shape.gguf")
     expect_error(tmp_path / "shape.gguf", r"layers.0.mlp.down_proj.weight has shape \(64, 32\), expected \(64, 160\)")
+
+
+def test_inconsistent_head_counts(good_gguf, tmp_path):
+    data = bytearray(good_gguf[1].read_bytes())
+    key = b"llama.attention.head_count"
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    assert struct.unpack_from("<I", data, at)[0] == 4          # value type uint32
+    struct.pack_into("<I", data, at + 4, 3)                      # 3 query heads over 2 KV heads
+    bad = tmp_path / "heads.gguf"
+    bad.write_bytes(bytes(data))
+    expect_error(bad, "n_heads .* must be a multiple of n_kv_heads")
+
+
+def test_unwritable_quant_type_is_a_clear_error(good_gguf, tmp_path):
+    with pytest.raises(LlamaforgeError, match="cannot write GGUF tensors as 'Q4_K'"):
+        gguf_format.save(good_gguf[0], tmp_path / "k.gguf", qtype="Q4_K")
+    assert list(tmp_path.glob("k.gguf*")) == []

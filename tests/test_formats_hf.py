@@ -131,7 +131,7 @@ def test_config_not_json(exported):
 
 def test_wrong_shape(exported):
     edit_config(exported, intermediate_size=128)
-    expect_error(exported, r"mlp.gate_proj.weight has shape \(160, 64\), expected \(128, 64\)")
+    expect_error(exported, r"mlp\.(gate|up|down)_proj\.weight has shape \((160, 64|64, 160)\), expected \((128, 64|64, 128)\)")
 
 
 def test_missing_tensor(exported):

@@ -156,3 +156,11 @@ def test_repetition_penalty_ignores_padding(tiny):
     batched = torch.stack(list(generate_tokens(model, prompts, cfg)), 1)
     for i, p in enumerate(prompts):
         assert batched[i].tolist() == [int(t) for t in generate_tokens(model, [p], cfg)]
+
+
+@pytest.mark.parametrize("bad", [dict(repetition_penalty=0), dict(min_p=2), dict(top_k=0), dict(top_p=0),
+                                 dict(temperature=-1), dict(max_new_tokens=0)])
+def test_sampling_options_are_checked(bad):
+    from llamaforge.errors import LlamaforgeError
+    with pytest.raises(LlamaforgeError):
+        SamplingConfig(**bad)

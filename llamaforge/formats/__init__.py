@@ -105,15 +105,21 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
     return shapes
 
 
+def check_shapes(state: dict, config: LlamaConfig, path: Path):
+    """Each tensor present has the shape the config implies."""
+    expected = expected_shapes(config)
+    for name, t in state.items():
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise LlamaforgeError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {expected[name]}")
+
+
 def check_state_dict(ckpt: Checkpoint, path: Path):
     """Every tensor present with the shape the config implies, and nothing unexplained."""
     expected = expected_shapes(ckpt.config)
-    for name, shape in expected.items():
-        t = ckpt.state_dict.get(name)
-        if t is None:
+    check_shapes(ckpt.state_dict, ckpt.config, path)
+    for name in expected:
+        if name not in ckpt.state_dict:
             raise LlamaforgeError(f"{path}: missing tensor {name}")
-        if tuple(t.shape) != shape:
-            raise LlamaforgeError(f"{path}: tensor {name} has shape {tuple(t.shape)}, expected {shape}")
     extra = sorted(set(ckpt.state_dict) - set(expected))
     if extra:
         raise LlamaforgeError(f"{path}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
@@ -128,6 +134,9 @@ def atomic_output_dir(out_dir: str | os.PathLike):
         raise LlamaforgeError(f"{out}: exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)   # mkdtemp makes it owner-only; the result should be like any new directory
     try:
         yield tmp
     except BaseException:

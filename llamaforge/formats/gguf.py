@@ -106,6 +106,8 @@ def read_gguf(path: Path):
         ttype, offset = p.unpack("<I"), p.unpack("<Q")
         infos.append((name, dims, ttype, offset))
     align = meta.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise LlamaforgeError(f"{path}: invalid general.alignment {align!r}")
     data_start = (p.pos + align - 1) // align * align
     tensors = {}
     for name, dims, ttype, offset in infos:
@@ -114,6 +116,9 @@ def read_gguf(path: Path):
         except ValueError:
             raise LlamaforgeError(f"{path}: tensor {name} has unknown GGML type {ttype}") from None
         block, type_size = GGML_QUANT_SIZES[qtype]
+        if not dims or dims[0] % block:
+            raise LlamaforgeError(f"{path}: tensor {name}: rows of {dims[0] if dims else 0} values do not fit "
+                                  f"{qtype.name} blocks of {block}")
         n = math.prod(dims)
         nbytes = n // block * type_size
         start = data_start + offset
@@ -206,7 +211,14 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
         raise LlamaforgeError(f"{path}: missing tensor token_embd.weight")
     vocab = tensors["token_embd.weight"][0][0]
     dim, n_heads = get("embedding_length"), get("attention.head_count")
-    cfg = LlamaConfig(
+    try:
+        return _config(meta, tensors, vocab, dim, n_heads, get)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise LlamaforgeError(f"{path}: {e}") from None
+
+
+def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
         n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
         intermediate_size=get("feed_forward_length"),
@@ -217,7 +229,6 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
     )
-    return cfg
 
 
 # Our own metadata keys for Llama-3 scaling parameters (llama.cpp keeps only the rope_freqs tensor).
@@ -250,6 +261,15 @@ def tokenizer_from_metadata(meta: dict, path: Path) -> Tokenizer:
     if tokens is None:
         raise LlamaforgeError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type")
+    try:
+        return _tokenizer(meta, kind, tokens, types, path)
+    except LlamaforgeError:
+        raise
+    except Exception as e:   # the tokenizers library rejects inconsistent vocabularies and merges
+        raise LlamaforgeError(f"{path}: unusable tokenizer metadata ({str(e).splitlines()[0]})") from None
+
+
+def _tokenizer(meta, kind, tokens, types, path) -> Tokenizer:
     if kind == "gpt2":
         backend = byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), types,
                                  meta.get("tokenizer.ggml.pre"))
@@ -287,7 +307,12 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     meta, tensors, buf = read_gguf(path)
     cfg = config_from_metadata(meta, tensors, path)
     state = {}
+    from . import expected_shapes
+    expected = expected_shapes(cfg)
     for name, (shape, qtype, start, nbytes) in tensors.items():
+        if name != "rope_freqs.weight" and expected.get(_our_name(name, path), shape) != shape:
+            raise LlamaforgeError(f"{path}: tensor {_our_name(name, path)} has shape {shape}, "
+                                  f"expected {expected[_our_name(name, path)]}")
         w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
         if name == "rope_freqs.weight":
             cfg.rope_scaling = _rope_scaling_from_freqs(w, cfg, meta, path)
@@ -320,6 +345,9 @@ def _single_type(tensors: dict, kinds: tuple[str, ...]) -> str | None:
 
 # --- writing -----------------------------------------------------------------------------------
 
+# What the gguf package can quantise to (it reads more: K- and i-quants).
+WRITABLE_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "MXFP4", "TQ1_0", "TQ2_0")
+
 def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     """Write a llama-architecture GGUF. Norms stay F32; 2-D weights use `qtype` where their row
     length fits its block size (llama.cpp's converter makes the same exceptions)."""
@@ -328,6 +356,8 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
 
     out_path = Path(out_path)
     cfg, tok = ckpt.config, ckpt.tokenizer
+    if qtype.upper() not in WRITABLE_TYPES:
+        raise LlamaforgeError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITABLE_TYPES)}")
     qt = Q[qtype.upper()]
     tmp = out_path.with_name(out_path.name + ".tmp")
     w = gguf.GGUFWriter(str(tmp), "llama")
@@ -347,7 +377,9 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else gguf.LlamaFileType.MOSTLY_F16)
+    file_type = gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else getattr(gguf.LlamaFileType, f"MOSTLY_{qt.name}", None)
+    if file_type is not None:
+        w.add_file_type(file_type)
     _write_tokenizer(w, tok)
 
     inverse = {v: k for k, v in _BLOCK_NAMES.items()}

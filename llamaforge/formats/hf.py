@@ -16,6 +16,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification",
 
 
 def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
+    if not isinstance(cfg, dict):
+        raise LlamaforgeError(f"{path / 'config.json'}: not a JSON object")
     archs = cfg.get("architectures") or []
     if cfg.get("model_type", "llama") != "llama" or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
         raise LlamaforgeError(f"{path}: unsupported architecture {archs or cfg.get('model_type')!r} "
@@ -42,6 +44,8 @@ def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
             attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
     except KeyError as e:
         raise LlamaforgeError(f"{path / 'config.json'}: missing field {e.args[0]}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise LlamaforgeError(f"{path / 'config.json'}: {e}") from None
 
 
 def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
@@ -117,6 +121,8 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     state.pop("score.weight", None)  # a classification head is not part of the language model
+    for k in [k for k in state if k.endswith("rotary_emb.inv_freq")]:
+        del state[k]  # transformers < 4.31 saved its RoPE table; we compute it
     metadata = {"name": raw.get("_name_or_path") or path.name, "license": _card_license(path),
                 "quantization": ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in state.values()}))}
     return Checkpoint(config, state, from_hf_dir(path), metadata)

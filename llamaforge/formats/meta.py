@@ -11,7 +11,7 @@ import torch
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
 from ..tokenizer import from_sentencepiece_model
-from . import Checkpoint, atomic_output_dir
+from . import Checkpoint, atomic_output_dir, check_shapes
 from .gguf import permute_qk, unpermute_qk
 
 # Meta name (after "layers.N.") -> ours, and the dim along which model-parallel shards concatenate
@@ -86,6 +86,9 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             if params.get("use_scaled_rope") else None)
     except KeyError as e:
         raise LlamaforgeError(f"{path / 'params.json'}: missing field {e.args[0]}") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise LlamaforgeError(f"{path / 'params.json'}: {e}") from None
+    check_shapes(state, config, path)   # before the Q/K permutation, which needs the right shapes
     for name in list(state):
         if name.endswith("q_proj.weight"):
             state[name] = unpermute_qk(state[name], config.n_heads)

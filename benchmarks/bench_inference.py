@@ -10,8 +10,9 @@ Per dtype it prints, side by side with the ratio:
   that drift of this machine hits all of them alike (medians of --runs rounds);
 - for llamaforge, perplexity on held-out text: the quality figure next to every speed-up;
 - llama.cpp on the same file as a further column, when llama-cpp-python is installed.
-Variants in bf16: plain, weight-only int8, weight-only int4 (groups of 32), and int4 with the
-decode step compiled (`--compile`).
+Variants in bf16: plain (with the decode kernel of kernels.py where it builds), plain with the
+decode step compiled (`--compile`), weight-only int8, weight-only int4 (groups of 32), and int4
+compiled.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ class Llamaforge:
         self.compile = variant.endswith("compile")
         quantize = variant.split("+")[0]
         # As the command line runs it: projections fused for inference.
-        self.model, self.tok = llamaforge.load("default", dtype=dtype, fuse=True,
+        self.model, self.tok = llamaforge.load("default", dtype=dtype, inference=True,
                                                quantize=quantize if quantize in ("int8", "int4") else None)
         self.prompt = self.tok.encode(PROMPT)
 
@@ -209,7 +210,8 @@ def main():
           f"held-out text: {'TinyStories (shared/data)' if HELD_OUT.exists() else 'built-in paragraph'}")
     fp32_ppl = None
     for dtype in a.dtypes.split(","):
-        impls = ["plain"] + (["int8", "int4", "int4+compile"] if dtype == "bf16" and not a.no_quant else [])
+        impls = ["plain"] + (["plain+compile", "int8", "int4", "int4+compile"] if dtype == "bf16" and not a.no_quant
+                             else [])
         if dtype == "bf16" and llama_cpp_available():
             impls.append("llama.cpp")
         speed = run_worker("speed", dtype, "transformers", *impls, "--runs", a.runs, "--new-tokens",

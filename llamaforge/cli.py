@@ -72,7 +72,7 @@ def cmd_generate(args):
     from .loader import load
 
     cfg = _sampling_config(args)   # bad sampling options fail before the model is loaded
-    model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize, fuse=True)
+    model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize, inference=True)
     ids = encode_prompt(tok, args.prompt, chat=args.chat)
     pieces = stream(model, tok, ids, cfg, compile=args.compile)
     if args.no_stream:

@@ -52,14 +52,14 @@ def build_model(ckpt: Checkpoint, dtype: str | torch.dtype | None = None, device
 
 
 def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None = None,
-         device: str = "cpu", quantize: str | None = None, fuse: bool = False) -> tuple[Llama, Tokenizer]:
+         device: str = "cpu", quantize: str | None = None, inference: bool = False) -> tuple[Llama, Tokenizer]:
     """(model, tokenizer) from `default`, a .gguf file, an HF directory or a Meta directory.
 
     quantize="int8" | "int4": weight-only quantised linear layers for faster decoding (computes in
     bf16; see quantize.py). "auto": int4 when the file stores those weights as Q4_1 blocks (int4
     then holds them at their own precision) and the dtype is bf16, else nothing.
-    fuse: stack the input projections for faster inference (`Llama.fuse_projections`); the
-    model is then for generation only.
+    inference: set up for generation only: stacked input projections (`Llama.fuse_projections`)
+    and, for dense bf16 on an AVX-512 CPU, the hand-written decode kernel (`kernels.py`).
     """
     if quantize not in (None, "none", "auto", "int8", "int4"):
         raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8, int4 or auto")
@@ -70,9 +70,12 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
         quantize = "int4" if keeps_precision and dt == torch.bfloat16 and device == "cpu" else None
     net = build_model(ckpt, dt, device)
     ckpt.state_dict.clear()  # the model holds the only reference now; quantising frees as it goes
-    if fuse:
+    if inference:
         net.fuse_projections()
     if quantize in ("int8", "int4"):
         from .quantize import quantize_weights
         quantize_weights(net, bits=int(quantize[3:]))
+    elif inference:
+        from .kernels import use_gemv_kernel
+        use_gemv_kernel(net)
     return net, ckpt.tokenizer

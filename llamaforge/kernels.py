@@ -124,11 +124,7 @@ def use_gemv_kernel(model: nn.Module) -> bool:
         return False
     if gemv_extension() is None:
         return False
-    for block in model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, GemvLinear(child))
+    model.replace_linears(GemvLinear)
     if model.lm_head is None:
         model.lm_head = GemvLinear(nn.Linear(model.config.dim, model.config.vocab_size, bias=False, device="meta"))
         model.lm_head.weight = model.embed_tokens.weight   # still tied: no copy

@@ -255,5 +255,15 @@ class Llama(nn.Module):
             m.gate_proj = m.up_proj = None
         return self
 
+    def replace_linears(self, make):
+        """Swap each linear layer of the blocks for make(layer): the quantised or kernel-backed
+        versions used for inference (the output projection is each caller's own choice)."""
+        for block in self.layers:
+            for parent in (block.self_attn, block.mlp):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, make(child))
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

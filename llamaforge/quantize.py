@@ -81,18 +81,6 @@ def quantize_weights(model: nn.Module, bits: int = 8) -> nn.Module:
     The token embedding stays in the model dtype (a lookup reads only the rows it needs)."""
     dtype = model.embed_tokens.weight.dtype
     layer_cls = {8: Int8Linear, 4: Int4Linear}[bits]
-    for block in model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, layer_cls(child.weight, child.bias, dtype))
+    model.replace_linears(lambda linear: layer_cls(linear.weight, linear.bias, dtype))
     model.lm_head = Int8Linear(model.output_weight, None, dtype)
     return model
-
-
-def quantize_int8(model: nn.Module) -> nn.Module:
-    return quantize_weights(model, 8)
-
-
-def quantize_int4(model: nn.Module) -> nn.Module:
-    return quantize_weights(model, 4)

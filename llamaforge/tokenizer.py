@@ -122,27 +122,34 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a growing list of ids into text pieces as they become printable.
 
-    Decoding token by token breaks multi-byte characters and SentencePiece's leading spaces, so it
-    decodes the whole tail since the last emitted piece and holds back an incomplete character.
+    Decoding token by token breaks multi-byte characters and SentencePiece's leading spaces, so
+    each step decodes a short window: the tokens since the last emitted piece, with the piece
+    before them as context, and emits what the new tokens add. An incomplete character (U+FFFD
+    at the end) is held back until the next token completes it.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = self.read = 0     # window start (context), and end of what was emitted
+
+    def _new_text(self) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read], skip_special_tokens=self.skip)
+        return decode(self.ids[self.prefix:], skip_special_tokens=self.skip)[len(before):]
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):
+        new = self._new_text()
+        if not new or new.endswith("\ufffd"):
             return ""
-        new, self.emitted = text[len(self.emitted):], text
+        self.prefix, self.read = self.read, len(self.ids)
         return new
 
     def flush(self) -> str:
         """Whatever was held back, at the end (a character cut short decodes as U+FFFD)."""
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
-        new, self.emitted = text[len(self.emitted):], text
+        new = self._new_text()
+        self.prefix = self.read = len(self.ids)
         return new
 
 
@@ -180,9 +187,7 @@ def _token_text(tok) -> str | None:
 def from_hf_dir(path: Path) -> Tokenizer:
     """tokenizer.json (+ tokenizer_config.json, chat template, generation_config.json)."""
     cfg_path = path / "tokenizer_config.json"
-    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
-    if not isinstance(cfg, dict):
-        raise LlamaforgeError(f"{cfg_path}: not a JSON object")
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
     if (path / "tokenizer.json").exists():
         try:
             backend = Backend.from_file(str(path / "tokenizer.json"))
@@ -203,7 +208,7 @@ def from_hf_dir(path: Path) -> Tokenizer:
     if (path / "chat_template.jinja").exists():
         template = (path / "chat_template.jinja").read_text()
     elif (path / "chat_template.json").exists():
-        template = _read_json(path / "chat_template.json").get("chat_template", template)
+        template = read_json(path / "chat_template.json").get("chat_template", template)
     tok.chat_template = template
     if (path / "tokenizer.json").exists():
         # tokenizer.json's own post-processor decides about BOS; record what it does.
@@ -211,8 +216,7 @@ def from_hf_dir(path: Path) -> Tokenizer:
         tok.add_bos = bos is not None and tok.encode("a")[:1] == [bos]
     gen_path = path / "generation_config.json"
     if gen_path.exists():
-        gen = _read_json(gen_path)
-        eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        eos = read_json(gen_path).get("eos_token_id")
         tok.extra_eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     tok._set_bos_post_processor()
     return tok
@@ -223,11 +227,15 @@ def _backend_kind(backend: Backend) -> str:
     return "sentencepiece" if model.get("byte_fallback") else "bpe"
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a model directory's file, or a one-line error naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlamaforgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise LlamaforgeError(f"{path}: not a JSON object")
+    return value
 
 
 def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None) -> Backend:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llamaforge.loader import build_model
-from llamaforge.quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from llamaforge.quantize import Int4Linear, Int8Linear, quantize_weights
 
 from conftest import random_model
 
@@ -29,7 +29,6 @@ def test_kernel_and_dequantised_paths_agree():
 
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.1), (4, 0.25)])
 def test_quantised_model_tracks_the_dense_model(bits, tolerance, tiny_bpe):
-    from llamaforge.quantize import quantize_weights
     ckpt, _ = random_model("tiny", tiny_bpe)
     dense = build_model(ckpt, "bf16")
     q = quantize_weights(build_model(ckpt, "bf16"), bits)
@@ -86,9 +85,9 @@ def test_auto_picks_int4_only_for_q4_1_weights_in_bf16(tiny_bpe, tmp_path):
 def test_fusing_then_quantising_matches_quantising_alone(tiny_bpe):
     ckpt, _ = random_model("tiny", tiny_bpe)
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
-    for quantize in (quantize_int4, quantize_int8):
-        alone = quantize(build_model(ckpt, "bf16"))
-        fused = quantize(build_model(ckpt, "bf16").fuse_projections())
+    for bits in (4, 8):
+        alone = quantize_weights(build_model(ckpt, "bf16"), bits)
+        fused = quantize_weights(build_model(ckpt, "bf16").fuse_projections(), bits)
         assert type(fused.layers[0].self_attn.qkv_proj) is type(alone.layers[0].self_attn.q_proj)
         with torch.no_grad():
             for n in (1, 20):   # the decode kernel path and the prefill path

@@ -62,6 +62,14 @@ def test_stream_decoder_holds_back_partial_characters(default_checkpoint):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_stream_decoder_keeps_sentencepiece_spaces(spm_model):
+    tok = from_sentencepiece_model(spm_model)
+    for text in MIXED_TEXT:
+        ids = tok.encode(text, add_special_tokens=False)
+        dec = StreamDecoder(tok)
+        assert "".join(dec.push(i) for i in ids) + dec.flush() == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_chat_template_matches_transformers(default_checkpoint, hf_smollm2):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
                 {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?"}]

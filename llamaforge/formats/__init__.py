@@ -105,6 +105,11 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
     return shapes
 
 
+def stored_dtypes(state: dict[str, torch.Tensor]) -> str:
+    """The dtypes a checkpoint stores its tensors in, e.g. "bfloat16" or "bfloat16, float32"."""
+    return ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in state.values()}))
+
+
 def check_shapes(state: dict, config: LlamaConfig, path: Path):
     """Each tensor present has the shape the config implies."""
     expected = expected_shapes(config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,12 @@ def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
     )
 
 
+def rope_freq_divisors(cfg: LlamaConfig) -> torch.Tensor:
+    """What llama.cpp's `rope_freqs` holds: plain RoPE frequencies over the scaled ones."""
+    from ..model import rope_inv_freq
+    return (rope_inv_freq(replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
+
+
 # Our own metadata keys for Llama-3 scaling parameters (llama.cpp keeps only the rope_freqs tensor).
 _SCALING_KEY = "llamaforge.rope_scaling"
 
@@ -239,18 +246,12 @@ def _rope_scaling_from_freqs(freqs: torch.Tensor, cfg: LlamaConfig, meta: dict, 
     """llama.cpp bakes Llama-3.1 scaling into a `rope_freqs` tensor of per-frequency divisors.
     Recover the HF parameters (from our metadata if we wrote the file; otherwise the factor from
     the tensor and Meta's published defaults for the rest) and check they reproduce it."""
-    from ..model import rope_inv_freq
-
     scaling = dict(factor=float(freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192)
     for key in scaling:
         if f"{_SCALING_KEY}.{key}" in meta:
             scaling[key] = type(scaling[key])(meta[f"{_SCALING_KEY}.{key}"])
-    plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
-                                      rope_theta=cfg.rope_theta))
-    scaled = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
-                                       rope_theta=cfg.rope_theta, rope_scaling=scaling))
-    if not torch.allclose(plain / scaled, freqs.float(), rtol=1e-3):
+    if not torch.allclose(rope_freq_divisors(replace(cfg, rope_scaling=scaling)), freqs.float(), rtol=1e-3):
         raise LlamaforgeError(f"{path}: rope_freqs tensor does not match Llama-3 frequency scaling")
     return scaling
 
@@ -310,14 +311,14 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     from . import expected_shapes
     expected = expected_shapes(cfg)
     for name, (shape, qtype, start, nbytes) in tensors.items():
-        if name != "rope_freqs.weight" and expected.get(_our_name(name, path), shape) != shape:
-            raise LlamaforgeError(f"{path}: tensor {_our_name(name, path)} has shape {shape}, "
-                                  f"expected {expected[_our_name(name, path)]}")
-        w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
         if name == "rope_freqs.weight":
+            w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
             cfg.rope_scaling = _rope_scaling_from_freqs(w, cfg, meta, path)
             continue
         ours = _our_name(name, path)
+        if expected.get(ours, shape) != shape:   # before the Q/K permutation, which needs it
+            raise LlamaforgeError(f"{path}: tensor {ours} has shape {shape}, expected {expected[ours]}")
+        w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
         if ".q_proj." in ours:
             w = unpermute_qk(w, cfg.n_heads)
         elif ".k_proj." in ours:
@@ -385,10 +386,7 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     inverse = {v: k for k, v in _BLOCK_NAMES.items()}
     inverse_global = {v: k for k, v in _GLOBAL_NAMES.items()}
     if cfg.rope_scaling:
-        from ..model import rope_inv_freq
-        plain = rope_inv_freq(LlamaConfig(dim=cfg.dim, n_heads=cfg.n_heads, head_dim=cfg.head_dim,
-                                          rope_theta=cfg.rope_theta))
-        w.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(cfg)).float().numpy())
+        w.add_tensor("rope_freqs.weight", rope_freq_divisors(cfg).numpy())
         for key, value in cfg.rope_scaling.items():
             (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{_SCALING_KEY}.{key}", value)
     for name, t in ckpt.state_dict.items():

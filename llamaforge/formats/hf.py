@@ -9,15 +9,13 @@ import torch
 
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
-from ..tokenizer import from_hf_dir
-from . import Checkpoint, atomic_output_dir
+from ..tokenizer import from_hf_dir, read_json
+from . import Checkpoint, atomic_output_dir, stored_dtypes
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"}
 
 
 def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
-    if not isinstance(cfg, dict):
-        raise LlamaforgeError(f"{path / 'config.json'}: not a JSON object")
     archs = cfg.get("architectures") or []
     if cfg.get("model_type", "llama") != "llama" or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
         raise LlamaforgeError(f"{path}: unsupported architecture {archs or cfg.get('model_type')!r} "
@@ -110,11 +108,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    cfg_path = path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamaforgeError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json(path / "config.json")
     config = config_from_hf(raw, path)
     state = read_weights(path)
     state = {_from_hf_name(k): state.pop(k).to(dtype) if dtype is not None else state.pop(k) for k in list(state)}
@@ -124,7 +118,7 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     for k in [k for k in state if k.endswith("rotary_emb.inv_freq")]:
         del state[k]  # transformers < 4.31 saved its RoPE table; we compute it
     metadata = {"name": raw.get("_name_or_path") or path.name, "license": _card_license(path),
-                "quantization": ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in state.values()}))}
+                "quantization": stored_dtypes(state)}
     return Checkpoint(config, state, from_hf_dir(path), metadata)
 
 

@@ -10,8 +10,8 @@ import torch
 
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
-from ..tokenizer import from_sentencepiece_model
-from . import Checkpoint, atomic_output_dir, check_shapes
+from ..tokenizer import from_sentencepiece_model, read_json
+from . import Checkpoint, atomic_output_dir, check_shapes, stored_dtypes
 from .gguf import permute_qk, unpermute_qk
 
 # Meta name (after "layers.N.") -> ours, and the dim along which model-parallel shards concatenate
@@ -38,15 +38,8 @@ def _split_name(name: str):
     return None, None
 
 
-def _read_params(path: Path) -> dict:
-    try:
-        return json.loads((path / "params.json").read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamaforgeError(f"{path / 'params.json'}: not valid JSON ({e})") from None
-
-
 def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    params = _read_params(path)
+    params = read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise LlamaforgeError(f"{path}: no consolidated.*.pth weights")
@@ -96,7 +89,7 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             state[name] = unpermute_qk(state[name], config.n_kv_heads)
     tokenizer = from_sentencepiece_model(path / "tokenizer.model")
     metadata = {"name": path.name, "license": None,
-                "quantization": ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in state.values()}))}
+                "quantization": stored_dtypes(state)}
     return Checkpoint(config, state, tokenizer, metadata)
 
 

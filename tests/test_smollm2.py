@@ -55,3 +55,24 @@ def test_gguf_to_hf_export_keeps_logits(default_checkpoint, hf_smollm2, tmp_path
     msgs = [{"role": "user", "content": "hi"}]
     assert ref_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
         default_checkpoint.tokenizer.apply_chat_template(msgs)
+
+
+def test_fast_inference_paths_track_fp32(default_checkpoint):
+    """The decode-time paths (dense bf16 with the decode kernel where it builds, int4, int8),
+    stepped through the KV cache one token at a time, pick the fp32 model's next token."""
+    import llamaforge
+    tok = default_checkpoint.tokenizer
+    ref = build_model(default_checkpoint, "fp32")
+    prompt = encode_prompt(tok, "Write a short poem about mountains.", chat=True)
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0, ignore_eos=True)
+    forced = [int(t) for t in generate_tokens(ref, [prompt], cfg)]
+    for quantize in (None, "int4", "int8"):
+        model, _ = llamaforge.load("default", dtype="bf16", quantize=quantize, inference=True)
+        T = len(prompt)
+        model.setup_cache(1, T + len(forced))
+        with torch.no_grad():
+            picks = [int(model(torch.tensor([prompt]), cache_pos=0, last_only=True)[0, -1].argmax())]
+            for i, t in enumerate(forced[:-1]):   # teacher-forced: each step sees fp32's tokens
+                picks.append(int(model(torch.tensor([[t]]), cache_pos=T + i)[0, -1].argmax()))
+        agree = sum(a == b for a, b in zip(picks, forced)) / len(forced)
+        assert agree >= 0.9, (quantize, agree)

@@ -64,7 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="HF export weight dtype")
     p.add_argument("--quant", default="F32", help="GGUF export tensor type: F32, F16, BF16, Q8_0, Q4_0, ...")
+
+    p = sub.add_parser("finetune", help="fine-tune a model")
+    tasks = p.add_subparsers(dest="task", required=True)
+    p = tasks.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
+    _add_classify_flags(p)
+
+    p = sub.add_parser("evaluate", help="score a fine-tuned classifier on labelled data")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--data", required=True, help="CSV, TSV, JSONL or JSON file")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+
+    p = sub.add_parser("predict", help="labels and class probabilities from a fine-tuned classifier")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("text", nargs="*", metavar="TEXT")
+    p.add_argument("--data", default=None, help="CSV, TSV, JSONL or JSON file of texts")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--out", default=None, help=".csv, .tsv or .jsonl file (default: JSON lines on stdout)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's")
     return parser
+
+
+def _add_classify_flags(p: argparse.ArgumentParser):
+    from .runconfig import add_config_flags
+    from .tasks.classify import ClassifyConfig
+    p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_config_flags(p, ClassifyConfig, help={
+        "train": "training data: CSV, TSV, JSONL or JSON", "dev": "dev data (evaluated each epoch)",
+        "test": "test data (reported at the end)", "out": "run directory",
+        "model": "base model: default | FILE.gguf | HF dir | Meta dir",
+        "method": "lora (default) or full", "lr": "peak learning rate (default 5e-4 LoRA, 2e-5 full)",
+        "max_steps": "optimiser steps (overrides --epochs)", "max_minutes": "training time budget",
+        "eval_every": "evaluate every N steps (default: each epoch)", "patience": "early stop after N evaluations without improvement",
+        "class_weights": "balanced: weight the loss by inverse class frequency",
+        "lora_targets": "comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "warmup": "fraction of steps (< 1) or steps (>= 1)", "schedule": "linear | cosine | constant",
+    })
 
 
 def cmd_generate(args):
@@ -102,7 +144,42 @@ def cmd_export(args):
     print(out)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export}
+def cmd_finetune(args):
+    from .runconfig import resolve_config
+    from .metrics import format_report
+    from .tasks.classify import ClassifyConfig, finetune_classify
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "task", "config", "resume", "debug")}
+    if args.resume:
+        cfg = ClassifyConfig(out=args.out)
+    else:
+        cfg = resolve_config(ClassifyConfig, args.config, overrides)
+    final = finetune_classify(cfg, resume=args.resume)
+    print("\n\n".join(format_report(r, title=f"{name} (best model)") for name, r in final.items()))
+
+
+def cmd_evaluate(args):
+    from .metrics import format_report
+    from .tasks.classify import evaluate_classifier
+    report = evaluate_classifier(args.run, args.data, text_column=args.text_column, label_column=args.label_column,
+                                 text_pair_column=args.text_pair_column, batch_size=args.batch_size, dtype=args.dtype)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.format == "json" else format_report(report))
+
+
+def cmd_predict(args):
+    from .tasks.classify import predict_classifier
+    if bool(args.text) == bool(args.data):
+        raise LlamaforgeError("give either TEXT arguments or --data FILE")
+    rows = predict_classifier(args.run, texts=args.text or None, data=args.data, out=args.out,
+                              text_column=args.text_column, batch_size=args.batch_size, dtype=args.dtype)
+    if args.out:
+        print(f"llamaforge: wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export,
+            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict}
 
 
 def main(argv=None):

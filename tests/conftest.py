@@ -127,3 +127,18 @@ def hf_model_from_dir(path) -> "torch.nn.Module":
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_bpe) -> Path:
+    """A tiny random Llama (GQA, tied embeddings) saved as an HF directory, with the tiny BPE."""
+    from llamaforge.formats import hf
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    out = tmp_path_factory.mktemp("tiny-model") / "model"
+    hf.save(ckpt, out)
+    return out
+
+
+def sentiment_file(split: str) -> Path:
+    """The small sentiment data set that ships with llamaforge."""
+    return Path(__file__).resolve().parent.parent / "llamaforge" / "datasets" / "sentiment" / f"{split}.csv"

@@ -91,3 +91,22 @@ def test_fused_projections_compute_the_same(preset, tiny_bpe):
     cfg = SamplingConfig(max_new_tokens=15, temperature=0, ignore_eos=True)
     assert [int(t) for t in generate_tokens(plain, [[4, 5, 6]], cfg)] == \
         [int(t) for t in generate_tokens(fused, [[4, 5, 6]], cfg)]
+
+
+@pytest.mark.parametrize("H,Hkv,with_mask", [(4, 2, False), (4, 4, False), (6, 2, True)])
+def test_training_attention_matches_sdpa_with_gradients(H, Hkv, with_mask):
+    import torch.nn.functional as F
+    from llamaforge.model import attention_for_training, attention_mask
+    torch.manual_seed(0)
+    B, T, hd = 2, 7, 8
+    q = torch.randn(B, H, T, hd, requires_grad=True)
+    k = torch.randn(B, Hkv, T, hd, requires_grad=True)
+    v = torch.randn(B, Hkv, T, hd, requires_grad=True)
+    mask = attention_mask(torch.tensor([[1] * T, [0, 0] + [1] * (T - 2)], dtype=torch.bool), T, 0, T) if with_mask else None
+    ours = attention_for_training(q, k, v, mask)
+    g_ours = torch.autograd.grad(ours.sum(), (q, k, v))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert (ours - ref).abs().max() < 1e-5
+    for a, b in zip(g_ours, g_ref):
+        assert (a - b).abs().max() < 1e-5

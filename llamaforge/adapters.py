@@ -1,0 +1,154 @@
+"""Parameter-efficient adapters: LoRA layers, attached to a Llama's linear layers, trained, merged,
+and saved / loaded in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) so that
+`peft.PeftModel.from_pretrained` reads what we write, and we read what it writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import LlamaforgeError
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(ALL_LINEARS))
+        if unknown:
+            raise LlamaforgeError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ALL_LINEARS)}")
+        if self.rank < 1:
+            raise LlamaforgeError(f"LoRA rank must be at least 1, got {self.rank}")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank, with W, b frozen.
+
+    W and b are the original layer's own tensors under the same names, so the model's state dict
+    keeps its keys and `merge` is one in-place add. B starts at zero: the adapted model begins as
+    the base model exactly.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as nn.Linear and PEFT initialise
+        self.scaling = cfg.alpha / cfg.rank
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with the update folded in (W + B A * scaling), computed in fp32."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        lin.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = self.bias
+        return lin
+
+
+def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Freeze the Llama and put LoRA layers on its target linears; returns it."""
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    llama.replace_linears(lambda lin: LoRALinear(lin, cfg), names=set(cfg.targets))
+    return llama
+
+
+def merge_lora(llama: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into a plain linear layer (for inference and export)."""
+    def unwrap(child):
+        return child.merged() if isinstance(child, LoRALinear) else child
+    for block in llama.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, LoRALinear):
+                    setattr(parent, name, unwrap(child))
+    return llama
+
+
+# --- PEFT layout ---------------------------------------------------------------------------------
+# PEFT wraps the HF model as `base_model.model.<HF name>`; LoRA tensors are `<module>.lora_A.weight`,
+# and a fully trained module (`modules_to_save`, e.g. a classification head) is saved whole.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, task_type: str,
+                      modules_to_save: list[str] = (), base_model: str | None = None):
+    """Write adapter_config.json + adapter_model.safetensors into out_dir (which must exist).
+
+    model: the module whose parameter names are HF's (e.g. LlamaForClassification)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            state[PEFT_PREFIX + name + ".weight"] = p.detach().contiguous()
+        elif name.split(".")[0] in modules_to_save:
+            state[PEFT_PREFIX + name] = p.detach().contiguous()
+    save_file(state, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.targets), "modules_to_save": list(modules_to_save) or None,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False,
+    }
+    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
+    from .tokenizer import read_json
+    path = Path(adapter_dir) / "adapter_config.json"
+    raw = read_json(path)
+    if raw.get("peft_type") != "LORA":
+        raise LlamaforgeError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (LORA is)")
+    if raw.get("use_dora") or raw.get("use_rslora"):
+        raise LlamaforgeError(f"{path}: DoRA and rsLoRA adapters are not supported")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise LlamaforgeError(f"{path}: target_modules as a regular expression is not supported; list the names")
+    return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                      targets=[t.split(".")[-1] for t in targets])
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path):
+    """Load adapter weights written by `save_peft_adapter` (or by PEFT) into a model that already
+    has its LoRA layers (`add_lora`) and head."""
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: missing")
+    params = dict(model.named_parameters())
+    for key, t in load_file(str(path)).items():
+        name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight") if ".lora_" in key else key.removeprefix(PEFT_PREFIX)
+        if name not in params:
+            raise LlamaforgeError(f"{path}: tensor {key} matches no parameter of the model")
+        if params[name].shape != t.shape:
+            raise LlamaforgeError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(t)

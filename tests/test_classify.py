@@ -1,0 +1,175 @@
+"""`finetune classify`, `evaluate` and `predict` end to end on a tiny random model and the
+shipped sentiment data: run directory contents, PEFT / HF outputs, YAML config, resume after
+SIGKILL to the same metrics, and the real SmolLM2 learning the task."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import sentiment_file
+from llamaforge.cli import main
+from llamaforge.errors import LlamaforgeError
+from llamaforge.tasks.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
+from llamaforge.trainer import TrainConfig, lr_at
+
+
+def tiny_args(model_dir, out, *extra):
+    return ["finetune", "classify", "--model", str(model_dir), "--train", str(sentiment_file("train")),
+            "--dev", str(sentiment_file("dev")), "--out", str(out), "--batch-size", "16", "--dtype", "fp32", *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    main(tiny_args(tiny_model_dir, out, "--test", str(sentiment_file("test")), "--epochs", "2", "--lr", "3e-3",
+                   "--lora-rank", "4"))
+    return out
+
+
+def test_run_directory(lora_run):
+    names = {p.name for p in lora_run.iterdir()}
+    assert {"config.yaml", "label_map.json", "metrics.json", "best", "checkpoint", "tensorboard", "curves.png",
+            "confusion_matrix.png"} <= names
+    assert {p.name for p in (lora_run / "best").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["evals"]] == [20, 40]       # each epoch: 320 examples / 16
+    assert set(metrics["final"]) == {"dev", "test"}
+    assert json.loads((lora_run / "label_map.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (lora_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The checkpoint is plain tensors and numbers: loadable without unpickling objects.
+    state = torch.load(lora_run / "checkpoint" / "state.pt", weights_only=True)
+    assert state["state"]["step"] == 40 and state["state"]["stopped"] == "done"
+
+
+def test_tensorboard_events(lora_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(lora_run / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr", "dev/accuracy", "dev/macro_f1"} <= set(tags)
+    assert [e.step for e in acc.Scalars("dev/accuracy")] == [20, 40]
+
+
+def test_best_model_is_kept_and_evaluate_reproduces_it(lora_run, capsys):
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    best = max(metrics["evals"], key=lambda e: e["accuracy"])
+    assert metrics["final"]["dev"]["accuracy"] == pytest.approx(best["accuracy"])
+    main(["evaluate", str(lora_run), "--data", str(sentiment_file("dev")), "--format", "json"])
+    report = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "n", "per_class"} <= set(report)
+    assert report["n"] == 80 and report["accuracy"] == pytest.approx(best["accuracy"])
+    assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
+
+
+def test_report_matches_scikit_learn(lora_run):
+    from sklearn.metrics import classification_report as sk_report
+    rows = predict_classifier(lora_run, data=sentiment_file("test"))
+    truth = [line.rsplit(",", 1)[1] for line in sentiment_file("test").read_text().splitlines()[1:]]
+    ours = evaluate_classifier(lora_run, sentiment_file("test"))
+    theirs = sk_report(truth, [r["label"] for r in rows], output_dict=True, zero_division=0)
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
+    assert ours["macro_f1"] == pytest.approx(theirs["macro avg"]["f1-score"])
+    assert ours["weighted_f1"] == pytest.approx(theirs["weighted avg"]["f1-score"])
+    assert ours["per_class"]["negative"]["recall"] == pytest.approx(theirs["negative"]["recall"])
+
+
+def test_predict_text_and_files(lora_run, tmp_path, capsys):
+    main(["predict", str(lora_run), "great food", "terrible service"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == ["great food", "terrible service"]
+    for r in rows:
+        assert r["label"] in ("negative", "positive") and r["p_negative"] + r["p_positive"] == pytest.approx(1, abs=1e-5)
+    for suffix in ("csv", "jsonl"):
+        out = tmp_path / f"pred.{suffix}"
+        main(["predict", str(lora_run), "--data", str(sentiment_file("dev")), "--out", str(out)])
+        assert capsys.readouterr().out == ""
+        lines = out.read_text().splitlines()
+        assert len(lines) == 80 + (suffix == "csv")
+
+
+def test_full_finetune_saves_a_transformers_classifier(tiny_model_dir, tmp_path):
+    from transformers import LlamaForSequenceClassification
+    out = tmp_path / "full"
+    main(tiny_args(tiny_model_dir, out, "--method", "full", "--max-steps", "3", "--lr", "1e-3"))
+    hf = LlamaForSequenceClassification.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
+    assert hf.config.id2label == {0: "negative", 1: "positive"}
+    from llamaforge.tasks.classify import load_run
+    clf, tok, _, _ = load_run(out)
+    from llamaforge.data import pad_right
+    ids, lengths = pad_right([tok.encode(t) for t in ["good", "a much longer and rather bad review"]], tok.pad_id)
+    with torch.no_grad():
+        assert (clf(ids, lengths) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_yaml_config_and_flags(tiny_model_dir, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.001\nmax_steps: 2\nlora_rank: 2\nbatch_size: 8\n")
+    out = tmp_path / "run"
+    main(tiny_args(tiny_model_dir, out, "--config", str(cfg_file), "--lora-rank", "3"))
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    # YAML over defaults, flags over YAML (batch size 16 was given as a flag too).
+    assert saved["lr"] == 0.001 and saved["max_steps"] == 2 and saved["lora_rank"] == 3 and saved["batch_size"] == 16
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1\n")
+    with pytest.raises(LlamaforgeError, match=r"bad\.yaml: unknown setting 'learning_rate'"):
+        from llamaforge.runconfig import resolve_config
+        resolve_config(ClassifyConfig, bad)
+
+
+def test_existing_run_directory_is_not_overwritten(lora_run, tiny_model_dir):
+    with pytest.raises(LlamaforgeError, match="exists and is not empty"):
+        finetune_classify(ClassifyConfig(model=str(tiny_model_dir), train=str(sentiment_file("train")),
+                                         dev=str(sentiment_file("dev")), out=str(lora_run)))
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "train.csv"
+    bad.write_text("text,label\ngood,pos\n,neg\n")
+    r = subprocess.run([sys.executable, "-m", "llamaforge", *tiny_args(tiny_model_dir, tmp_path / "r")[:4], "--train",
+                        str(bad), "--dev", str(bad), "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip() == f"llamaforge: error: {bad}:3: empty or missing 'text'"
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=10, schedule="linear")
+    assert lr_at(0, 110, cfg) == pytest.approx(1 / 11) and lr_at(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.5) and lr_at(110, 110, cfg) == 0
+    cos = TrainConfig(lr=1.0, warmup=0, schedule="cosine")
+    assert lr_at(50, 100, cos) == pytest.approx(0.5)
+    assert lr_at(10, 100, cfg, time_fraction=0.75) == pytest.approx(0.25)   # the time budget anneals too
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_path):
+    """A run killed mid-epoch and resumed gives exactly the metrics of an uninterrupted run."""
+    args = ["--epochs", "3", "--batch-size", "8", "--save-every", "7", "--lr", "2e-3", "--lora-rank", "4",
+            "--lora-dropout", "0.1", "--eval-every", "25"]
+    cmd = [sys.executable, "-m", "llamaforge"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cmd + tiny_args(tiny_model_dir, whole, *args), check=True, capture_output=True)
+
+    proc = subprocess.Popen(cmd + tiny_args(tiny_model_dir, killed, *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = killed / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    step = torch.load(ckpt, weights_only=True)["state"]["step"]
+    assert 0 < step < 120 and step % 40 != 0, "the run should die mid-epoch"
+    assert "final" not in json.loads((killed / "metrics.json").read_text()) if (killed / "metrics.json").exists() else True
+
+    r = subprocess.run(cmd + ["finetune", "classify", "--out", str(killed), "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, killed))
+    strip = lambda evals: [{k: v for k, v in e.items() if k not in ("train_minutes", "eval_seconds")} for e in evals]
+    assert strip(a["evals"]) == strip(b["evals"])
+    assert a["final"] == b["final"]

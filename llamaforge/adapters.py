@@ -57,7 +57,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        y = F.linear(x, self.weight, self.bias)                           # (..., out)
+        h = F.linear(self.dropout(x), self.lora_A) * self.scaling          # (..., rank): scale the small tensor
+        # y += h B^T inside the matrix product (beta=1), not as a separate pass over y.
+        y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return y
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with the update folded in (W + B A * scaling), computed in fp32."""

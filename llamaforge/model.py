@@ -92,12 +92,14 @@ def attention_for_training(q, k, v, mask=None):
     B, H, T, hd = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
-    scores = (q.reshape(B, Hkv, G * T, hd) @ k.transpose(-1, -2)).view(B, Hkv, G, T, S)
+    scores = ((q * hd ** -0.5).reshape(B, Hkv, G * T, hd) @ k.transpose(-1, -2)).view(B, Hkv, G, T, S)
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     else:
         mask = mask[:, :, None]                                              # (B|1, 1, 1, T, S)
-    probs = (scores.float() * hd ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1).to(q.dtype)
+    # An additive -inf bias, added in place to the fp32 copy: one pass over the scores, not three.
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill_(~mask, float("-inf"))
+    probs = scores.float().add_(bias).softmax(-1).to(q.dtype)
     return (probs.view(B, Hkv, G * T, S) @ v).view(B, H, T, hd)
 
 

@@ -59,6 +59,7 @@ class Task(Protocol):
     def train_batches(self, epoch: int, generator: torch.Generator) -> list: ...
     def loss(self, model, batch) -> tuple[torch.Tensor, int]: ...          # (mean loss, real tokens)
     def evaluate(self, model) -> dict: ...                                  # dev metrics
+    # optional: format_metrics(metrics) -> str, printed on stderr after each evaluation
     def save_model(self, model, out_dir: Path): ...                        # the best model
 
 
@@ -201,6 +202,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
         plot_curves(history, cfg.metric, run_dir / "curves.png")
         bar.write(f"step {state.step}: dev {cfg.metric} {value:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
+        if hasattr(task, "format_metrics"):   # e.g. the classification report as a table
+            bar.write(task.format_metrics(metrics), file=sys.stderr)
         if cfg.patience is not None and state.bad_evals >= cfg.patience:
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 

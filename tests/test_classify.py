@@ -129,6 +129,13 @@ def test_existing_run_directory_is_not_overwritten(lora_run, tiny_model_dir):
                                          dev=str(sentiment_file("dev")), out=str(lora_run)))
 
 
+def test_each_evaluation_prints_the_report_table(tiny_model_dir, tmp_path, capsys):
+    main(tiny_args(tiny_model_dir, tmp_path / "r", "--max-steps", "2", "--eval-every", "1"))
+    captured = capsys.readouterr()
+    assert captured.err.count("weighted avg") == 2          # steps 1 and 2, on stderr
+    assert captured.out.count("weighted avg") == 1          # the final dev report, on stdout
+
+
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "train.csv"
     bad.write_text("text,label\ngood,pos\n,neg\n")

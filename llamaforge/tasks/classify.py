@@ -179,6 +179,9 @@ class ClassificationTask:
         probs = predict_proba(model, self.dev_seqs, self.tok.pad_id, self.cfg.eval_batch_size)
         return classification_report(self.dev_y, probs.argmax(-1).tolist(), self.labels)
 
+    def format_metrics(self, report):
+        return format_report(report)
+
     def save_model(self, model, out_dir):
         save_classifier(model, out_dir, self.cfg, self.labels, self.tok)
 

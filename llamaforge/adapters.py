@@ -84,14 +84,7 @@ def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
 
 def merge_lora(llama: nn.Module) -> nn.Module:
     """Fold every LoRA layer into a plain linear layer (for inference and export)."""
-    def unwrap(child):
-        return child.merged() if isinstance(child, LoRALinear) else child
-    for block in llama.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, LoRALinear):
-                    setattr(parent, name, unwrap(child))
-    return llama
+    return llama.replace_linears(LoRALinear.merged, kind=LoRALinear)
 
 
 # --- PEFT layout ---------------------------------------------------------------------------------

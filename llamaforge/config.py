@@ -4,7 +4,7 @@ Field names are short (gpt-fast style); `formats/hf.py` maps them to and from `c
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 
 @dataclass

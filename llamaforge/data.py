@@ -135,10 +135,11 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     columns = [c for c in (text_column, text_pair_column, label_column) if c]
     first = records[0][1]
     header_line = 1 if FORMATS[path.suffix.lower()] in ("csv", "tsv") else records[0][0]
+    flags = {text_column: "--text-column", text_pair_column: "--text-pair-column", label_column: "--label-column"}
     for c in columns:
         if c not in first:
             raise LlamaforgeError(f"{path}:{header_line}: no column {c!r} (found: {', '.join(map(str, first))}); "
-                                  f"name it with --{'label' if c == label_column else 'text'}-column")
+                                  f"name it with {flags[c]}")
     out = []
     for line, rec in records:
         values = {}

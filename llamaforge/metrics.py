@@ -1,5 +1,5 @@
-"""Evaluation metrics: the classification report (through scikit-learn), its table, and the
-confusion matrix drawn as a PNG."""
+"""Evaluation metrics and the figures people look at: the classification report (through
+scikit-learn) and its table, the confusion matrix and the training curves, drawn as PNG."""
 from __future__ import annotations
 
 import os
@@ -41,11 +41,27 @@ def format_report(report: dict, title: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def plot_confusion_matrix(y_true: list[int], y_pred: list[int], labels: list[str], path: str | Path, title: str = ""):
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")   # files only, no display
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save_png(fig, path: str | Path):
+    """Write the figure atomically and free it."""
+    plt = _pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_confusion_matrix(y_true: list[int], y_pred: list[int], labels: list[str], path: str | Path, title: str = ""):
     from sklearn.metrics import confusion_matrix
+    plt = _pyplot()
 
     cm = confusion_matrix(y_true, y_pred, labels=list(range(len(labels))))
     size = 2.5 + 0.5 * len(labels)
@@ -58,10 +74,19 @@ def plot_confusion_matrix(y_true: list[int], y_pred: list[int], labels: list[str
         for j in range(len(labels)):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_png(fig, path)
     return cm
+
+
+def plot_curves(history: dict, metric: str, path: Path):
+    """Training loss and the dev metric against optimiser steps, as one PNG."""
+    fig, ax = _pyplot().subplots(1, 2, figsize=(10, 3.6))
+    tr = history["train"]
+    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
+    ax[0].set(title="training loss", xlabel="step", ylabel="loss")
+    ev = [r for r in history["evals"] if metric in r]
+    ax[1].plot([r["step"] for r in ev], [r[metric] for r in ev], marker="o")
+    ax[1].set(title=f"dev {metric}", xlabel="step", ylabel=metric)
+    for a in ax:
+        a.grid(alpha=0.3)
+    _save_png(fig, path)

@@ -280,14 +280,15 @@ class Llama(nn.Module):
             m.gate_proj = m.up_proj = None
         return self
 
-    def replace_linears(self, make, names=None):
+    def replace_linears(self, make, names=None, kind=nn.Linear):
         """Swap each linear layer of the blocks (or those named in `names`, e.g. "q_proj") for
         make(layer): quantised or kernel-backed versions for inference, LoRA layers for
-        training. The output projection is each caller's own choice."""
+        training. `kind`: the layer type to swap (LoRA layers, to merge them back). The output
+        projection is each caller's own choice."""
         for block in self.layers:
             for parent in (block.self_attn, block.mlp):
                 for name, child in list(parent.named_children()):
-                    if isinstance(child, nn.Linear) and (names is None or name in names):
+                    if isinstance(child, kind) and (names is None or name in names):
                         setattr(parent, name, make(child))
         return self
 

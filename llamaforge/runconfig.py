@@ -87,5 +87,5 @@ def read_yaml(path: str | Path) -> dict:
 
 def write_yaml(config, path: str | Path):
     import yaml
-    from .trainer import atomic_write_text
+    from .atomic import atomic_write_text
     atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +22,9 @@ from typing import Protocol
 
 import torch
 
+from .atomic import atomic_output_dir, atomic_torch_save, atomic_write_text
 from .errors import LlamaforgeError
+from .metrics import plot_curves
 
 
 @dataclass
@@ -84,33 +85,6 @@ def optimizer_groups(named_params, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def atomic_save(obj, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def replace_dir(write, out: Path):
-    """Call write(tmp_dir), then swap tmp_dir in for `out`: a crash leaves the old copy whole."""
-    import shutil
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = out.with_name(out.name + ".old")
-    if out.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass
 class TrainState:
     step: int = 0              # optimiser steps taken
@@ -125,7 +99,7 @@ class TrainState:
 
 
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train `model` on `task`; returns {"evals": [...], "best": ..., "state": ...}.
+    """Train `model` on `task`; returns {"evals": [...], "train": [...], "state": {...}}.
 
     run_dir gets: checkpoint/state.pt (resumable), best/ (via task.save_model), metrics.json,
     tensorboard/, curves.png.
@@ -167,14 +141,13 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     probe = task.train_batches(0, _epoch_generator(cfg.seed, 0))
     steps_per_epoch = max(1, math.ceil(len(probe) / cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total / steps_per_epoch)
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step if resume else None)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def save_checkpoint():
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save({"masters": {n: m.detach() for n, m in masters}, "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"masters": {n: m.detach() for n, m in masters}, "optimizer": optimizer.state_dict(),
                      "rng": torch.get_rng_state(), "state": asdict(state), "history": json.dumps(history)}, ckpt_path)
 
     def evaluate():
@@ -196,7 +169,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         improved = state.best is None or (value > state.best if cfg.greater_is_better else value < state.best)
         if improved:
             state.best, state.best_step, state.bad_evals = value, state.step, 0
-            replace_dir(lambda d: task.save_model(model, d), run_dir / "best")
+            with atomic_output_dir(run_dir / "best", replace=True) as d:
+                task.save_model(model, d)
         else:
             state.bad_evals += 1
         atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
@@ -208,7 +182,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 
     model.train()
-    window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
+    window_loss, window_n = 0.0, 0
     while state.step < total and not state.stopped:
         batches = task.train_batches(state.epoch, _epoch_generator(cfg.seed, state.epoch))
         while state.batch < len(batches) and state.step < total and not state.stopped:
@@ -241,13 +215,12 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             window_n += 1
             bar.update(1)
             if state.step % 10 == 0 or state.step == total:
-                elapsed = time.perf_counter() - t_window
                 mean_loss = window_loss / window_n
                 history["train"].append({"step": state.step, "loss": round(mean_loss, 5), "lr": lr})
                 writer.add_scalar("train/loss", mean_loss, state.step)
                 writer.add_scalar("train/lr", lr, state.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
-                window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
+                window_loss, window_n = 0.0, 0
             if cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60:
                 state.stopped = f"time budget of {cfg.max_minutes} minutes reached"
             if cfg.eval_every and state.step % cfg.eval_every == 0:
@@ -272,25 +245,3 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Data order depends on (seed, epoch) only, so a resumed run sees the same batches."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def plot_curves(history: dict, metric: str, path: Path):
-    """Training loss and the dev metric against optimiser steps, as one PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    tr = history["train"]
-    ax[0].plot([r["step"] for r in tr], [r["loss"] for r in tr])
-    ax[0].set(title="training loss", xlabel="step", ylabel="loss")
-    ev = [r for r in history["evals"] if metric in r]
-    ax[1].plot([r["step"] for r in ev], [r[metric] for r in ev], marker="o")
-    ax[1].set(title=f"dev {metric}", xlabel="step", ylabel=metric)
-    for a in ax:
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

@@ -67,16 +67,24 @@ def test_best_model_is_kept_and_evaluate_reproduces_it(lora_run, capsys):
     assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
 
 
-def test_report_matches_scikit_learn(lora_run):
-    from sklearn.metrics import classification_report as sk_report
+def test_report_agrees_with_counting_the_predictions(lora_run):
+    """evaluate's figures, recomputed by hand from predict's labels on the same file."""
     rows = predict_classifier(lora_run, data=sentiment_file("test"))
     truth = [line.rsplit(",", 1)[1] for line in sentiment_file("test").read_text().splitlines()[1:]]
+    pred = [r["label"] for r in rows]
     ours = evaluate_classifier(lora_run, sentiment_file("test"))
-    theirs = sk_report(truth, [r["label"] for r in rows], output_dict=True, zero_division=0)
-    assert ours["accuracy"] == pytest.approx(theirs["accuracy"])
-    assert ours["macro_f1"] == pytest.approx(theirs["macro avg"]["f1-score"])
-    assert ours["weighted_f1"] == pytest.approx(theirs["weighted avg"]["f1-score"])
-    assert ours["per_class"]["negative"]["recall"] == pytest.approx(theirs["negative"]["recall"])
+    assert ours["accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, pred)) / len(truth))
+    f1 = {}
+    for c in ("negative", "positive"):
+        tp = sum(t == c and p == c for t, p in zip(truth, pred))
+        precision = tp / max(1, pred.count(c))
+        recall = tp / truth.count(c)
+        f1[c] = 2 * precision * recall / (precision + recall) if tp else 0.0
+        assert ours["per_class"][c] == pytest.approx({"precision": precision, "recall": recall, "f1": f1[c],
+                                                      "support": truth.count(c)})
+    assert ours["macro_f1"] == pytest.approx(sum(f1.values()) / 2)
+    assert ours["weighted_f1"] == pytest.approx(sum(f1[c] * truth.count(c) for c in f1) / len(truth))
+    assert ours["micro_f1"] == pytest.approx(ours["accuracy"])   # single-label: micro F1 is accuracy
 
 
 def test_predict_text_and_files(lora_run, tmp_path, capsys):
@@ -145,6 +153,27 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     assert r.stderr.strip() == f"llamaforge: error: {bad}:3: empty or missing 'text'"
 
 
+def test_training_forward_matches_inference_on_smollm2():
+    """On the real model: the training path (LoRA layers, gradients on, attention as matmuls) and
+    the inference path (SDPA) give the same logits, and the LoRA gradient reaches every layer."""
+    from llamaforge.data import pad_right
+    from llamaforge.tasks.classify import build_classifier
+    torch.manual_seed(0)
+    clf, tok = build_classifier(ClassifyConfig(dtype="fp32", lora_rank=4), 2)
+    with torch.no_grad():
+        for n, p in clf.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.01)
+    ids, lengths = pad_right([tok.encode(t) for t in ["The soup was cold.", "我很喜欢这本书，强烈推荐！"]], tok.pad_id)
+    train_logits = clf.train()(ids, lengths)
+    train_logits.sum().backward()
+    with torch.no_grad():
+        infer_logits = clf.eval()(ids, lengths)
+    assert (train_logits.detach() - infer_logits).abs().max() < 1e-4
+    grads = [p.grad for n, p in clf.named_parameters() if n.endswith("lora_A")]
+    assert len(grads) == 30 * 7 and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(lr=1.0, warmup=10, schedule="linear")
     assert lr_at(0, 110, cfg) == pytest.approx(1 / 11) and lr_at(10, 110, cfg) == pytest.approx(1.0)
@@ -172,7 +201,8 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
     proc.wait()
     step = torch.load(ckpt, weights_only=True)["state"]["step"]
     assert 0 < step < 120 and step % 40 != 0, "the run should die mid-epoch"
-    assert "final" not in json.loads((killed / "metrics.json").read_text()) if (killed / "metrics.json").exists() else True
+    if (killed / "metrics.json").exists():
+        assert "final" not in json.loads((killed / "metrics.json").read_text()), "the run should not have finished"
 
     r = subprocess.run(cmd + ["finetune", "classify", "--out", str(killed), "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -37,7 +37,7 @@ def test_numeric_labels_keep_their_order(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,message", [
-    ("d.csv", "sentence,label\nok,pos\n", r"d\.csv:1: no column 'text' \(found: sentence, label\)"),
+    ("d.csv", "sentence,label\nok,pos\n", r"d\.csv:1: no column 'text' \(found: sentence, label\); name it with --text-column"),
     ("d.csv", "text,label\nok,pos\n ,neg\n", r"d\.csv:3: empty or missing 'text'"),
     ("d.csv", "text,label\nok,pos\nok,neg,extra\n", r"d\.csv:3: expected 2 fields"),
     ("d.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": }\n', r"d\.jsonl:2: invalid JSON"),
@@ -52,6 +52,11 @@ def test_numeric_labels_keep_their_order(tmp_path):
 def test_bad_input_names_file_and_line(tmp_path, name, text, message):
     with pytest.raises(LlamaforgeError, match=message):
         read_labelled(write(tmp_path, name, text))
+
+
+def test_missing_pair_column_names_its_flag(tmp_path):
+    with pytest.raises(LlamaforgeError, match=r"no column 'answer' .*--text-pair-column"):
+        read_labelled(write(tmp_path, "d.csv", "text,label\nok,pos\n"), text_pair_column="answer")
 
 
 def test_not_utf8_names_the_line(tmp_path):

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,26 +126,3 @@ def check_state_dict(ckpt: Checkpoint, path: Path):
     extra = sorted(set(ckpt.state_dict) - set(expected))
     if extra:
         raise LlamaforgeError(f"{path}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-
-
-@contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike):
-    """Yield a temporary sibling directory, renamed to out_dir only when the block succeeds, so
-    an interrupted export never leaves a half-written model behind."""
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise LlamaforgeError(f"{out}: exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)   # mkdtemp makes it owner-only; the result should be like any new directory
-    try:
-        yield tmp
-    except BaseException:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)

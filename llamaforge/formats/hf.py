@@ -10,7 +10,8 @@ import torch
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
 from ..tokenizer import from_hf_dir, read_json
-from . import Checkpoint, atomic_output_dir, stored_dtypes
+from ..atomic import atomic_output_dir
+from . import Checkpoint, stored_dtypes
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"}
 

@@ -11,7 +11,8 @@ import torch
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
 from ..tokenizer import from_sentencepiece_model, read_json
-from . import Checkpoint, atomic_output_dir, check_shapes, stored_dtypes
+from ..atomic import atomic_output_dir
+from . import Checkpoint, check_shapes, stored_dtypes
 from .gguf import permute_qk, unpermute_qk
 
 # Meta name (after "layers.N.") -> ours, and the dim along which model-parallel shards concatenate

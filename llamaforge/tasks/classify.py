@@ -26,7 +26,8 @@ from ..data import (LabelledText, encode_texts, label_ids, label_names, length_b
 from ..errors import LlamaforgeError
 from ..metrics import classification_report, format_report, plot_confusion_matrix
 from ..model import LlamaForClassification
-from ..trainer import TrainConfig, atomic_write_text, fit
+from ..atomic import atomic_write_text
+from ..trainer import TrainConfig, fit
 
 # Chosen by measurement on SST-2 and ChnSentiCorp (see README: Fine-tuning).
 DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
@@ -72,12 +73,13 @@ class ClassifyConfig(TrainConfig):
 
 # --- model -------------------------------------------------------------------------------------
 
-def build_classifier(cfg: ClassifyConfig, num_labels: int):
-    """(classifier, tokenizer) from the base model, with the method's trainable parameters."""
+def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoRAConfig | None = None):
+    """(classifier, tokenizer) from the base model (cfg.model, or `model`), with the method's
+    trainable parameters: LoRA layers of `lora` (default cfg's) and the new `score` head."""
     from ..loader import load
-    llama, tok = load(cfg.model, dtype=cfg.dtype)
+    llama, tok = load(model or cfg.model, dtype=cfg.dtype)
     if cfg.method == "lora":
-        add_lora(llama, cfg.lora())
+        add_lora(llama, lora or cfg.lora())
     elif llama.lm_head is not None:
         llama.lm_head.requires_grad_(False)   # not used by classification
     clf = LlamaForClassification(llama, num_labels)
@@ -117,22 +119,17 @@ def load_run(run_dir: str | Path, dtype: str | None = None):
     if not best.is_dir():
         raise LlamaforgeError(f"{run_dir}: no trained model yet (best/ is missing)")
     if cfg.method == "lora":
-        from ..loader import load
-        llama, tok = load(cfg.model, dtype=cfg.dtype)
-        add_lora(llama, read_peft_config(best))
-        clf = LlamaForClassification(llama, len(labels))
+        clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
         load_peft_adapter(clf, best)
         if cfg.dtype == "fp32":
             # Merged, inference runs at the base model's speed. Not in bf16: rounding W + BA to
             # bf16 loses much of a small update, and the predictions would drift from training's.
-            merge_lora(llama)
+            merge_lora(clf.model)
     else:
         from safetensors.torch import load_file
-
-        from ..loader import load
-        llama, tok = load(best, dtype=cfg.dtype)
-        clf = LlamaForClassification(llama, len(labels))
-        clf.score.weight.data.copy_(load_file(str(best / "model.safetensors"))["score.weight"])
+        clf, tok = build_classifier(cfg, len(labels), model=best)
+        with torch.no_grad():
+            clf.score.weight.copy_(load_file(str(best / "model.safetensors"))["score.weight"])
     return clf.eval(), tok, labels, cfg
 
 

@@ -94,18 +94,19 @@ PEFT_PREFIX = "base_model.model."
 
 
 def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, task_type: str,
-                      modules_to_save: list[str] = (), base_model: str | None = None):
+                      modules_to_save: list[str] = (), base_model: str | None = None, hf_prefix: str = ""):
     """Write adapter_config.json + adapter_model.safetensors into out_dir (which must exist).
 
-    model: the module whose parameter names are HF's (e.g. LlamaForClassification)."""
+    model: a module whose parameter names, after `hf_prefix`, are HF's: LlamaForClassification
+    as it is, a Llama with hf_prefix="model." (LlamaForCausalLM's names)."""
     from safetensors.torch import save_file
 
     state = {}
     for name, p in model.named_parameters():
         if name.endswith((".lora_A", ".lora_B")):
-            state[PEFT_PREFIX + name + ".weight"] = p.detach().contiguous()
+            state[PEFT_PREFIX + hf_prefix + name + ".weight"] = p.detach().contiguous()
         elif name.split(".")[0] in modules_to_save:
-            state[PEFT_PREFIX + name] = p.detach().contiguous()
+            state[PEFT_PREFIX + hf_prefix + name] = p.detach().contiguous()
     save_file(state, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
@@ -132,20 +133,105 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
                       targets=[t.split(".")[-1] for t in targets])
 
 
-def load_peft_adapter(model: nn.Module, adapter_dir: str | Path):
-    """Load adapter weights written by `save_peft_adapter` (or by PEFT) into a model that already
-    has its LoRA layers (`add_lora`) and head."""
+def _read_adapter_tensors(adapter_dir: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
-
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.exists():
         raise LlamaforgeError(f"{path}: missing")
+    return path, load_file(str(path))
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, hf_prefix: str = ""):
+    """Load adapter weights written by `save_peft_adapter` (or by PEFT) into a model that already
+    has its LoRA layers (`add_lora`) and head."""
+    path, tensors = _read_adapter_tensors(adapter_dir)
     params = dict(model.named_parameters())
-    for key, t in load_file(str(path)).items():
-        name = key.removeprefix(PEFT_PREFIX).removesuffix(".weight") if ".lora_" in key else key.removeprefix(PEFT_PREFIX)
+    for key, t in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX).removeprefix(hf_prefix)
+        name = key.removesuffix(".weight") if ".lora_" in key else key
         if name not in params:
             raise LlamaforgeError(f"{path}: tensor {key} matches no parameter of the model")
         if params[name].shape != t.shape:
             raise LlamaforgeError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].copy_(t)
+
+
+def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
+    """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
+    `model.`) into a state dict in `model.Llama`'s names, in fp32, in place. Heads saved whole
+    (`modules_to_save`) are not part of the language model and are left out."""
+    cfg = read_peft_config(adapter_dir)
+    path, tensors = _read_adapter_tensors(adapter_dir)
+    prefix = PEFT_PREFIX + "model."
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(prefix).removesuffix(".lora_A.weight")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or module + ".weight" not in state:
+            raise LlamaforgeError(f"{path}: tensor {key} has no matching lora_B or base weight")
+        w = state[module + ".weight"]
+        state[module + ".weight"] = (w.float() + (b.float() @ a.float()) * (cfg.alpha / cfg.rank)).to(w.dtype)
+
+
+# --- prefix-tuning -------------------------------------------------------------------------------
+# Each attention layer gets P learned key/value vectors per KV head, seen by every query before the
+# sequence's own keys (Li & Liang 2021). Saved on their own: prefix_config.json + prefix.safetensors.
+PREFIX_CONFIG, PREFIX_WEIGHTS = "prefix_config.json", "prefix.safetensors"
+
+
+@torch.no_grad()
+def add_prefix(llama: nn.Module, length: int, init_ids: list[int]) -> nn.Module:
+    """Freeze the Llama and give every attention layer a trainable prefix of `length` positions,
+    initialised with the keys and values the model itself computes for `init_ids` (real
+    activations train far better than random vectors of the wrong scale)."""
+    if length < 1:
+        raise LlamaforgeError(f"prefix length must be at least 1, got {length}")
+    ids = (list(init_ids) * length)[:length]
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    llama.setup_cache(1, length)
+    llama.hidden_states(torch.tensor([ids], device=llama.embed_tokens.weight.device), cache_pos=0)
+    for layer in llama.layers:
+        cache = layer.self_attn.kv_cache
+        layer.self_attn.prefix = nn.Parameter(torch.stack([cache.k[0, :, :length], cache.v[0, :, :length]]).clone())
+    llama.clear_cache()
+    return llama
+
+
+def prefix_state(llama: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}.self_attn.prefix": layer.self_attn.prefix.detach().contiguous()
+            for i, layer in enumerate(llama.layers)}
+
+
+def save_prefix(llama: nn.Module, out_dir: str | Path, base_model: str | None = None):
+    from safetensors.torch import save_file
+    state = prefix_state(llama)
+    save_file(state, str(Path(out_dir) / PREFIX_WEIGHTS), metadata={"format": "pt"})
+    length = next(iter(state.values())).shape[2]
+    (Path(out_dir) / PREFIX_CONFIG).write_text(json.dumps(
+        {"adapter_type": "prefix_tuning", "num_virtual_tokens": length, "base_model_name_or_path": base_model,
+         "num_layers": len(llama.layers)}, indent=2) + "\n")
+
+
+def read_prefix(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    path = Path(adapter_dir) / PREFIX_WEIGHTS
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: missing")
+    return load_file(str(path))
+
+
+@torch.no_grad()
+def load_prefix(llama: nn.Module, tensors: dict[str, torch.Tensor], source: str = "prefix"):
+    """Attach saved prefixes (from `read_prefix`) to a Llama of the matching shape."""
+    c = llama.config
+    for i, layer in enumerate(llama.layers):
+        key = f"layers.{i}.self_attn.prefix"
+        t = tensors.get(key)
+        if t is None or t.dim() != 4 or t.shape[:2] != (2, c.n_kv_heads) or t.shape[3] != c.head_dim:
+            raise LlamaforgeError(f"{source}: tensor {key} is missing or does not fit this model "
+                                  f"(expected (2, {c.n_kv_heads}, P, {c.head_dim}))")
+        layer.self_attn.prefix = nn.Parameter(t.to(llama.embed_tokens.weight.dtype), requires_grad=False)
+    return llama

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from .errors import LlamaforgeError
 from .generate import SamplingConfig, stream
@@ -33,10 +34,12 @@ def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system:
             continue
         history.append({"role": "user", "content": text})
         ids = tok.encode(tok.apply_chat_template(history), add_special_tokens=False)
+        # A reply may use whatever context the history leaves (a small model's context is short).
+        turn = replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, model.config.max_seq_len - len(ids))))
         reply = []
         try:
             # reuse_cache: each turn prefills only what the previous turn did not.
-            for piece in stream(model, tok, ids, cfg, compile=compile, reuse_cache=True):
+            for piece in stream(model, tok, ids, turn, compile=compile, reuse_cache=True):
                 reply.append(piece)
                 stdout.write(piece)
                 stdout.flush()

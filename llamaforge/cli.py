@@ -68,16 +68,48 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model")
     tasks = p.add_subparsers(dest="task", required=True)
     p = tasks.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
-    _add_classify_flags(p)
+    _add_finetune_flags(p, "classify")
+    p = tasks.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
+    _add_finetune_flags(p, "sft")
 
-    p = sub.add_parser("evaluate", help="score a fine-tuned classifier on labelled data")
-    p.add_argument("run", metavar="RUN_DIR")
-    p.add_argument("--data", required=True, help="CSV, TSV, JSONL or JSON file")
+    p = sub.add_parser("pretrain", help="train a Llama from scratch (or continue one) on plain text")
+    p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    from .runconfig import add_config_flags
+    from .tasks.pretrain import PretrainConfig
+    add_config_flags(p, PretrainConfig, help={
+        "data": "a text file or a directory of *.txt files", "out": "run directory",
+        "model": "continue pretraining this model instead of starting from random weights",
+        "model_config": "from scratch: a preset (tiny, small, ...); --dim, --n-layers ... change it",
+        "tokenizer": "from scratch: an HF tokenizer directory (default: train one with --vocab tokens)",
+        "max_steps": "optimiser steps", "max_minutes": "training time budget", "eval_every": "evaluate every N steps"})
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok_sub = p.add_subparsers(dest="action", required=True)
+    p = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer, saved in the HF format")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--vocab", type=int, required=True, help="vocabulary size")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = sub.add_parser("evaluate", help="score a classifier run, or a model on a task (--task)")
+    p.add_argument("run", metavar="MODEL_OR_RUN")
+    p.add_argument("--data", required=True, help="the data file (see --task)")
+    p.add_argument("--task", choices=["perplexity", "sft", "qa", "translate", "summarize"], default=None,
+                   help="perplexity: plain text; sft: chat/alpaca/completion file (answer tokens); qa: SQuAD "
+                        "JSON; translate: TSV or --data SRC --target TGT; summarize: JSONL. Without --task: "
+                        "a classification run on labelled data")
     p.add_argument("--text-column", default=None)
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default=None)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    p.add_argument("--target", default=None, help="translate: line-aligned reference file")
+    p.add_argument("--target-lang", default="English", help="translate: language to translate into")
+    p.add_argument("--source-lang", default=None, help="translate: language translated from")
+    p.add_argument("--window", type=int, default=None, help="perplexity: window in tokens (stride: half)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="qa / translate / summarize answer length")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N items")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl", help="write generated answers here")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (classify), 8 (tasks)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's, or bf16")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
     p = sub.add_parser("predict", help="labels and class probabilities from a fine-tuned classifier")
@@ -91,22 +123,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_classify_flags(p: argparse.ArgumentParser):
+FINETUNE_HELP = {
+    "train": "training data: CSV, TSV, JSONL or JSON", "dev": "dev data (evaluated each epoch)",
+    "test": "test data (reported at the end)", "out": "run directory",
+    "model": "base model: default | FILE.gguf | HF dir | Meta dir | run dir",
+    "lr": "peak learning rate (default: per method, see README)",
+    "max_steps": "optimiser steps (overrides --epochs)", "max_minutes": "training time budget",
+    "eval_every": "evaluate every N steps (default: each epoch)", "patience": "early stop after N evaluations without improvement",
+    "class_weights": "balanced: weight the loss by inverse class frequency",
+    "lora_targets": "comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    "warmup": "fraction of steps (< 1) or steps (>= 1)", "schedule": "linear | cosine | constant",
+    "method": "classify: lora (default) | full; sft: lora (default) | full | prefix",
+    "format": "auto | chat (messages) | alpaca (instruction/input/output) | completion (prompt/completion)",
+    "task": "qa | translate | summarize: train on a task file, with the prompts `evaluate --task` uses",
+    "pack": "pack short examples into rows of --max-length tokens (no attention across examples)",
+}
+
+
+def _finetune_config_class(task: str):
+    if task == "classify":
+        from .tasks.classify import ClassifyConfig
+        return ClassifyConfig
+    from .tasks.sft import SFTConfig
+    return SFTConfig
+
+
+def _add_finetune_flags(p: argparse.ArgumentParser, task: str):
     from .runconfig import add_config_flags
-    from .tasks.classify import ClassifyConfig
     p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_config_flags(p, ClassifyConfig, help={
-        "train": "training data: CSV, TSV, JSONL or JSON", "dev": "dev data (evaluated each epoch)",
-        "test": "test data (reported at the end)", "out": "run directory",
-        "model": "base model: default | FILE.gguf | HF dir | Meta dir",
-        "method": "lora (default) or full", "lr": "peak learning rate (default 5e-4 LoRA, 2e-5 full)",
-        "max_steps": "optimiser steps (overrides --epochs)", "max_minutes": "training time budget",
-        "eval_every": "evaluate every N steps (default: each epoch)", "patience": "early stop after N evaluations without improvement",
-        "class_weights": "balanced: weight the loss by inverse class frequency",
-        "lora_targets": "comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        "warmup": "fraction of steps (< 1) or steps (>= 1)", "schedule": "linear | cosine | constant",
-    })
+    add_config_flags(p, _finetune_config_class(task), help=FINETUNE_HELP)
 
 
 def cmd_generate(args):
@@ -146,23 +192,52 @@ def cmd_export(args):
 
 def cmd_finetune(args):
     from .runconfig import resolve_config
-    from .metrics import format_report
-    from .tasks.classify import ClassifyConfig, finetune_classify
+    cls = _finetune_config_class(args.task)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "task", "config", "resume", "debug")}
-    if args.resume:
-        cfg = ClassifyConfig(out=args.out)
+    cfg = cls(out=args.out) if args.resume else resolve_config(cls, args.config, overrides)
+    if args.task == "classify":
+        from .metrics import format_report
+        from .tasks.classify import finetune_classify
+        final = finetune_classify(cfg, resume=args.resume)
+        print("\n\n".join(format_report(r, title=f"{name} (best model)") for name, r in final.items()))
     else:
-        cfg = resolve_config(ClassifyConfig, args.config, overrides)
-    final = finetune_classify(cfg, resume=args.resume)
-    print("\n\n".join(format_report(r, title=f"{name} (best model)") for name, r in final.items()))
+        from .tasks.sft import finetune_sft
+        final = finetune_sft(cfg, resume=args.resume)
+        print(json.dumps(final["dev"]))
 
 
 def cmd_evaluate(args):
+    if args.task:
+        from .evaluation import evaluate_model, format_scores
+        scores = evaluate_model(args.run, args.task, args.data, target=args.target, target_lang=args.target_lang,
+                                source_lang=args.source_lang, dtype=args.dtype or "bf16", batch_size=args.batch_size or 8,
+                                window=args.window, max_new_tokens=args.max_new_tokens, limit=args.limit,
+                                predictions_out=args.predictions)
+        print(json.dumps(scores, ensure_ascii=False) if args.format == "json" else format_scores(scores))
+        return
     from .metrics import format_report
     from .tasks.classify import evaluate_classifier
     report = evaluate_classifier(args.run, args.data, text_column=args.text_column, label_column=args.label_column,
-                                 text_pair_column=args.text_pair_column, batch_size=args.batch_size, dtype=args.dtype)
+                                 text_pair_column=args.text_pair_column, batch_size=args.batch_size or 64,
+                                 dtype=args.dtype)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.format == "json" else format_report(report))
+
+
+def cmd_pretrain(args):
+    from .runconfig import resolve_config
+    from .tasks.pretrain import PretrainConfig, pretrain
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "debug")}
+    cfg = PretrainConfig(out=args.out) if args.resume else resolve_config(PretrainConfig, args.config, overrides)
+    print(json.dumps(pretrain(cfg, resume=args.resume)))
+
+
+def cmd_tokenizer(args):
+    from .tasks.pretrain import corpus_files, documents
+    from .tokenizer import save_trained_tokenizer, train_tokenizer
+    files = [f for name in args.files for f in corpus_files(name)]
+    tok = train_tokenizer(documents(files), args.vocab)
+    save_trained_tokenizer(tok, args.out)
+    print(args.out)
 
 
 def cmd_predict(args):
@@ -179,7 +254,8 @@ def cmd_predict(args):
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export,
-            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict}
+            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "pretrain": cmd_pretrain,
+            "tokenizer": cmd_tokenizer}
 
 
 def main(argv=None):

@@ -10,6 +10,9 @@ from .loader import parse_dtype
 
 def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32") -> Path:
     ckpt = load_checkpoint(model)
+    if ckpt.prefix is not None:
+        raise LlamaforgeError(f"{model}: a prefix-tuned model has no place for its prefix in {to} files; "
+                              f"use it as it is, or fine-tune with --method lora or full to export")
     if to == "hf":
         from .formats import hf
         hf.save(ckpt, out, dtype=parse_dtype(dtype))

@@ -184,9 +184,15 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], cfg: S
     user message formatted by the model's chat template."""
     cfg = _with_overrides(cfg, overrides)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    ids = [encode_prompt(tokenizer, p, chat) for p in prompts]
-    outputs: list[list[int]] = [[] for _ in prompts]
-    finished = [False] * len(prompts)
+    texts = generate_from_ids(model, tokenizer, [encode_prompt(tokenizer, p, chat) for p in prompts], cfg, compile)
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def generate_from_ids(model: Llama, tokenizer: Tokenizer, ids: list[list[int]], cfg: SamplingConfig,
+                      compile: bool = False) -> list[str]:
+    """Generated text for each prompt given as token ids, generated together as one batch."""
+    outputs: list[list[int]] = [[] for _ in ids]
+    finished = [False] * len(ids)
     stop_ids = tokenizer.stop_ids
     for token in generate_tokens(model, ids, cfg, stop_ids, compile=compile):
         for i, t in enumerate(token.tolist()):
@@ -196,8 +202,7 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str | list[str], cfg: S
                 finished[i] = True
                 continue
             outputs[i].append(t)
-    texts = [_cut_at_stop(tokenizer.decode(o, skip_special_tokens=True), cfg.stop)[0] for o in outputs]
-    return texts[0] if isinstance(prompt, str) else texts
+    return [_cut_at_stop(tokenizer.decode(o, skip_special_tokens=True), cfg.stop)[0] for o in outputs]
 
 
 def stream(model: Llama, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,

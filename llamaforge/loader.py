@@ -53,7 +53,8 @@ def build_model(ckpt: Checkpoint, dtype: str | torch.dtype | None = None, device
 
 def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None = None,
          device: str = "cpu", quantize: str | None = None, inference: bool = False) -> tuple[Llama, Tokenizer]:
-    """(model, tokenizer) from `default`, a .gguf file, an HF directory or a Meta directory.
+    """(model, tokenizer) from `default`, a .gguf file, an HF directory, a Meta directory, a
+    LoRA / prefix adapter directory, or a training run directory (its best model).
 
     quantize="int8" | "int4": weight-only quantised linear layers for faster decoding (computes in
     bf16; see quantize.py). "auto": int4 when the file stores those weights as Q4_1 blocks (int4
@@ -69,6 +70,9 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
         keeps_precision = ckpt.metadata.get("linear_weight_type") == "Q4_1"
         quantize = "int4" if keeps_precision and dt == torch.bfloat16 and device == "cpu" else None
     net = build_model(ckpt, dt, device)
+    if ckpt.prefix is not None:
+        from .adapters import load_prefix
+        load_prefix(net, ckpt.prefix, source=ckpt.metadata.get("adapter", "prefix"))
     ckpt.state_dict.clear()  # the model holds the only reference now; quantising frees as it goes
     if inference:
         net.fuse_projections()

@@ -114,6 +114,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
         self.qkv_proj: nn.Module | None = None   # q, k and v stacked; see Llama.fuse_projections
         self.kv_cache: KVCache | None = None
+        # Prefix-tuning: learned keys and values (2, n_kv_heads, P, head_dim) that every query sees
+        # before the sequence; see adapters.add_prefix. They are not in the KV cache.
+        self.prefix: nn.Parameter | None = None
+
+    def with_prefix(self, k, v, mask, q_len: int):
+        """Keys and values with the prefix in front, and the mask widened to match."""
+        B, S, P = k.shape[0], k.shape[2], self.prefix.shape[2]
+        if mask is None:
+            mask = torch.ones(q_len, S, dtype=torch.bool, device=k.device).tril(S - q_len)[None, None]
+        mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
+        pk, pv = (t[None].expand(B, -1, -1, -1).to(k.dtype) for t in self.prefix)
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
 
     def forward(self, x, cos, sin, mask, cache_pos):
         B, T, _ = x.shape
@@ -130,6 +142,8 @@ class Attention(nn.Module):
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
+        if self.prefix is not None:
+            k, v, mask = self.with_prefix(k, v, mask, T)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             y = attention_for_training(q, k, v, mask)
         elif T == 1 and self.n_heads != self.n_kv_heads:
@@ -254,8 +268,11 @@ class Llama(nn.Module):
     def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only (prefill needs no more)."""
         h = self.hidden_states(input_ids, position_ids, mask, cache_pos)
-        if last_only:
-            h = h[:, -1:]
+        return self.logits(h[:, -1:] if last_only else h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output projection of hidden states (..., dim) to (..., vocab); a training loss calls it
+        on the scored positions only, which on instruction data are a fraction of all."""
         return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
     def fuse_projections(self):

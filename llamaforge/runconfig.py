@@ -47,7 +47,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip=(), help: dict |
         if is_list:
             kw.update(type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="A,B,...")
         elif base is bool:
-            kw.update(type=_parse_bool, metavar="true|false")
+            kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")   # bare --pack = true
         else:
             kw.update(type=base)
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)

@@ -23,6 +23,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     tokenizer: Tokenizer
     metadata: dict = field(default_factory=dict)   # format, path, name, license, quantization ...
+    prefix: dict[str, torch.Tensor] | None = None  # prefix-tuning keys/values (adapters.add_prefix)
 
 
 def default_model_path() -> Path:
@@ -50,6 +51,42 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def run_model_path(path: Path) -> Path:
+    """A training run directory (config.yaml + best/) stands for the model it kept."""
+    if path.is_dir() and (path / "config.yaml").exists() and not (path / "config.json").exists():
+        if not (path / "best").is_dir():
+            raise LlamaforgeError(f"{path}: the run has no trained model yet (best/ is missing)")
+        return path / "best"
+    return path
+
+
+def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """The base model named by a LoRA or prefix adapter, with the adapter applied: LoRA folded
+    into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`."""
+    import json
+
+    from ..adapters import PREFIX_CONFIG, merge_lora_into_state, read_prefix
+    is_lora = (path / "adapter_config.json").exists()
+    config_file = path / ("adapter_config.json" if is_lora else PREFIX_CONFIG)
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlamaforgeError(f"{config_file}: not valid JSON ({e})") from None
+    if not base:
+        raise LlamaforgeError(f"{config_file}: no base_model_name_or_path, so the base model is unknown")
+    if base != "default" and not Path(base).exists():
+        raise LlamaforgeError(f"{config_file}: base model {base} not found")
+    ckpt = load_checkpoint(base, dtype=torch.float32 if is_lora else dtype)
+    if is_lora:
+        merge_lora_into_state(ckpt.state_dict, path)
+        if dtype is not None:
+            ckpt.state_dict = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
+    else:
+        ckpt.prefix = read_prefix(path)
+    ckpt.metadata.update(adapter=str(path), adapter_type="lora" if is_lora else "prefix")
+    return ckpt
+
+
 def detect_format(path: Path) -> str:
     if path.is_file():
         with open(path, "rb") as f:
@@ -71,7 +108,9 @@ def load_checkpoint(model: str | os.PathLike | None = "default", dtype: torch.dt
     """
     from . import gguf, hf, meta
 
-    path = resolve_model_path(model)
+    path = run_model_path(resolve_model_path(model))
+    if (path / "adapter_config.json").exists() or (path / "prefix_config.json").exists():
+        return load_adapter(path, dtype)
     fmt = detect_format(path)
     reader = {"gguf": gguf.load, "hf": hf.load, "meta": meta.load}[fmt]
     ckpt = reader(path, dtype)

@@ -138,18 +138,24 @@ def _card_license(path: Path) -> dict | None:
 
 
 def save(ckpt, out_dir, dtype: torch.dtype | None = None):
-    """Write an HF directory that transformers' LlamaForCausalLM loads to the same logits."""
+    """Write an HF directory that transformers' LlamaForCausalLM loads to the same logits; it
+    appears whole or not at all."""
+    with atomic_output_dir(out_dir) as tmp:
+        write(ckpt, tmp, dtype)
+
+
+def write(ckpt, out_dir: Path, dtype: torch.dtype | None = None):
+    """The files of an HF model directory, into an existing directory."""
     from safetensors.torch import save_file
 
-    with atomic_output_dir(out_dir) as tmp:
-        state = {}
-        for k, v in ckpt.state_dict.items():
-            t = v.detach().contiguous()
-            state[k if k == "lm_head.weight" else "model." + k] = t.to(dtype) if dtype else t
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = config_to_hf(ckpt.config, ckpt.tokenizer)
-        cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        gen = {"bos_token_id": ckpt.tokenizer.bos_id, "eos_token_id": sorted(ckpt.tokenizer.stop_ids) or None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        ckpt.tokenizer.save_hf(tmp)
+    state = {}
+    for k, v in ckpt.state_dict.items():
+        t = v.detach().contiguous()
+        state[k if k == "lm_head.weight" else "model." + k] = t.to(dtype) if dtype else t
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config_to_hf(ckpt.config, ckpt.tokenizer)
+    cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {"bos_token_id": ckpt.tokenizer.bos_id, "eos_token_id": sorted(ckpt.tokenizer.stop_ids) or None}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    ckpt.tokenizer.save_hf(out_dir)

@@ -14,61 +14,38 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..adapters import ALL_LINEARS, LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
+from ..adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
 from ..data import (LabelledText, encode_texts, label_ids, label_names, length_bucketed_batches, pad_right,
                     read_labelled)
 from ..errors import LlamaforgeError
 from ..metrics import classification_report, format_report, plot_confusion_matrix
 from ..model import LlamaForClassification
 from ..atomic import atomic_write_text
-from ..trainer import TrainConfig, fit
-
-# Chosen by measurement on SST-2 and ChnSentiCorp (see README: Fine-tuning).
-DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
+from ..trainer import fit
+from .base import FinetuneConfig, open_run
 
 
 @dataclass
-class ClassifyConfig(TrainConfig):
-    train: str | None = None
-    dev: str | None = None
+class ClassifyConfig(FinetuneConfig):
     test: str | None = None
-    out: str | None = None
-    model: str = "default"
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    method: str = "lora"                  # lora | full
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0             # dropout masks cost 23% of a step on 2 cores
-    lora_targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
-    dtype: str = "bf16"
-    max_length: int = 128
     class_weights: str | None = None      # "balanced": weight classes by inverse frequency
-    eval_batch_size: int = 64
-    lr: float | None = None               # None: 5e-4 for LoRA, 2e-5 for full fine-tuning
+
+    # Chosen by measurement on SST-2 and ChnSentiCorp (see README: Fine-tuning).
+    DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
 
     def __post_init__(self):
-        if self.method not in DEFAULT_LR:
-            raise LlamaforgeError(f"method must be lora or full, not {self.method!r}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
         if self.class_weights not in (None, "balanced"):
             raise LlamaforgeError(f"class-weights must be 'balanced' or unset, not {self.class_weights!r}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise LlamaforgeError(f"dtype must be bf16 or fp32, not {self.dtype!r}")
-        if self.max_length < 2:
-            raise LlamaforgeError(f"max-length must be at least 2, got {self.max_length}")
         super().__post_init__()
-
-    def lora(self) -> LoRAConfig:
-        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
 # --- model -------------------------------------------------------------------------------------
@@ -108,8 +85,9 @@ def load_run(run_dir: str | Path, dtype: str | None = None):
     """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
     from ..runconfig import resolve_config
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml)")
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "label_map.json").exists():
+        raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml and label_map.json); "
+                              f"to score a language model give --task")
     cfg = resolve_config(ClassifyConfig, run_dir / "config.yaml")
     if dtype:
         cfg.dtype = dtype
@@ -187,20 +165,10 @@ class ClassificationTask:
 
 def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     """Train, keep the best dev model, and report on dev and test. Returns the final reports."""
-    from ..runconfig import resolve_config, write_yaml
-    if not cfg.out:
-        raise LlamaforgeError("--out is required: the run directory")
-    out = Path(cfg.out)
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise LlamaforgeError(f"{out}: nothing to resume (no config.yaml)")
-        cfg = resolve_config(ClassifyConfig, out / "config.yaml")   # the run's own settings
-    else:
-        if not cfg.train or not cfg.dev:
-            raise LlamaforgeError("--train and --dev are required")
-        if out.exists() and any(out.iterdir()):
-            raise LlamaforgeError(f"{out}: exists and is not empty (use --resume to continue that run, "
-                                  f"or choose another --out)")
+    from ..runconfig import write_yaml
+    cfg, out = open_run(cfg, resume)
+    if not cfg.dev:
+        raise LlamaforgeError("--dev is required")
     train, dev = read_split(cfg.train, cfg), read_split(cfg.dev, cfg)
     test = read_split(cfg.test, cfg) if cfg.test else None
     labels = label_names(train)

@@ -18,7 +18,6 @@ Peak RSS: each implementation alone in a process of its own.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -113,33 +112,38 @@ class Llamaforge:
     def block(self, data):
         import torch
         from llamaforge.tasks.classify import predict_proba
-        from llamaforge.trainer import TrainConfig, fit
         if self.infer:
             return timed(lambda ids, y: predict_proba(self.clf, ids.tolist(), 0, B_INFER), data)
-        stamps = []
-
-        class Fixed:   # the trainer's own steps on fixed batches; a step is the time between loss calls
-            def train_batches(self, epoch, g):
-                return list(range(len(data)))
-
-            def loss(self, model, i):
-                stamps.append(time.perf_counter())
-                ids, y = data[i]
-                return torch.nn.functional.cross_entropy(model(ids), y), ids.numel()
-
-            def evaluate(self, model):
-                return {"accuracy": 0.0}
-
-            def save_model(self, model, out):
-                pass
-        with tempfile.TemporaryDirectory() as d:
-            fit(self.clf, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=LR[self.method],
-                                               save_every=10_000), d)
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+        return trainer_step_times(self.clf, data, lambda m, d: (
+            torch.nn.functional.cross_entropy(m(d[0]), d[1]), d[0].numel()), LR[self.method])
 
     def predict_file(self, seqs, pad_id):
         from llamaforge.tasks.classify import predict_proba
         predict_proba(self.clf, seqs, pad_id, B_INFER)
+
+
+def trainer_step_times(model, data: list, loss, lr: float) -> list[float]:
+    """Seconds per step of llamaforge's own trainer (`trainer.fit`) on fixed batches; a step is
+    the time between one loss call and the next. loss(model, batch) -> (loss, tokens)."""
+    from llamaforge.trainer import TrainConfig, fit
+    stamps = []
+
+    class Fixed:
+        def train_batches(self, epoch, g):
+            return list(range(len(data)))
+
+        def loss(self, m, i):
+            stamps.append(time.perf_counter())
+            return loss(m, data[i])
+
+        def evaluate(self, m):
+            return {"accuracy": 0.0}
+
+        def save_model(self, m, out):
+            pass
+    with tempfile.TemporaryDirectory() as d:
+        fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000), d)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge}

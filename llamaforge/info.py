@@ -24,6 +24,7 @@ def model_info(model: str = "default") -> dict:
                       "vocab_size": tok.vocab_size, "bos": tok.bos_token, "eos": tok.eos_token},
         "chat_template": tok.chat_template is not None,
         "license": meta.get("license") or None,
+        "adapter": {"type": meta["adapter_type"], "path": meta["adapter"]} if "adapter" in meta else None,
     }
 
 
@@ -47,4 +48,6 @@ def format_info(info: dict) -> str:
         f"chat template    {'yes' if info['chat_template'] else 'no'}",
         "license          " + (", ".join(f"{k} = {v}" for k, v in lic.items()) if lic else "none found in the metadata"),
     ]
+    if info.get("adapter"):   # a fine-tuned run: the base model above, with this adapter applied
+        lines.insert(2, f"adapter          {info['adapter']['type']}, {info['adapter']['path']}")
     return "\n".join(lines)

@@ -27,6 +27,9 @@ from .errors import LlamaforgeError
 from .metrics import plot_curves
 
 
+UNBOUNDED_EPOCHS = 1_000_000   # epochs of a run that --max-steps or --max-minutes ends
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 1
@@ -50,7 +53,7 @@ class TrainConfig:
         if self.schedule not in ("linear", "cosine", "constant"):
             raise LlamaforgeError(f"schedule must be linear, cosine or constant, not {self.schedule!r}")
         for name in ("epochs", "batch_size", "grad_accum", "save_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LlamaforgeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LlamaforgeError(f"lr must be positive, got {self.lr}")
@@ -143,7 +146,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step if resume else None)
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    # A run bounded only by time has no meaningful step total to show.
+    bar = tqdm(total=None if cfg.epochs >= UNBOUNDED_EPOCHS and not cfg.max_steps else total, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def save_checkpoint():
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)

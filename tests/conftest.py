@@ -142,3 +142,18 @@ def tiny_model_dir(tmp_path_factory, tiny_bpe) -> Path:
 def sentiment_file(split: str) -> Path:
     """The small sentiment data set that ships with llamaforge."""
     return Path(__file__).resolve().parent.parent / "llamaforge" / "datasets" / "sentiment" / f"{split}.csv"
+
+
+def run_until_first_checkpoint(cmd: list[str], ckpt: Path, env=None) -> int:
+    """Start a training command, SIGKILL it as soon as it has written `ckpt`; the step saved."""
+    import os
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return torch.load(ckpt, weights_only=True)["state"]["step"]

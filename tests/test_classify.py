@@ -2,16 +2,13 @@
 shipped sentiment data: run directory contents, PEFT / HF outputs, YAML config, resume after
 SIGKILL to the same metrics, and the real SmolLM2 learning the task."""
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import sentiment_file
+from conftest import run_until_first_checkpoint, sentiment_file
 from llamaforge.cli import main
 from llamaforge.errors import LlamaforgeError
 from llamaforge.tasks.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
@@ -191,15 +188,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(cmd + tiny_args(tiny_model_dir, whole, *args), check=True, capture_output=True)
 
-    proc = subprocess.Popen(cmd + tiny_args(tiny_model_dir, killed, *args), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    ckpt = killed / "checkpoint" / "state.pt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step = torch.load(ckpt, weights_only=True)["state"]["step"]
+    step = run_until_first_checkpoint(cmd + tiny_args(tiny_model_dir, killed, *args), killed / "checkpoint" / "state.pt")
     assert 0 < step < 120 and step % 40 != 0, "the run should die mid-epoch"
     if (killed / "metrics.json").exists():
         assert "final" not in json.loads((killed / "metrics.json").read_text()), "the run should not have finished"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_model_from_dir
+from conftest import hf_model_from_dir, run_until_first_checkpoint
 from llamaforge.cli import main
 from llamaforge.loader import load
 from llamaforge.tokenizer import from_hf_dir
@@ -38,7 +38,7 @@ def pretrained(tmp_path_factory):
     env.setenv("LLAMAFORGE_CACHE", str(cache))   # a cache of this module's own
     main(["pretrain", "--data", str(STORIES / "corpus.txt"), "--out", str(run), "--model-config", "tiny",
           "--vocab", "512", "--block-size", "64", "--batch-size", "16", "--max-steps", "60", "--eval-every", "20",
-          "--dtype", "fp32"])
+          "--warmup", "5", "--dtype", "fp32"])
     yield run, cache
     env.undo()
 
@@ -48,7 +48,7 @@ def test_pretraining_learns(pretrained, capsys):
     metrics = json.loads((run / "metrics.json").read_text())
     losses = [e["loss"] for e in metrics["evals"]]
     assert len(losses) == 3
-    assert losses[0] < 6.0 and losses[-1] < losses[0] - 0.3, losses   # ln(512) = 6.24 is chance
+    assert losses[-1] < 5.5 and losses[-1] < losses[0] - 0.3, losses   # ln(512) = 6.24 is chance
     assert metrics["final"]["loss"] == min(losses)
     assert (run / "samples.log").read_text().count("=== val loss") == 3
     assert {"config.yaml", "tokenizer", "best", "checkpoint", "curves.png", "tensorboard"} <= {p.name for p in run.iterdir()}
@@ -80,5 +80,24 @@ def test_bad_corpus(tmp_path, capsys):
     for data, message in ((tmp_path / "empty.txt", "empty.txt: empty"), (tmp_path / "nodocs", "no text files"),
                           (tmp_path / "missing.txt", "no such file")):
         with pytest.raises(SystemExit):
-            main(["pretrain", "--data", str(data), "--out", str(tmp_path / "run")])
+            main(["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--max-steps", "1"])
         assert message in capsys.readouterr().err
+
+
+def test_pretraining_resumes_after_sigkill_to_the_same_losses(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "LLAMAFORGE_CACHE": str(tmp_path / "cache")}
+    args = ["--data", str(STORIES / "corpus.txt"), "--model-config", "tiny", "--vocab", "512", "--block-size", "32",
+            "--batch-size", "8", "--max-steps", "60", "--eval-every", "20", "--save-every", "7", "--dtype", "fp32"]
+    cmd = [sys.executable, "-m", "llamaforge", "pretrain"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(cmd + args + ["--out", str(whole)], check=True, capture_output=True, env=env)
+    step = run_until_first_checkpoint(cmd + args + ["--out", str(killed)], killed / "checkpoint" / "state.pt", env)
+    assert 0 < step < 60
+    r = subprocess.run(cmd + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, killed))
+    assert [e["loss"] for e in a["evals"]] == [e["loss"] for e in b["evals"]]
+    assert a["final"]["loss"] == b["final"]["loss"]

@@ -205,3 +205,21 @@ def test_resume_is_refused_without_a_run_and_a_new_run_needs_an_empty_dir(tiny_m
     with pytest.raises(SystemExit):
         run_sft(tmp_path / "full", tiny_model_dir, *chat_data)
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_a_lora_run_on_the_q4_1_default_is_not_quantised_again(tmp_path):
+    """`--quantize auto` keeps a Q4_1 file's own precision as int4; merged LoRA weights are no
+    longer that file's blocks, and quantising them would round the fine-tuning away."""
+    from llamaforge.adapters import LoRAConfig, add_lora, save_peft_adapter
+    from llamaforge.formats import load_checkpoint
+    from llamaforge.quantize import Int4Linear, Int8Linear
+    model, _ = load("default", dtype="bf16")
+    add_lora(model, LoRAConfig(rank=2, targets=["q_proj"]))
+    save_peft_adapter(model, tmp_path, LoRAConfig(rank=2, targets=["q_proj"]), "CAUSAL_LM", base_model="default",
+                      hf_prefix="model.")
+    assert load_checkpoint("default").metadata["linear_weight_type"] == "Q4_1"
+    assert "linear_weight_type" not in load_checkpoint(tmp_path).metadata
+    tuned, _ = load(tmp_path, dtype="bf16", quantize="auto")
+    assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in tuned.modules())
+    default, _ = load("default", dtype="bf16", quantize="auto")   # while the plain default is
+    assert any(isinstance(m, Int4Linear) for m in default.modules())

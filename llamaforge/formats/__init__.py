@@ -79,6 +79,9 @@ def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     ckpt = load_checkpoint(base, dtype=torch.float32 if is_lora else dtype)
     if is_lora:
         merge_lora_into_state(ckpt.state_dict, path)
+        # The merged weights are no longer what the file stored (e.g. Q4_1 blocks): quantising
+        # them again as if they were would round the fine-tuning away.
+        ckpt.metadata.pop("linear_weight_type", None)
         if dtype is not None:
             ckpt.state_dict = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
     else:

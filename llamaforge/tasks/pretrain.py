@@ -28,7 +28,7 @@ from ..config import PRESETS, LlamaConfig
 from ..data import read_text
 from ..errors import LlamaforgeError
 from ..lm import next_token_loss
-from ..trainer import TrainConfig, fit
+from ..trainer import UNBOUNDED_EPOCHS, TrainConfig, fit
 
 
 @dataclass
@@ -48,10 +48,11 @@ class PretrainConfig(TrainConfig):
     vocab: int = 2048                     # size of the tokenizer trained when none is given
     block_size: int = 256                 # tokens per training row
     dtype: str = "bf16"
+    epochs: int | None = None             # None: as many as --max-steps / --max-minutes allow
     batch_size: int = 16
     lr: float | None = None               # None: 2e-3 from scratch, 1e-4 continued
     schedule: str = "cosine"
-    warmup: float = 0.02
+    warmup: float = 100                   # steps (a fraction of a time-bounded run is unknown)
     weight_decay: float = 0.1
     eval_every: int | None = 100
     eval_blocks: int = 64                 # validation blocks scored at each evaluation
@@ -62,6 +63,8 @@ class PretrainConfig(TrainConfig):
     def __post_init__(self):
         if self.lr is None:
             self.lr = 1e-4 if self.model else 2e-3
+        if self.epochs is None and (self.max_steps or self.max_minutes):
+            self.epochs = UNBOUNDED_EPOCHS   # the step or time limit ends the run
         if self.model_config not in PRESETS:
             raise LlamaforgeError(f"unknown model config {self.model_config!r}; presets: {', '.join(sorted(PRESETS))}")
         if self.dtype not in ("bf16", "fp32"):
@@ -252,6 +255,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     from ..runconfig import write_yaml
     from .base import open_run
     cfg, out = open_run(cfg, resume, required="data")
+    if cfg.epochs is None:
+        raise LlamaforgeError("say how long to train: --max-steps, --max-minutes or --epochs")
     files = corpus_files(cfg.data)
     if next(documents(files), None) is None:
         raise LlamaforgeError(f"{cfg.data}: the corpus is empty")

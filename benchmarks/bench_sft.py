@@ -1,0 +1,179 @@
+"""Generative training speed: HF transformers + peft against llamaforge, same model, same batches,
+same hyperparameters, in one run.
+
+    .venv/bin/python benchmarks/bench_sft.py [--rounds 3] [--configs sft-lora-fp32,sft-lora-bf16,...]
+
+sft-*       the default SmolLM2 on the shipped instruction set (llamaforge/datasets/instructions),
+            batches of 8 conversations of similar length padded to the longest (at most 128
+            tokens), loss on the assistant tokens only; LoRA r=16 alpha=32 on all seven linear
+            layers (dropout 0), or full fine-tuning; AdamW.
+shape-*     the shape the issue quotes: SmolLM2, batch 8 x 128 tokens, every token scored.
+pretrain-*  a new `mini` Llama (3.4M parameters, random init) on the shipped stories, batch 16 x 256.
+
+transformers computes bf16 the usual way, under torch.autocast on an fp32 model, and its loss
+takes logits at every position; llamaforge keeps frozen weights in bf16 with fp32 master copies of
+the trained ones, computes logits only where a token is scored, and steps through its own trainer
+(`trainer.fit`). Figures are real (non-padding) tokens per second, the median step of blocks the
+two take in turn, round after round, so that drift of this machine hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_classify import LORA, trainer_step_times   # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASETS = ROOT / "llamaforge" / "datasets"
+BLOCK = 3
+LR = {"lora": 2e-4, "full": 2e-5, "pretrain": 2e-3}
+
+
+def sft_batches(tok, n_blocks: int):
+    """Blocks of (ids, labels, real tokens) from the instruction set, batches of similar length."""
+    from llamaforge.conversations import encode_examples, read_examples
+    from llamaforge.data import length_bucketed_batches, pad_labelled
+    pairs = encode_examples(tok, read_examples(DATASETS / "instructions" / "train.jsonl"), 128, 8192)
+    order = length_bucketed_batches([len(p[0]) for p in pairs], 8, torch.Generator().manual_seed(0))
+    out = []
+    for idx in order:
+        ids, labels = pad_labelled([pairs[i] for i in idx], tok.pad_id)
+        out.append((ids, labels, sum(len(pairs[i][0]) for i in idx)))
+    return [out[i * BLOCK:(i + 1) * BLOCK] for i in range(n_blocks)]
+
+
+def shape_batches(n_blocks: int, B=8, T=128, vocab=49152):
+    g = torch.Generator().manual_seed(0)
+    blocks = []
+    for _ in range(n_blocks):
+        blocks.append([(ids, ids, ids.numel()) for ids in (torch.randint(100, vocab, (B, T), generator=g) for _ in range(BLOCK))])
+    return blocks
+
+
+def pretrain_batches(tok, n_blocks: int, B=16, T=256):
+    import numpy as np
+
+    from llamaforge.tasks.pretrain import corpus_files, token_file
+    tokens = token_file(corpus_files(DATASETS / "stories" / "corpus.txt"), tok, "stories")
+    g = torch.Generator().manual_seed(0)
+    blocks = []
+    for _ in range(n_blocks):
+        block = []
+        for _ in range(BLOCK):
+            starts = torch.randint(0, len(tokens) - T, (B,), generator=g).tolist()
+            ids = torch.stack([torch.from_numpy(np.asarray(tokens[s:s + T], dtype=np.int64)) for s in starts])
+            block.append((ids, ids, ids.numel()))
+        blocks.append(block)
+    return blocks
+
+
+class Transformers:
+    def __init__(self, kind, method, dtype, source):
+        from transformers import LlamaForCausalLM
+        if kind == "pretrain":
+            from transformers import LlamaConfig as HFConfig
+
+            from llamaforge.formats.hf import config_to_hf
+            torch.manual_seed(0)
+            self.model = LlamaForCausalLM(HFConfig(**config_to_hf(source)))
+        else:
+            self.model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+            self.model = get_peft_model(self.model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                               lora_dropout=0.0, target_modules=LORA["targets"]))
+        self.model.train()
+        self.dtype = dtype
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=LR[method], weight_decay=0.01)
+
+    def block(self, data):
+        times = []
+        for ids, labels, _ in data:
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+                loss = self.model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+        return times
+
+
+class Llamaforge:
+    def __init__(self, kind, method, dtype, source):
+        from llamaforge.adapters import LoRAConfig, add_lora
+        from llamaforge.loader import load, parse_dtype
+        torch.manual_seed(0)
+        if kind == "pretrain":
+            from llamaforge.model import Llama
+            from llamaforge.tasks.pretrain import init_weights
+            self.model = Llama(source)
+            init_weights(self.model)
+            self.model.to(parse_dtype(dtype))
+        else:
+            self.model, _ = load("default", dtype=dtype)
+            if method == "lora":
+                add_lora(self.model, LoRAConfig(rank=LORA["r"], alpha=LORA["alpha"], dropout=0.0, targets=LORA["targets"]))
+            else:
+                self.model.requires_grad_(True)
+        self.method = method
+
+    def block(self, data):
+        from llamaforge.lm import next_token_loss
+        return trainer_step_times(self.model, data, lambda m, d: (next_token_loss(m, d[0], d[1])[0], d[2]), LR[self.method])
+
+
+def speed(kind, method, dtype, source, blocks):
+    impls = {"transformers": Transformers(kind, method, dtype, source), "llamaforge": Llamaforge(kind, method, dtype, source)}
+    times = {name: [] for name in impls}
+    for r, block in enumerate(blocks):
+        for name, impl in impls.items():
+            t = impl.block(block)
+            if r:   # the first round warms up
+                # tokens per second of each step: that batch's real tokens over its time
+                times[name] += [b[2] / s for b, s in zip(block, t)]
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--configs", default="sft-lora-fp32,sft-lora-bf16,sft-full-bf16,sft-full-fp32,"
+                                         "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
+    args = ap.parse_args()
+    from llamaforge.config import PRESETS
+    from llamaforge.export import export
+    from llamaforge.loader import load
+    from llamaforge.tokenizer import from_hf_dir
+    _, smol_tok = load("default")
+    with tempfile.TemporaryDirectory() as d:
+        hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
+        print(f"{'config':<20} {'transformers':>12} {'llamaforge':>11} {'ratio':>6}   (real tokens/s, median step)")
+        for config in args.configs.split(","):
+            kind, method, dtype = config.split("-")
+            n = args.rounds + 1
+            if kind == "sft":
+                source, blocks = hf_dir, sft_batches(smol_tok, n)
+            elif kind == "shape":
+                source, blocks = hf_dir, shape_batches(n)
+            else:
+                tok_dir = Path(d) / "stories-tok"
+                if not tok_dir.exists():
+                    from llamaforge.tasks.pretrain import corpus_files, documents
+                    from llamaforge.tokenizer import save_trained_tokenizer, train_tokenizer
+                    save_trained_tokenizer(train_tokenizer(documents(corpus_files(DATASETS / "stories")), 2048), tok_dir)
+                source, blocks = PRESETS["mini"], pretrain_batches(from_hf_dir(tok_dir), n)
+            v = speed(kind, method, dtype, source, blocks)
+            print(f"{config:<20} {v['transformers']:12.0f} {v['llamaforge']:11.0f} "
+                  f"{v['llamaforge'] / v['transformers']:5.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

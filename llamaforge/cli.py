@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="F32", help="GGUF export tensor type: F32, F16, BF16, Q8_0, Q4_0, ...")
 
     p = sub.add_parser("finetune", help="fine-tune a model")
-    tasks = p.add_subparsers(dest="task", required=True)
+    tasks = p.add_subparsers(dest="recipe", required=True)   # not "task": sft has a --task flag
     p = tasks.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
     _add_finetune_flags(p, "classify")
     p = tasks.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
@@ -192,10 +192,10 @@ def cmd_export(args):
 
 def cmd_finetune(args):
     from .runconfig import resolve_config
-    cls = _finetune_config_class(args.task)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "task", "config", "resume", "debug")}
+    cls = _finetune_config_class(args.recipe)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "config", "resume", "debug")}
     cfg = cls(out=args.out) if args.resume else resolve_config(cls, args.config, overrides)
-    if args.task == "classify":
+    if args.recipe == "classify":
         from .metrics import format_report
         from .tasks.classify import finetune_classify
         final = finetune_classify(cfg, resume=args.resume)

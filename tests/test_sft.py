@@ -223,3 +223,18 @@ def test_a_lora_run_on_the_q4_1_default_is_not_quantised_again(tmp_path):
     assert not any(isinstance(m, (Int4Linear, Int8Linear)) for m in tuned.modules())
     default, _ = load("default", dtype="bf16", quantize="auto")   # while the plain default is
     assert any(isinstance(m, Int4Linear) for m in default.modules())
+
+
+def test_finetune_on_a_task_file(tiny_model_dir, tmp_path, capsys):
+    """`--task qa` turns SQuAD questions into the prompts `evaluate --task qa` asks."""
+    from llamaforge.evaluation import qa_prompt
+    squad = {"data": [{"paragraphs": [{"context": f"Llama {i} lives in Cusco.", "qas": [
+        {"id": str(i), "question": "Where does it live?", "answers": [{"text": "Cusco"}]}]} for i in range(12)]}]}
+    (tmp_path / "qa.json").write_text(json.dumps(squad))
+    examples = read_examples(tmp_path / "qa.json", task="qa")
+    assert examples[0].messages == [{"role": "user", "content": qa_prompt("Llama 0 lives in Cusco.", "Where does it live?")},
+                                    {"role": "assistant", "content": "Cusco"}]
+    main(["finetune", "sft", "--task", "qa", "--train", str(tmp_path / "qa.json"), "--out", str(tmp_path / "run"),
+          "--model", str(tiny_model_dir), "--max-steps", "2", "--dtype", "fp32", "--samples", "0"])
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert "task: qa" in (tmp_path / "run" / "config.yaml").read_text()

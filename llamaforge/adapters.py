@@ -161,7 +161,13 @@ def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Pat
     """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
     `model.`) into a state dict in `model.Llama`'s names, in fp32, in place. Heads saved whole
     (`modules_to_save`) are not part of the language model and are left out."""
+    from .tokenizer import read_json
     cfg = read_peft_config(adapter_dir)
+    raw = read_json(Path(adapter_dir) / "adapter_config.json")
+    extra = [k for k in ("rank_pattern", "alpha_pattern") if raw.get(k)]
+    extra += [f"modules_to_save {m}" for m in raw.get("modules_to_save") or [] if m not in ("score", "classifier")]
+    if extra:
+        raise LlamaforgeError(f"{adapter_dir}/adapter_config.json: {', '.join(extra)} is not supported")
     path, tensors = _read_adapter_tensors(adapter_dir)
     prefix = PEFT_PREFIX + "model."
     for key, a in tensors.items():
@@ -233,5 +239,14 @@ def load_prefix(llama: nn.Module, tensors: dict[str, torch.Tensor], source: str 
         if t is None or t.dim() != 4 or t.shape[:2] != (2, c.n_kv_heads) or t.shape[3] != c.head_dim:
             raise LlamaforgeError(f"{source}: tensor {key} is missing or does not fit this model "
                                   f"(expected (2, {c.n_kv_heads}, P, {c.head_dim}))")
-        layer.self_attn.prefix = nn.Parameter(t.to(llama.embed_tokens.weight.dtype), requires_grad=False)
+        w = llama.embed_tokens.weight
+        layer.self_attn.prefix = nn.Parameter(t.to(device=w.device, dtype=w.dtype), requires_grad=False)
     return llama
+
+
+def refuse_prefix(llama: nn.Module, source: str):
+    """Training all weights of a prefix-tuned model would train its prefix too, which no HF
+    directory can hold: start full training from the base model, or keep tuning the prefix."""
+    if any(layer.self_attn.prefix is not None for layer in llama.layers):
+        raise LlamaforgeError(f"{source}: a prefix-tuned model; full training and pretraining need a model "
+                              f"without a prefix (its base model)")

@@ -120,20 +120,25 @@ def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
 def encode_example(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     """(token ids, labels): labels equal the ids on assistant / completion tokens, IGNORE elsewhere.
 
-    Pieces are tokenized one by one, so a mask boundary is always a token boundary; a template
-    puts special tokens or newlines at each boundary, where tokenizing apart changes nothing.
+    The whole text is tokenized once, exactly as inference will see it, and each token is scored
+    when it starts inside an assistant (or completion) span of characters. Tokenizing the pieces
+    apart would not do: a SentencePiece tokenizer puts a "▁" before every piece.
     """
     if ex.messages is None:
-        ids = tokenizer.encode(ex.prompt, add_special_tokens=True)
-        answer = tokenizer.encode(ex.completion, add_special_tokens=False)
-        if tokenizer.eos_id is not None:
-            answer = answer + [tokenizer.eos_id]
-        return ids + answer, [IGNORE] * len(ids) + answer
-    ids, labels = [], []
-    for text, is_assistant in chat_segments(tokenizer, ex.messages):
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        ids += piece
-        labels += piece if is_assistant else [IGNORE] * len(piece)
+        text, spans, special = ex.prompt + ex.completion, [(len(ex.prompt), len(ex.prompt) + len(ex.completion))], True
+    else:
+        text, spans, pos = "", [], 0
+        for piece, is_assistant in chat_segments(tokenizer, ex.messages):
+            if is_assistant:
+                spans.append((pos, pos + len(piece)))
+            text += piece
+            pos += len(piece)
+        special = False   # the template writes BOS itself where the model wants one
+    ids, offsets = tokenizer.encode_with_offsets(text, add_special_tokens=special)
+    labels = [t if any(a <= start < b for a, b in spans) and end > start else IGNORE
+              for t, (start, end) in zip(ids, offsets)]
+    if ex.messages is None and tokenizer.eos_id is not None:   # a completion ends with EOS
+        ids, labels = ids + [tokenizer.eos_id], labels + [tokenizer.eos_id]
     return ids, labels
 
 

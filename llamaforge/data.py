@@ -296,6 +296,7 @@ def packed_batch(pairs: list[tuple[list[int], list[int]]], rows: list[list[int]]
             x, y = pairs[i]
             ids[b, s:s + len(x)] = torch.tensor(x)
             labels[b, s:s + len(y)] = torch.tensor(y)
+            labels[b, s] = ignore   # never predicted from the previous example's last token
             pos[b, s:s + len(x)] = torch.arange(len(x))
             doc[b, s:s + len(x)] = d
             s += len(x)

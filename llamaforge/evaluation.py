@@ -85,7 +85,9 @@ def read_qa(path) -> list[TaskItem]:
             if key not in r:
                 raise LlamaforgeError(f"{where}: missing field {key!r}")
         answers = r["answers"]
-        answers = [answers] if isinstance(answers, str) else [a["text"] if isinstance(a, dict) else a for a in answers]
+        if isinstance(answers, dict):   # the HF datasets layout: {"text": [...], "answer_start": [...]}
+            answers = answers.get("text", [])
+        answers = [answers] if isinstance(answers, str) else [a.get("text") if isinstance(a, dict) else a for a in answers]
         if not answers or not all(isinstance(a, str) for a in answers):
             raise LlamaforgeError(f"{where}: 'answers' must be a string or a non-empty list of strings")
         items.append(TaskItem(where, _user(qa_prompt(r["context"], r["question"])), answers))
@@ -237,6 +239,8 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
         if len(ids) < 2:
             raise LlamaforgeError(f"{data}: too little text to score (needs at least 2 tokens)")
         window = window or min(net.config.max_seq_len, 1024)
+        if not 2 <= window <= net.config.max_seq_len:
+            raise LlamaforgeError(f"--window must be between 2 and the model's context ({net.config.max_seq_len}), got {window}")
         return perplexity(net, ids, window, batch_size=batch_size, progress=True)
     if task == "sft":
         import math
@@ -244,10 +248,14 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
         from .conversations import encode_examples, read_examples
         from .lm import mean_loss
         examples = read_examples(data, fmt)[:limit]
+        if not examples:
+            raise LlamaforgeError(f"{data}: nothing to score (--limit {limit})")
         pairs = encode_examples(tok, examples, net.config.max_seq_len, net.config.max_seq_len, name=str(data))
         loss, n = mean_loss(net, pairs, tok.pad_id, batch_size, progress=True)
         return {"perplexity": math.exp(loss), "loss": loss, "n": n}
     items = read_task(data, task, target, target_lang, source_lang)[:limit]
+    if not items:
+        raise LlamaforgeError(f"{data}: nothing to score (--limit {limit})")
     predictions = answer(net, tok, items, max_new_tokens or MAX_NEW_TOKENS[task], batch_size, progress=True)
     if predictions_out:
         import json

@@ -71,6 +71,8 @@ class Tokenizer:
         ids = set(self.extra_eos_ids)
         if self.eos_id is not None:
             ids.add(self.eos_id)
+        if self.chat_template is None and self.token_id("<|im_end|>") is not None:
+            ids.add(self.token_id("<|im_end|>"))   # the ChatML default template ends turns with it
         return ids
 
     @property
@@ -80,6 +82,11 @@ class Tokenizer:
     # --- text <-> ids ----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, (start, end) character span of each token in `text`)."""
+        enc = self.backend.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]

@@ -56,6 +56,16 @@ def test_chat_mask_with_the_real_smollm2_template(default_checkpoint):
     assert ids == whole   # tokenizing piece by piece changes nothing
 
 
+def test_mask_with_a_sentencepiece_tokenizer_keeps_inference_tokens(spm_model):
+    """SentencePiece puts "▁" before every separately tokenized piece: the ids must be those of
+    the whole rendered conversation, as inference sees it."""
+    from llamaforge.tokenizer import from_sentencepiece_model
+    tok = from_sentencepiece_model(spm_model)
+    ids, labels = encode_example(tok, Example("x:1", messages=CONVERSATION))
+    assert ids == tok.encode(tok.apply_chat_template(CONVERSATION, add_generation_prompt=False), add_special_tokens=False)
+    assert "camelid" in labelled_text(tok, ids, labels) and "llama" not in labelled_text(tok, ids, labels)
+
+
 def test_alpaca_and_completion_shapes(tiny_bpe, tmp_path):
     alpaca = tmp_path / "a.json"
     alpaca.write_text(json.dumps([{"instruction": "Name it.", "input": "a camelid", "output": "llama"},

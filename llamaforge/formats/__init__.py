@@ -74,6 +74,9 @@ def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
         raise LlamaforgeError(f"{config_file}: not valid JSON ({e})") from None
     if not base:
         raise LlamaforgeError(f"{config_file}: no base_model_name_or_path, so the base model is unknown")
+    if is_lora and json.loads(config_file.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS":
+        raise LlamaforgeError(f"{path}: a classifier's adapter, not a language model; use it with "
+                              f"`llamaforge predict` / `evaluate` on its run directory")
     if base != "default" and not Path(base).exists():
         raise LlamaforgeError(f"{config_file}: base model {base} not found")
     ckpt = load_checkpoint(base, dtype=torch.float32 if is_lora else dtype)

@@ -28,7 +28,7 @@ from ..metrics import classification_report, format_report, plot_confusion_matri
 from ..model import LlamaForClassification
 from ..atomic import atomic_write_text
 from ..trainer import fit
-from .base import FinetuneConfig, open_run
+from .base import FinetuneConfig, base_model_reference, open_run
 
 
 @dataclass
@@ -66,7 +66,8 @@ def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoR
 
 def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyConfig, labels: list[str], tok):
     if cfg.method == "lora":
-        save_peft_adapter(clf, out_dir, cfg.lora(), "SEQ_CLS", modules_to_save=["score"], base_model=str(cfg.model))
+        save_peft_adapter(clf, out_dir, cfg.lora(), "SEQ_CLS", modules_to_save=["score"],
+                          base_model=base_model_reference(cfg.model))
         return
     from safetensors.torch import save_file
 

@@ -65,6 +65,8 @@ class PretrainConfig(TrainConfig):
             self.lr = 1e-4 if self.model else 2e-3
         if self.epochs is None and (self.max_steps or self.max_minutes):
             self.epochs = UNBOUNDED_EPOCHS   # the step or time limit ends the run
+        if self.warmup < 1 and self.epochs == UNBOUNDED_EPOCHS and not self.max_steps:
+            raise LlamaforgeError("a run bounded by --max-minutes has no step total: give --warmup in steps (>= 1)")
         if self.model_config not in PRESETS:
             raise LlamaforgeError(f"unknown model config {self.model_config!r}; presets: {', '.join(sorted(PRESETS))}")
         if self.dtype not in ("bf16", "fp32"):
@@ -119,16 +121,19 @@ def token_file(files: list[Path], tok, name: str = "corpus") -> np.ndarray:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     n = 0
-    with open(tmp, "wb") as out:
-        docs = list(documents(files))
-        for s in tqdm(range(0, len(docs), 1000), desc=f"tokenize {name}", unit="kdoc", file=sys.stderr, dynamic_ncols=True):
-            ids = [t for d in tok.encode_batch(docs[s:s + 1000], add_special_tokens=False) for t in d + [sep]]
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
-            n += len(ids)
-    if n == 0:
-        tmp.unlink()
-        raise LlamaforgeError(f"{', '.join(map(str, files))}: the corpus is empty")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            docs = list(documents(files))
+            for s in tqdm(range(0, len(docs), 1000), desc=f"tokenize {name}", unit="kdoc", file=sys.stderr,
+                          dynamic_ncols=True):
+                ids = [t for d in tok.encode_batch(docs[s:s + 1000], add_special_tokens=False) for t in d + [sep]]
+                out.write(np.asarray(ids, dtype=dtype).tobytes())
+                n += len(ids)
+        if n == 0:
+            raise LlamaforgeError(f"{', '.join(map(str, files))}: the corpus is empty")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)   # an interrupted or failed run leaves no partial token file
     print(f"llamaforge: {name}: {n:,} tokens, cached in {path}", file=sys.stderr)
     return np.memmap(path, dtype=dtype, mode="r")
 
@@ -150,11 +155,13 @@ def new_model_config(cfg: PretrainConfig, vocab_size: int) -> LlamaConfig:
 
 def build_model(cfg: PretrainConfig, out: Path, texts):
     """(model, tokenizer): continued from cfg.model, or new with random weights."""
+    from ..adapters import refuse_prefix
     from ..loader import load, parse_dtype
     from ..model import Llama
     from ..tokenizer import from_hf_dir, save_trained_tokenizer, train_tokenizer
     if cfg.model:
         model, tok = load(cfg.model, dtype=cfg.dtype)
+        refuse_prefix(model, cfg.model)
         if cfg.block_size > model.config.max_seq_len:
             raise LlamaforgeError(f"block-size {cfg.block_size} exceeds the model's context of {model.config.max_seq_len}")
         return model.requires_grad_(True), tok
@@ -261,6 +268,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if next(documents(files), None) is None:
         raise LlamaforgeError(f"{cfg.data}: the corpus is empty")
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:   # first, so that a run interrupted from here on can be resumed
+        write_yaml(cfg, out / "config.yaml")
     model, tok = build_model(cfg, out, lambda: documents(files))
     tokens = token_file(files, tok, name=str(cfg.data))
     if cfg.val:
@@ -268,8 +277,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     else:
         cut = int(len(tokens) * (1 - cfg.val_fraction))
         train, val = tokens[:cut], tokens[cut:]
-    if not resume:
-        write_yaml(cfg, out / "config.yaml")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"llamaforge: {len(train):,} train / {len(val):,} validation tokens; model {n_params / 1e6:.2f}M "
           f"parameters ({model.config.n_layers} layers, dim {model.config.dim}), {cfg.dtype}", file=sys.stderr)

@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default="default", metavar="MODEL")
     p.add_argument("--format", choices=["text", "json"], default="text")
 
+    p = sub.add_parser("openness", help="how open a model is: licence terms, what is published, verdict")
+    p.add_argument("model", nargs="?", default="default", metavar="MODEL")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.add_argument("--lang", choices=["en", "zh"], default="en")
+
     p = sub.add_parser("export", help="write a model in another format")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--to", choices=["hf", "gguf"], required=True)
@@ -184,6 +189,15 @@ def cmd_info(args):
     print(json.dumps(info, indent=2, ensure_ascii=False) if args.format == "json" else format_info(info))
 
 
+def cmd_openness(args):
+    from .openness import format_report, report, sentence
+    r = report(args.model)
+    if args.format == "json":
+        print(json.dumps({**r, "summary": sentence(r, args.lang)}, indent=2, ensure_ascii=False))
+    else:
+        print(format_report(r, args.lang))
+
+
 def cmd_export(args):
     from .export import export
     out = export(args.model, args.to, args.out, dtype=args.dtype, quant=args.quant)
@@ -253,7 +267,7 @@ def cmd_predict(args):
             print(json.dumps(r, ensure_ascii=False))
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,
             "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "pretrain": cmd_pretrain,
             "tokenizer": cmd_tokenizer}
 

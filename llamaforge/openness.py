@@ -1,0 +1,323 @@
+"""`llamaforge openness MODEL`: how open a model really is.
+
+It reads metadata only (GGUF key/values, config.json, the model card's front matter, LICENSE /
+USE_POLICY files, a run's config), identifies the licence and the model family against the
+knowledge in `openness.yaml` (each fact with its source and the date it was checked), and reports
+the licence's terms point by point, what the family has published, the Model Openness Framework
+class, whether it meets the OSI Open Source AI Definition, and a one-sentence verdict.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import LlamaforgeError
+
+VERDICTS = ("open-source", "open-weights-restricted", "not-open", "unknown")
+COMPONENTS = ("weights", "inference_code", "training_code", "training_data", "data_recipe", "tokenizer",
+              "evaluation", "technical_report", "intermediate_checkpoints")
+# Model Openness Framework classes, cumulative (LF AI & Data, arXiv 2403.13784), in terms of the
+# components above: Class III needs the architecture (inference code), final weights, report,
+# evaluation results and a data card; II adds training and evaluation code; I adds the data,
+# its processing and intermediate checkpoints.
+MOF = (("Class III", ("inference_code", "weights", "technical_report", "evaluation", "data_recipe")),
+       ("Class II", ("training_code",)),
+       ("Class I", ("training_data", "intermediate_checkpoints")))
+# Restriction kinds that take away "use for any purpose without asking permission" (OSAID).
+USE_LIMITS = ("commercial_use", "user_cap", "acceptable_use", "field_of_use", "output_training")
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE", "USE_POLICY.md")
+
+
+@lru_cache(maxsize=1)
+def knowledge() -> dict:
+    import yaml
+    return yaml.safe_load((Path(__file__).parent / "openness.yaml").read_text(encoding="utf-8"))
+
+
+# --- what the files say ---------------------------------------------------------------------------
+
+def _front_matter(card: Path, notes: list) -> dict:
+    """The YAML front matter of a model card; a malformed one is a finding, not a failure."""
+    import yaml
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    parts = text.split("\n---", 1)
+    if len(parts) < 2:
+        notes.append(f"{card}: the front matter is not closed by '---'")
+        return {}
+    try:
+        data = yaml.safe_load(parts[0][3:])
+    except yaml.YAMLError as e:
+        notes.append(f"{card}: the front matter is not valid YAML ({str(e).splitlines()[0]})")
+        return {}
+    if not isinstance(data, dict):
+        notes.append(f"{card}: the front matter is not a mapping")
+        return {}
+    return data
+
+
+def gather(path: Path) -> dict:
+    """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}."""
+    names, licences, notes, base = [], [], [], None
+    if path.is_file():
+        from .formats.gguf import read_gguf
+        meta = read_gguf(path)[0]
+        fmt = "gguf"
+        for key in ("general.name", "general.basename", "general.finetune"):
+            if isinstance(meta.get(key), str):
+                names.append(meta[key])
+        if meta.get("general.basename") and meta.get("general.size_label"):
+            names.append(f"{meta['general.basename']}-{meta['general.size_label']}")
+        i = 0
+        while f"general.base_model.{i}.name" in meta:
+            names.append(str(meta[f"general.base_model.{i}.name"]))
+            i += 1
+        for key in ("general.license", "general.license.name"):
+            if isinstance(meta.get(key), str):
+                licences.append((meta[key], f"GGUF {key}"))
+        return {"format": fmt, "names": names + [path.stem], "licences": licences, "notes": notes, "base": None}
+
+    if (path / "config.yaml").exists() and not (path / "config.json").exists():   # a llamaforge run
+        from .runconfig import read_yaml
+        cfg = read_yaml(path / "config.yaml")
+        base = cfg.get("model")
+        if not base:
+            notes.append(f"{path}: trained from scratch; its licence is whatever its author gives it")
+        return {"format": "run", "names": [path.name], "licences": [], "notes": notes, "base": base}
+    if (path / "adapter_config.json").exists() or (path / "prefix_config.json").exists():
+        cfg_file = path / ("adapter_config.json" if (path / "adapter_config.json").exists() else "prefix_config.json")
+        base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        return {"format": "adapter", "names": [path.name], "licences": [], "notes": notes, "base": base}
+
+    fmt = "hf" if (path / "config.json").exists() else "meta" if (path / "params.json").exists() else None
+    if fmt is None:
+        raise LlamaforgeError(f"{path}: not a model (no GGUF file, config.json, params.json or run config)")
+    if fmt == "hf":
+        try:
+            cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LlamaforgeError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+        if isinstance(cfg.get("_name_or_path"), str):
+            names.append(cfg["_name_or_path"])
+    card = path / "README.md"
+    if card.exists():
+        front = _front_matter(card, notes)
+        lic = front.get("license")
+        if lic == "other" or (lic is None and front.get("license_name")):
+            lic = front.get("license_name") or lic
+        if isinstance(lic, list):
+            lic = lic[0] if lic else None
+        if lic:
+            licences.append((str(lic), "README.md front matter (license)"))
+        for key in ("model_name", "base_model"):
+            value = front.get(key)
+            names += [str(v) for v in (value if isinstance(value, list) else [value]) if v]
+    for name in LICENSE_FILES:
+        f = path / name
+        if f.exists():
+            licences.append((f.read_text(encoding="utf-8", errors="replace")[:3000], name))
+    return {"format": fmt, "names": names + [path.resolve().name], "licences": licences, "notes": notes, "base": None}
+
+
+def identify_licence(text: str) -> str | None:
+    """The knowledge base's id for a licence named (or written out) in `text`."""
+    kb = knowledge()["licences"]
+    t = " ".join(text.lower().split())
+    if t in kb:
+        return t
+    # Longest match first: "llama 3.1 community license" before "llama3", "cc-by-nc-4.0" before "cc-by-4.0".
+    pairs = sorted(((m, lid) for lid, lic in kb.items() for m in lic.get("match", [])), key=lambda p: -len(p[0]))
+    for m, lid in pairs:
+        if (len(t) < 64 and t == m) or (len(m) > 4 and m in t):
+            return lid
+    return None
+
+
+def identify_family(names: list[str]) -> str | None:
+    fams = knowledge()["families"]
+    for name in names:
+        n = name.lower().replace("_", "-")
+        for fid, fam in fams.items():
+            if any(m.replace("_", "-") in n for m in fam["match"]):
+                return fid
+    return None
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def mof_class(licence: dict | None, published: dict) -> str:
+    if licence is None:
+        return "unknown"
+    if not (licence.get("osi_approved") or licence.get("open_content")):
+        return "none"   # MOF requires open licences on every component
+    reached = "none"
+    for cls, parts in MOF:
+        states = [published.get(p, "unknown") for p in parts]
+        if any(s is False for s in states):
+            return reached
+        if any(s == "unknown" for s in states):
+            return reached if reached != "none" else "unknown"
+        reached = cls
+    return reached
+
+
+def osaid(licence: dict | None, published: dict) -> dict:
+    reasons, unknown = [], []
+    if licence is None:
+        unknown.append("no licence identified")
+    else:
+        if not licence.get("osi_approved"):
+            reasons.append(f"{licence['name']} is not an OSI-approved licence")
+        limits = sorted({r["kind"] for r in licence.get("restrictions", []) if r["kind"] in USE_LIMITS})
+        if limits:
+            reasons.append("use is restricted: " + ", ".join(k.replace("_", " ") for k in limits))
+    for part, need in (("weights", "parameters"), ("training_code", "complete training code"),
+                       ("inference_code", "inference code"), ("data_recipe", "data information")):
+        state = published.get(part, "unknown")
+        if state is False:
+            reasons.append(f"{need} not published")
+        elif state == "unknown":
+            unknown.append(f"{need}: unknown")
+    meets = "fails" if reasons else "unknown" if unknown else "meets"
+    return {"meets": meets, "reasons": reasons or unknown}
+
+
+def report(model: str = "default", base_depth: int = 0) -> dict:
+    """The openness report of a model file or directory (see the module docstring)."""
+    from .formats import resolve_model_path
+    path = resolve_model_path(model)
+    found = gather(path)
+    kb = knowledge()
+    notes, conflicts = list(found["notes"]), []
+    derived_from = None
+    if found["base"] and base_depth < 4:
+        # A fine-tuned run or adapter inherits its base model's licence and obligations.
+        base = report(found["base"], base_depth + 1)
+        base.update(model=str(path), format=found["format"], derived_from=found["base"])
+        base["notes"] = notes + base["notes"] + [f"derived from {found['base']}: the base model's licence and "
+                                                 f"duties apply to it"]
+        return base
+    ids = [(identify_licence(text), where) for text, where in found["licences"]]
+    for (text, where), (lid, _) in zip(found["licences"], ids):
+        if lid is None and where.startswith(("GGUF", "README")):
+            notes.append(f"{where}: licence {text[:60]!r} is not in the knowledge base")
+    found_ids = [(lid, where) for lid, where in ids if lid]
+    fid = identify_family(found["names"])
+    family = kb["families"].get(fid) if fid else None
+    candidates = {lid for lid, _ in found_ids}
+    if family and found_ids and family["licence"] not in candidates:
+        conflicts.append(f"the metadata says {', '.join(sorted(candidates))}, but {family['name']} is released "
+                         f"under {kb['licences'][family['licence']]['name']}")
+        candidates.add(family["licence"])
+    elif len(candidates) > 1:
+        conflicts.append(f"the files disagree: {', '.join(f'{lid} ({w})' for lid, w in found_ids)}")
+    if not candidates and family:
+        candidates.add(family["licence"])
+        notes.append(f"no licence in the metadata; {family['name']} is released under "
+                     f"{kb['licences'][family['licence']]['name']}")
+    # With conflicting claims the most restrictive one is the safe reading.
+    lid = max(candidates, key=lambda c: (not kb["licences"][c].get("osi_approved"),
+                                         len(kb["licences"][c].get("restrictions", [])))) if candidates else None
+    lic = kb["licences"].get(lid) if lid else None
+    published = {c: (family or {}).get("published", {}).get(c, "unknown") for c in COMPONENTS}
+    access = (family or {}).get("access", "unknown")
+    found_in = [w for l, w in found_ids if l == lid] or (["knowledge base (model family)"] if lic else [])
+    result = {
+        "model": str(path), "format": found["format"], "derived_from": derived_from,
+        "family": {"id": fid, "name": family["name"], "sources": family["sources"], "checked": str(family["checked"])}
+        if family else None,
+        "license": {"id": lid, "name": lic["name"] if lic else None, "found_in": found_in,
+                    "osi_approved": lic.get("osi_approved") if lic else None, "url": lic.get("url") if lic else None,
+                    "checked": str(lic["checked"]) if lic else None} if lic else
+                   {"id": None, "name": None, "found_in": [], "osi_approved": None, "url": None, "checked": None},
+        "commercial_use": lic.get("commercial_use") if lic else None,
+        "restrictions": [dict(r) for r in lic.get("restrictions", [])] if lic else [],
+        "access": access,
+        "published": published,
+        "mof_class": mof_class(lic, published) if family else ("none" if lic and not lic.get("osi_approved") else "unknown"),
+        "osaid": osaid(lic, published),
+        "conflicts": conflicts,
+        "notes": notes,
+    }
+    result["verdict"], result["reasons"] = verdict(result)
+    return result
+
+
+def verdict(r: dict) -> tuple[str, list[str]]:
+    lic, reasons = r["license"], []
+    if lic["id"] is None and r["family"] is None:
+        return "unknown", ["no licence found and the model family is unknown"]
+    if r["access"] == "request":
+        reasons.append("weights only on request")
+    if r["commercial_use"] is False:
+        reasons.append("no commercial use")
+    if reasons:
+        return "not-open", reasons
+    if r["osaid"]["meets"] == "meets":
+        return "open-source", [f"{lic['name']}, with weights, code and data information published"]
+    if r["published"]["weights"] is True:
+        return "open-weights-restricted", r["osaid"]["reasons"]
+    return ("unknown" if r["published"]["weights"] == "unknown" else "not-open"), r["osaid"]["reasons"]
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+TEXT = {
+    "en": {"open-source": "Open source: {model} may be used, studied, modified and shared for any purpose.",
+           "open-weights-restricted": "Open weights with restrictions: {model} can be downloaded and run, but {reasons}.",
+           "not-open": "Not open: {model} — {reasons}.",
+           "unknown": "Unknown: {reasons} for {model}.",
+           "licence": "licence", "found in": "found in", "restrictions": "restrictions", "published": "published",
+           "mof": "Model Openness Framework", "osaid": "OSI Open Source AI Definition", "verdict": "verdict",
+           "none found": "none found", "conflicts": "conflicts", "notes": "notes", "family": "family", "access": "access",
+           True: "yes", False: "no", "not known": "unknown"},
+    "zh": {"open-source": "开源：{model} 可以出于任何目的使用、研究、修改和分享。",
+           "open-weights-restricted": "开放权重但有限制：{model} 可以下载和运行，但{reasons}。",
+           "not-open": "不开放：{model}——{reasons}。",
+           "unknown": "未知：{model}，{reasons}。",
+           "licence": "许可证", "found in": "出处", "restrictions": "限制条款", "published": "已公开的内容",
+           "mof": "模型开放框架（MOF）", "osaid": "OSI 开源人工智能定义", "verdict": "结论",
+           "none found": "未找到", "conflicts": "冲突", "notes": "说明", "family": "模型系列", "access": "获取方式",
+           True: "是", False: "否", "not known": "未知"},
+}
+KIND_ZH = {"commercial_use": "商业使用", "user_cap": "用户数上限", "acceptable_use": "可接受使用政策",
+           "output_training": "禁止用输出训练其他模型", "naming_attribution": "命名与署名义务",
+           "field_of_use": "使用领域限制", "redistribution": "再分发条件"}
+
+
+def sentence(r: dict, lang: str = "en") -> str:
+    t = TEXT[lang]
+    name = r["family"]["name"] if r["family"] else Path(r["model"]).name
+    sep = "；" if lang == "zh" else "; "
+    return t[r["verdict"]].format(model=name, reasons=sep.join(r["reasons"]))
+
+
+def format_report(r: dict, lang: str = "en") -> str:
+    t = TEXT[lang]
+    lic = r["license"]
+    lines = [f"{t['verdict']:<12} {r['verdict']}: {sentence(r, lang)}"]
+    if r["family"]:
+        lines.append(f"{t['family']:<12} {r['family']['name']} ({'; '.join(r['family']['sources'])}; "
+                     f"checked {r['family']['checked']})")
+    lines.append(f"{t['licence']:<12} " + (f"{lic['name']} [{lic['id']}], OSI-approved: {t[bool(lic['osi_approved'])]}; "
+                                           f"{t['found in']}: {', '.join(lic['found_in'])}; {lic['url']}"
+                                           if lic["id"] else t["none found"]))
+    if r["derived_from"]:
+        lines.append(f"{'':<12} derived from {r['derived_from']}")
+    lines.append(f"{t['access']:<12} {r['access']}")
+    lines.append(f"{t['restrictions']}:")
+    for x in r["restrictions"]:
+        kind = KIND_ZH.get(x["kind"], x["kind"]) if lang == "zh" else x["kind"].replace("_", " ")
+        lines.append(f"  - {kind} ({x['clause']}): {x['detail']}")
+    if not r["restrictions"]:
+        lines.append(f"  - {t['none found']}")
+    lines.append(f"{t['published']}: " + ", ".join(f"{c.replace('_', ' ')} {t[v] if v in (True, False) else t['not known']}"
+                                                    for c, v in r["published"].items()))
+    lines.append(f"{t['mof']}: {r['mof_class']}")
+    lines.append(f"{t['osaid']}: {r['osaid']['meets']} ({'; '.join(r['osaid']['reasons']) or '-'})")
+    for key in ("conflicts", "notes"):
+        for x in r[key]:
+            lines.append(f"{t[key]}: {x}")
+    return "\n".join(lines)

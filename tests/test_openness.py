@@ -1,0 +1,149 @@
+"""`llamaforge openness`: licence and family identification from metadata the tests write, the
+MOF / OSAID grading, conflicts and malformed cards, the JSON schema, Chinese output."""
+import json
+import time
+
+import pytest
+
+from llamaforge.cli import main
+from llamaforge.openness import COMPONENTS, VERDICTS, knowledge, report
+
+
+def gguf_file(path, name, license=None):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    if license:
+        w.add_license(license)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_dir(path, name, card=None, license_file=None):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"_name_or_path": name, "model_type": "llama"}))
+    if card is not None:
+        (path / "README.md").write_text(card)
+    if license_file is not None:
+        (path / "LICENSE").write_text(license_file)
+    return path
+
+
+def check_schema(r: dict):
+    """The JSON contract: licence, restrictions, published, MOF class, OSAID, verdict."""
+    assert set(r["license"]) >= {"id", "name", "found_in", "osi_approved", "url"}
+    assert isinstance(r["license"]["found_in"], list)
+    for x in r["restrictions"]:
+        assert set(x) == {"kind", "clause", "detail"} and all(isinstance(v, str) and v for v in x.values())
+    assert set(r["published"]) == set(COMPONENTS) and all(v in (True, False, "unknown") for v in r["published"].values())
+    assert r["mof_class"] in ("Class I", "Class II", "Class III", "none", "unknown")
+    assert r["osaid"]["meets"] in ("meets", "fails", "unknown") and isinstance(r["osaid"]["reasons"], list)
+    assert r["verdict"] in VERDICTS
+
+
+def test_the_default_model(capsys):
+    t = time.perf_counter()
+    main(["openness", "--format", "json"])
+    assert time.perf_counter() - t < 1.5   # metadata only (the import of torch is most of it)
+    r = json.loads(capsys.readouterr().out)
+    check_schema(r)
+    assert r["license"]["id"] == "apache-2.0" and r["license"]["found_in"] == ["GGUF general.license"]
+    assert r["family"]["id"] == "smollm2" and r["verdict"] == "open-source" and r["osaid"]["meets"] == "meets"
+    assert r["summary"].startswith("Open source")
+
+
+@pytest.mark.parametrize("name, licence_text, where, expect", [
+    ("meta-llama/Llama-2-7b-hf", "LLAMA 2 COMMUNITY LICENSE AGREEMENT\nLlama 2 Version Release Date: July 18, 2023",
+     "file", dict(license="llama-2", verdict="open-weights-restricted", kinds={"user_cap", "output_training"}, mof="none")),
+    ("meta-llama/Meta-Llama-3-8B", "license: other\nlicense_name: llama3", "card",
+     dict(license="llama-3", verdict="open-weights-restricted", kinds={"naming_attribution"}, mof="none")),
+    ("meta-llama/Llama-3.2-1B", "license: llama3.2", "card",
+     dict(license="llama-3.2", verdict="open-weights-restricted", kinds={"field_of_use"}, mof="none")),
+    ("google/gemma-2b", "license: gemma", "card",
+     dict(license="gemma", verdict="open-weights-restricted", kinds={"acceptable_use"}, mof="none")),
+    ("Qwen/Qwen2.5-3B", None, None, dict(license="qwen-research", verdict="not-open", kinds={"commercial_use"}, mof="none")),
+    ("mistralai/Mistral-7B-v0.1", "license: apache-2.0", "card",
+     dict(license="apache-2.0", verdict="open-weights-restricted", kinds=set(), mof="none")),
+    ("allenai/OLMo-7B", "license: apache-2.0", "card", dict(license="apache-2.0", verdict="open-source", kinds=set(), mof="Class I")),
+    ("EleutherAI/pythia-160m", "license: apache-2.0", "card", dict(license="apache-2.0", verdict="open-source", kinds=set(), mof="Class I")),
+    ("TinyLlama/TinyLlama-1.1B-Chat-v1.0", "license: apache-2.0", "card",
+     dict(license="apache-2.0", verdict="open-source", kinds=set(), mof="Class I")),
+    ("microsoft/phi-2", "license: mit", "card", dict(license="mit", verdict="open-weights-restricted", kinds=set(), mof="none")),
+])
+def test_licence_families(tmp_path, name, licence_text, where, expect):
+    card = f"---\n{licence_text}\n---\n# {name}\n" if where == "card" else None
+    r = report(str(hf_dir(tmp_path / "m", name, card=card, license_file=licence_text if where == "file" else None)))
+    check_schema(r)
+    assert r["license"]["id"] == expect["license"], r
+    assert r["verdict"] == expect["verdict"], r["reasons"]
+    assert expect["kinds"] <= {x["kind"] for x in r["restrictions"]}
+    assert r["mof_class"] == expect["mof"]
+    if expect["verdict"] != "open-source":
+        assert r["osaid"]["meets"] == "fails" and r["reasons"]
+    url = knowledge()["licences"][expect["license"]]["url"]
+    assert r["license"]["url"] == url and url.startswith("https://")
+
+
+def test_a_meta_directory_of_the_first_llama(tmp_path):
+    d = tmp_path / "llama-7b"
+    d.mkdir()
+    (d / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32}))
+    r = report(str(d))
+    assert r["license"]["id"] == "llama-1" and r["verdict"] == "not-open"
+    assert "weights only on request" in r["reasons"] and "no commercial use" in r["reasons"]
+
+
+def test_no_licence_metadata(tmp_path):
+    r = report(str(gguf_file(tmp_path / "mystery.gguf", "my-own-model")))
+    check_schema(r)
+    assert r["license"]["id"] is None and r["license"]["found_in"] == []
+    assert r["verdict"] == "unknown" and r["mof_class"] == "unknown" and r["osaid"]["meets"] == "unknown"
+    assert set(r["published"].values()) == {"unknown"}
+
+
+def test_conflicting_metadata_takes_the_restrictive_reading(tmp_path):
+    r = report(str(gguf_file(tmp_path / "llama-2-7b.Q4_0.gguf", "Llama 2 7B", license="apache-2.0")))
+    assert r["license"]["id"] == "llama-2" and r["verdict"] == "open-weights-restricted"
+    assert r["conflicts"] and "apache-2.0" in r["conflicts"][0] and "Llama 2" in r["conflicts"][0]
+
+
+def test_an_unknown_licence_is_reported_as_such(tmp_path):
+    r = report(str(gguf_file(tmp_path / "m.gguf", "my-model", license="wtfpl-ish custom terms")))
+    assert r["license"]["id"] is None and r["verdict"] == "unknown"
+    assert any("not in the knowledge base" in n for n in r["notes"])
+
+
+def test_a_malformed_model_card_is_a_finding(tmp_path):
+    d = hf_dir(tmp_path / "m", "HuggingFaceTB/SmolLM2-135M", card="---\nlicense: [apache-2.0\n---\n# card\n")
+    r = report(str(d))
+    assert any("not valid YAML" in n for n in r["notes"])
+    assert r["license"]["id"] == "apache-2.0" and r["license"]["found_in"] == ["knowledge base (model family)"]
+
+
+def test_an_adapter_inherits_its_base(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "default"}))
+    r = report(str(tmp_path))
+    assert r["derived_from"] == "default" and r["license"]["id"] == "apache-2.0" and r["format"] == "adapter"
+    assert any("derived from default" in n for n in r["notes"])
+
+
+def test_chinese_output(capsys):
+    main(["openness", "--lang", "zh"])
+    out = capsys.readouterr().out
+    assert "开源" in out and "许可证" in out and "Apache License 2.0" in out
+    main(["openness", "--format", "json", "--lang", "zh"])
+    assert json.loads(capsys.readouterr().out)["summary"].startswith("开源")
+
+
+def test_every_fact_has_a_source_and_a_date():
+    kb = knowledge()
+    for lid, lic in kb["licences"].items():
+        assert lic["url"].startswith("https://") and lic["checked"], lid
+        assert all(r["kind"] in ("commercial_use", "user_cap", "acceptable_use", "output_training",
+                                 "naming_attribution", "field_of_use", "redistribution") for r in lic["restrictions"])
+    for fid, fam in kb["families"].items():
+        assert fam["licence"] in kb["licences"] and fam["sources"] and fam["checked"], fid
+        assert set(fam["published"]) == set(COMPONENTS), fid

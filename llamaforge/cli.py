@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="HF export weight dtype")
     p.add_argument("--quant", default="F32", help="GGUF export tensor type: F32, F16, BF16, Q8_0, Q4_0, ...")
+    p.add_argument("--license", default=None, help="licence tag of the output (default: the source's); warned "
+                                                     "about when the source's terms contradict it")
+
+    p = sub.add_parser("reproduce", help="rerun a training run from its model card and compare the metrics")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="run directory of the rerun (default: RUN_DIR-reproduced)")
 
     p = sub.add_parser("finetune", help="fine-tune a model")
     tasks = p.add_subparsers(dest="recipe", required=True)   # not "task": sft has a --task flag
@@ -200,8 +206,16 @@ def cmd_openness(args):
 
 def cmd_export(args):
     from .export import export
-    out = export(args.model, args.to, args.out, dtype=args.dtype, quant=args.quant)
+    out = export(args.model, args.to, args.out, dtype=args.dtype, quant=args.quant, license=args.license)
     print(out)
+
+
+def cmd_reproduce(args):
+    from .modelcard import reproduce
+    result = reproduce(args.run, args.out)
+    print(json.dumps(result, indent=2, ensure_ascii=False))
+    if not result["match"]:
+        raise LlamaforgeError(f"{args.run}: the rerun's metrics differ from the card's (see above)")
 
 
 def cmd_finetune(args):
@@ -268,6 +282,7 @@ def cmd_predict(args):
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,
+            "reproduce": cmd_reproduce,
             "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "pretrain": cmd_pretrain,
             "tokenizer": cmd_tokenizer}
 

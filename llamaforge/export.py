@@ -8,18 +8,30 @@ from .formats import load_checkpoint
 from .loader import parse_dtype
 
 
-def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32") -> Path:
+def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32", license: str | None = None) -> Path:
+    """Write `model` as an HF directory (with a model card) or a GGUF file. license: the licence
+    tag to give the output (default: the source's); a tag that contradicts the source's terms
+    is warned about before anything is written."""
+    from .modelcard import base_terms, licence_warnings, warn, write_model_card
+    terms = base_terms(model)
+    warn(licence_warnings(terms, out, license))
     ckpt = load_checkpoint(model)
     if ckpt.prefix is not None:
         raise LlamaforgeError(f"{model}: a prefix-tuned model has no place for its prefix in {to} files; "
                               f"use it as it is, or fine-tune with --method lora or full to export")
     if to == "hf":
         from .formats import hf
-        hf.save(ckpt, out, dtype=parse_dtype(dtype))
+        def card(d):
+            write_model_card(d, recipe="export", title=f"{Path(out).name} (exported by llamaforge)", base_model=model,
+                             config={"model": model, "to": to, "dtype": dtype}, data=[], metrics={},
+                             license_tag=license, terms=terms)
+        hf.save(ckpt, out, dtype=parse_dtype(dtype), extra=card)
     elif to == "gguf":
         from .formats import gguf
         if Path(out).exists():
             raise LlamaforgeError(f"{out}: exists")
+        if license:
+            ckpt.metadata["license"] = {"general.license": license}
         gguf.save(ckpt, out, qtype=quant)
     else:
         raise LlamaforgeError(f"unknown export format {to!r} (hf, gguf)")

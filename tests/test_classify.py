@@ -32,7 +32,8 @@ def test_run_directory(lora_run):
     names = {p.name for p in lora_run.iterdir()}
     assert {"config.yaml", "label_map.json", "metrics.json", "best", "checkpoint", "tensorboard", "curves.png",
             "confusion_matrix.png"} <= names
-    assert {p.name for p in (lora_run / "best").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (lora_run / "best").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                              "README.md"}   # the model card
     metrics = json.loads((lora_run / "metrics.json").read_text())
     assert [e["step"] for e in metrics["evals"]] == [20, 40]       # each epoch: 320 examples / 16
     assert set(metrics["final"]) == {"dev", "test"}
@@ -199,3 +200,11 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
     strip = lambda evals: [{k: v for k, v in e.items() if k not in ("train_minutes", "eval_seconds")} for e in evals]
     assert strip(a["evals"]) == strip(b["evals"])
     assert a["final"] == b["final"]
+
+
+def test_reproduce_a_classification_run_from_its_card(lora_run, tmp_path):
+    from llamaforge.modelcard import read_card, reproduce
+    card = read_card(lora_run)
+    assert card["recipe"] == "classify" and card["metrics"]["test"]["n"] == 80
+    result = reproduce(lora_run, tmp_path / "again")
+    assert result["match"], (result["original"], result["reproduced"])

@@ -137,11 +137,13 @@ def _card_license(path: Path) -> dict | None:
     return None
 
 
-def save(ckpt, out_dir, dtype: torch.dtype | None = None):
+def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
     """Write an HF directory that transformers' LlamaForCausalLM loads to the same logits; it
-    appears whole or not at all."""
+    appears whole or not at all. extra(tmp_dir): writes more files into it (a model card)."""
     with atomic_output_dir(out_dir) as tmp:
         write(ckpt, tmp, dtype)
+        if extra is not None:
+            extra(tmp)
 
 
 def write(ckpt, out_dir: Path, dtype: torch.dtype | None = None):

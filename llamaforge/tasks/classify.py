@@ -191,6 +191,9 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     print(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
           f"{n_train:,} trainable parameters, {cfg.dtype}", file=sys.stderr)
 
+    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
+    terms = base_terms(cfg.model)
+    warn(licence_warnings(terms, out))
     task = ClassificationTask(cfg, enc["train"], train_y, enc["dev"], dev_y, labels, tok)
     history = fit(clf, task, cfg, out, resume=resume)
 
@@ -208,6 +211,7 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
             plot_confusion_matrix(split_y, pred, labels, out / "confusion_matrix.png", title=f"{name} (best model)")
     history["final"] = final
     atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in history.items() if k != "state"}, indent=2) + "\n")
+    write_run_cards(out, "classify", cfg, [cfg.train, cfg.dev, cfg.test], final, ["text-classification"], terms)
     return final
 
 

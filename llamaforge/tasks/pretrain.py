@@ -280,10 +280,15 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"llamaforge: {len(train):,} train / {len(val):,} validation tokens; model {n_params / 1e6:.2f}M "
           f"parameters ({model.config.n_layers} layers, dim {model.config.dim}), {cfg.dtype}", file=sys.stderr)
+    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
+    terms = base_terms(cfg.model)
+    warn(licence_warnings(terms, out))
     history = fit(model, PretrainTask(cfg, train, val, tok, out), cfg, out, resume=resume)
     best = min(history["evals"], key=lambda e: e["loss"])
     final = {"loss": best["loss"], "perplexity": best["perplexity"], "step": best["step"],
              "tokens": history["state"]["tokens"]}
     atomic_write_text(out / "metrics.json", json.dumps({**{k: v for k, v in history.items() if k != "state"},
                                                         "final": final}, indent=2) + "\n")
+    data = [str(f) for f in files] + ([str(f) for f in corpus_files(cfg.val)] if cfg.val else [])
+    write_run_cards(out, "pretrain", cfg, data, final, ["text-generation"], terms)
     return final

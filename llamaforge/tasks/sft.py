@@ -207,6 +207,9 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
           f"{cfg.method}, {n_trainable:,} trainable parameters, {cfg.dtype}" + (", packed" if cfg.pack else ""),
           file=sys.stderr)
 
+    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
+    terms = base_terms(cfg.model)
+    warn(licence_warnings(terms, out))
     task = CausalLMTask(cfg, enc_train, enc_dev, tok, out, samples)
     history = fit(llama, task, cfg, out, resume=resume)
 
@@ -218,4 +221,5 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     final = {"dev": {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "best_step": history["state"]["best_step"]}}
     history["final"] = final
     atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in history.items() if k != "state"}, indent=2) + "\n")
+    write_run_cards(out, "sft", cfg, [cfg.train, cfg.dev], final, ["text-generation", "conversational"], terms)
     return final

@@ -1,0 +1,202 @@
+"""Model cards and provenance: every model llamaforge writes carries a README.md in the Hugging Face
+format, whose front matter also holds what `llamaforge reproduce` needs to run it again (recipe,
+resolved config, data files with their SHA-256), and licence checks before training or export.
+
+Front matter: license (inherited from the base model), base_model, datasets, metrics, tags,
+library_name, and a `llamaforge:` block. Body: the base model's licence and the duties it passes
+on, the data, the config, seed, versions, the command line and the final metrics.
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import LlamaforgeError
+
+# The Hugging Face Hub's licence tags for the licences in openness.yaml.
+HF_LICENSE_TAGS = {"apache-2.0": "apache-2.0", "mit": "mit", "cc-by-4.0": "cc-by-4.0", "cc-by-sa-4.0": "cc-by-sa-4.0",
+                   "cc-by-nc-4.0": "cc-by-nc-4.0", "openrail-m": "openrail", "llama-2": "llama2", "llama-3": "llama3",
+                   "llama-3.1": "llama3.1", "llama-3.2": "llama3.2", "gemma": "gemma"}
+DUTY_KINDS = ("naming_attribution", "redistribution", "acceptable_use", "output_training", "user_cap", "field_of_use",
+              "commercial_use")
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def command_line() -> str:
+    return shlex.join(["llamaforge", *sys.argv[1:]])
+
+
+def base_terms(base_model: str | None) -> dict | None:
+    """The openness report of the base model (None when there is none: trained from scratch)."""
+    if not base_model:
+        return None
+    from .openness import report
+    return report(base_model)
+
+
+def licence_warnings(terms: dict | None, out: str | Path, license_tag: str | None = None) -> list[str]:
+    """What a derived model at `out` (optionally tagged with `license_tag`) would break."""
+    if not terms or not terms["license"]["id"]:
+        return []
+    lid, name = terms["license"]["id"], terms["license"]["name"]
+    warnings = []
+    prefix = {"llama-3": "llama-3", "llama-3.1": "llama", "llama-3.2": "llama"}.get(lid)
+    if prefix and not Path(out).name.lower().replace(" ", "-").replace("_", "-").startswith(prefix):
+        warnings.append(f"{name} requires a distributed derivative's name to begin with "
+                        f"\"{'Llama 3' if lid == 'llama-3' else 'Llama'}\"; {Path(out).name!r} does not")
+    if license_tag and license_tag != HF_LICENSE_TAGS.get(lid, lid):
+        from .openness import identify_licence, knowledge
+        tagged = knowledge()["licences"].get(identify_licence(license_tag) or "", {})
+        if terms.get("commercial_use") is False and tagged.get("commercial_use", True):
+            warnings.append(f"the base model's {name} forbids commercial use, but the output is tagged {license_tag!r}")
+        elif not tagged or tagged.get("osi_approved") and not terms["license"]["osi_approved"]:
+            warnings.append(f"the output is tagged {license_tag!r}, but it derives from a model under {name}, whose "
+                            f"terms still apply to it")
+    return warnings
+
+
+def warn(warnings: list[str]):
+    for w in warnings:
+        print(f"llamaforge: licence warning: {w}", file=sys.stderr)
+
+
+def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model: str | None, config: dict,
+                     data: list[str], metrics: dict, tags: list[str] = (), library: str = "llamaforge",
+                     license_tag: str | None = None, terms: dict | None = None):
+    """README.md for a model directory (a run, its best model, an export)."""
+    import torch
+    import yaml
+
+    from . import __version__
+    from .atomic import atomic_write_text
+    terms = terms if terms is not None else base_terms(base_model)
+    lid = terms["license"]["id"] if terms else None
+    tag = license_tag or (HF_LICENSE_TAGS.get(lid, "other") if terms else "other")
+    files = [{"path": str(Path(f).resolve()), "sha256": sha256(f)} for f in data if f and Path(f).is_file()]
+    front = {"license": tag}
+    if tag == "other" and terms and terms["license"]["name"]:
+        front.update(license_name=lid, license_link=terms["license"]["url"])
+    if base_model:
+        front["base_model"] = base_model
+    front.update(datasets=[Path(f["path"]).name for f in files], metrics=sorted(_metric_names(metrics)),
+                 tags=["llamaforge", recipe, *tags], library_name=library,
+                 llamaforge={"recipe": recipe, "version": __version__, "torch": str(torch.__version__),
+                             "command": command_line(), "seed": config.get("seed"), "config": config, "data": files,
+                             "metrics": metrics})
+    lines = [f"# {title}", "", f"Made with [llamaforge](https://github.com/llamaforge) (`{recipe}`)."]
+    lines += ["", "## Base model and licence", ""]
+    if not base_model:
+        lines.append("Trained from scratch by this run: no base model; the licence is its author's to choose.")
+    elif not terms or not lid:
+        lines.append(f"Base model: `{base_model}`. No licence was found for it: check its terms before use.")
+    else:
+        lines.append(f"Base model: `{base_model}`, under **{terms['license']['name']}** ({terms['license']['url']}). "
+                     f"This model derives from it, and its terms pass on:")
+        duties = [r for r in terms["restrictions"] if r["kind"] in DUTY_KINDS]
+        lines += [f"- {r['kind'].replace('_', ' ')} ({r['clause']}): {r['detail']}" for r in duties] or ["- none beyond the licence text"]
+        lines.append(f"\nOpenness of the base (`llamaforge openness`): {terms['verdict']}.")
+    lines += ["", "## Training data", ""]
+    lines += [f"- `{f['path']}` — SHA-256 `{f['sha256']}`" for f in files] or ["- none recorded"]
+    lines += ["", "## How it was made", "", f"- command: `{command_line()}`", f"- seed: {config.get('seed')}",
+              f"- llamaforge {__version__}, torch {torch.__version__}", "", "Resolved config:", "", "```yaml",
+              yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(), "```",
+              "", "Reproduce: `llamaforge reproduce RUN_DIR` reruns it from this card and compares the metrics.",
+              "", "## Metrics", "", "```json", _json(metrics), "```", ""]
+    text = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + "\n".join(lines)
+    atomic_write_text(Path(out_dir) / "README.md", text)
+
+
+def _json(x) -> str:
+    import json
+    return json.dumps(x, indent=2, ensure_ascii=False)
+
+
+def _metric_names(metrics: dict, prefix: str = "") -> set[str]:
+    names = set()
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            names.add(k)
+        elif isinstance(v, dict) and k not in ("per_class",):
+            names |= _metric_names(v)
+    return names
+
+
+def read_card(run_dir: str | Path) -> dict:
+    """The `llamaforge:` block of a run's model card."""
+    import yaml
+    card = Path(run_dir) / "README.md"
+    if not card.exists():
+        raise LlamaforgeError(f"{card}: no model card, so nothing to reproduce from")
+    text = card.read_text(encoding="utf-8")
+    try:
+        front = yaml.safe_load(text.split("\n---", 1)[0][3:]) if text.startswith("---") else None
+    except yaml.YAMLError as e:
+        raise LlamaforgeError(f"{card}: the front matter is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(front, dict) or not isinstance(front.get("llamaforge"), dict):
+        raise LlamaforgeError(f"{card}: no llamaforge provenance in the front matter")
+    return front["llamaforge"]
+
+
+def write_run_cards(out: Path, recipe: str, cfg, data: list, metrics: dict, tags: list[str] = (),
+                    terms: dict | None = None):
+    """The model card of a run, in the run directory and in its best model."""
+    from dataclasses import asdict
+    base = getattr(cfg, "model", None)
+    library = "peft" if getattr(cfg, "method", None) == "lora" else "llamaforge"
+    for d in (out, out / "best"):
+        if d.is_dir():
+            write_model_card(d, recipe=recipe, title=f"{out.name} ({recipe}, llamaforge)", base_model=base,
+                             config=asdict(cfg), data=data, metrics=metrics, tags=tags, library=library, terms=terms)
+
+
+# --- reproduce -----------------------------------------------------------------------------------
+
+def _recipe(name: str):
+    if name == "classify":
+        from .tasks.classify import ClassifyConfig, finetune_classify
+        return ClassifyConfig, finetune_classify
+    if name == "sft":
+        from .tasks.sft import SFTConfig, finetune_sft
+        return SFTConfig, finetune_sft
+    if name == "pretrain":
+        from .tasks.pretrain import PretrainConfig, pretrain
+        return PretrainConfig, pretrain
+    raise LlamaforgeError(f"unknown recipe {name!r} in the model card")
+
+
+def same_metrics(a, b, rel: float = 1e-6) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_metrics(a[k], b[k], rel) for k in a)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+    return a == b
+
+
+def reproduce(run_dir: str | Path, out: str | Path | None = None) -> dict:
+    """Rerun a run from its model card alone (after checking its data files' SHA-256) and
+    compare the final metrics: {"match", "original", "reproduced", "out"}."""
+    import json
+    prov = read_card(run_dir)
+    for f in prov.get("data", []):
+        if not Path(f["path"]).is_file():
+            raise LlamaforgeError(f"{f['path']}: training data named by the card is missing")
+        if sha256(f["path"]) != f["sha256"]:
+            raise LlamaforgeError(f"{f['path']}: SHA-256 differs from the card's: the data changed since the run")
+    cls, run = _recipe(prov["recipe"])
+    config = dict(prov["config"], out=str(out or f"{Path(run_dir)}-reproduced"))
+    try:
+        cfg = cls(**config)
+    except TypeError as e:
+        raise LlamaforgeError(f"{run_dir}/README.md: the card's config does not fit this llamaforge ({e})") from None
+    final = json.loads(json.dumps(run(cfg)))   # as the card stores it
+    return {"match": same_metrics(prov["metrics"], final), "original": prov["metrics"], "reproduced": final,
+            "out": config["out"]}

@@ -62,7 +62,7 @@ def gather(path: Path) -> dict:
     """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}."""
     names, licences, notes, base = [], [], [], None
     if path.is_file():
-        from .formats.gguf import read_gguf
+        from .formats.gguf_header import read_gguf
         meta = read_gguf(path)[0]
         fmt = "gguf"
         for key in ("general.name", "general.basename", "general.finetune"):

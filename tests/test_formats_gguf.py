@@ -3,6 +3,8 @@ import struct
 
 import numpy as np
 import pytest
+
+from llamaforge.formats.gguf_header import read_gguf
 import torch
 
 from llamaforge.errors import LlamaforgeError
@@ -80,7 +82,7 @@ def test_read_only_quant_types_dequantise_like_the_gguf_package(tmp_path):
         raw[name] = data
         w.add_tensor(name, data, raw_dtype=qt)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    _, tensors, buf = gguf_format.read_gguf(tmp_path / "k.gguf")
+    _, tensors, buf = read_gguf(tmp_path / "k.gguf")
     for name, data in raw.items():
         shape, qtype, start, nbytes = tensors[name]
         assert shape == (4, 512)

@@ -7,12 +7,14 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import LlamaConfig
 from ..errors import LlamaforgeError
 from ..tokenizer import Tokenizer
+
+if TYPE_CHECKING:   # torch is imported where tensors are made, so metadata-only readers start fast
+    import torch
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,6 +66,8 @@ def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """The base model named by a LoRA or prefix adapter, with the adapter applied: LoRA folded
     into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`."""
     import json
+
+    import torch
 
     from ..adapters import PREFIX_CONFIG, merge_lora_into_state, read_prefix
     is_lora = (path / "adapter_config.json").exists()

@@ -81,7 +81,7 @@ class Llamaforge:
         self.prompt = self.tok.encode(PROMPT)
 
     def decode(self, n: int):
-        from llamaforge.generate import SamplingConfig, generate_tokens
+        from llamaforge.generation import SamplingConfig, generate_tokens
         cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
         list(generate_tokens(self.model, [self.prompt], cfg, compile=self.compile))
 

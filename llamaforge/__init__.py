@@ -3,15 +3,24 @@
     import llamaforge
     model, tokenizer = llamaforge.load("default")
     print(llamaforge.generate(model, tokenizer, "The capital of France is", temperature=0))
+
+The names below are imported on first use, so that commands which only read metadata
+(`llamaforge openness`) start without importing torch.
 """
-from .config import LlamaConfig
-from .errors import LlamaforgeError
-from .formats import Checkpoint, load_checkpoint
-from .generate import SamplingConfig, generate, generate_tokens
-from .loader import build_model, load
-from .model import Llama
-from .tokenizer import Tokenizer
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LlamaConfig", "LlamaforgeError", "Checkpoint", "load_checkpoint", "SamplingConfig", "generate", "generate_tokens",
-           "build_model", "load", "Llama", "Tokenizer", "__version__"]
+_EXPORTS = {
+    "LlamaConfig": ".config", "LlamaforgeError": ".errors", "Checkpoint": ".formats", "load_checkpoint": ".formats",
+    "SamplingConfig": ".generation", "generate": ".generation", "generate_tokens": ".generation",
+    "build_model": ".loader", "load": ".loader", "Llama": ".model", "Tokenizer": ".tokenizer",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llamaforge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -5,7 +5,7 @@ import sys
 from dataclasses import replace
 
 from .errors import LlamaforgeError
-from .generate import SamplingConfig, stream
+from .generation import SamplingConfig, stream
 from .loader import load
 
 HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D)"

@@ -33,13 +33,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
 
 
 def _sampling_config(args):
-    from .generate import SamplingConfig
+    from .generation import SamplingConfig
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           stop=args.stop, ignore_eos=args.ignore_eos, seed=args.seed)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
+    """training_flags=False leaves out the flags of `finetune` and `pretrain`, which come from
+    their config dataclasses and so import torch: other commands start faster without them."""
     parser = argparse.ArgumentParser(prog="llamaforge", description="Load, run and export Llama-family models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,21 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model")
     tasks = p.add_subparsers(dest="recipe", required=True)   # not "task": sft has a --task flag
     p = tasks.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
-    _add_finetune_flags(p, "classify")
+    if training_flags:
+        _add_finetune_flags(p, "classify")
     p = tasks.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
-    _add_finetune_flags(p, "sft")
+    if training_flags:
+        _add_finetune_flags(p, "sft")
 
     p = sub.add_parser("pretrain", help="train a Llama from scratch (or continue one) on plain text")
     p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     from .runconfig import add_config_flags
-    from .tasks.pretrain import PretrainConfig
-    add_config_flags(p, PretrainConfig, help={
-        "data": "a text file or a directory of *.txt files", "out": "run directory",
-        "model": "continue pretraining this model instead of starting from random weights",
-        "model_config": "from scratch: a preset (tiny, small, ...); --dim, --n-layers ... change it",
-        "tokenizer": "from scratch: an HF tokenizer directory (default: train one with --vocab tokens)",
-        "max_steps": "optimiser steps", "max_minutes": "training time budget", "eval_every": "evaluate every N steps"})
+    if training_flags:
+        from .tasks.pretrain import PretrainConfig
+        add_config_flags(p, PretrainConfig, help={
+            "data": "a text file or a directory of *.txt files", "out": "run directory",
+            "model": "continue pretraining this model instead of starting from random weights",
+            "model_config": "from scratch: a preset (tiny, mini, ...); --dim, --n-layers ... change it",
+            "tokenizer": "from scratch: an HF tokenizer directory (default: train one with --vocab tokens)",
+            "max_steps": "optimiser steps", "max_minutes": "training time budget", "eval_every": "evaluate every N steps"})
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok_sub = p.add_subparsers(dest="action", required=True)
@@ -167,7 +172,7 @@ def _add_finetune_flags(p: argparse.ArgumentParser, task: str):
 
 
 def cmd_generate(args):
-    from .generate import encode_prompt, stream
+    from .generation import encode_prompt, stream
     from .loader import load
 
     cfg = _sampling_config(args)   # bad sampling options fail before the model is loaded
@@ -288,7 +293,9 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "expor
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(training_flags=command in ("finetune", "pretrain")).parse_args(argv)
     try:
         COMMANDS[args.command](args)
     except LlamaforgeError as e:

@@ -207,7 +207,7 @@ def answer(model, tok, items: list[TaskItem], max_new_tokens: int, batch_size: i
     from tqdm import tqdm
 
     from .data import length_bucketed_batches
-    from .generate import SamplingConfig, generate_from_ids
+    from .generation import SamplingConfig, generate_from_ids
     prompts = [tok.encode(tok.apply_chat_template(it.messages), add_special_tokens=False) for it in items]
     limit = model.config.max_seq_len - max_new_tokens
     for it, p in zip(items, prompts):

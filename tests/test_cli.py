@@ -49,7 +49,7 @@ def test_sampling_flags_and_seed(tiny_gguf):
 def test_chat_keeps_history(tiny_gguf, monkeypatch):
     import io
     from llamaforge import chat
-    from llamaforge.generate import SamplingConfig, stream
+    from llamaforge.generation import SamplingConfig, stream
     prompts, replies = [], []
 
     def recording_stream(model, tok, ids, cfg, **kw):   # the real stream, with its inputs recorded

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from llamaforge.generate import SamplingConfig, generate_tokens
+from llamaforge.generation import SamplingConfig, generate_tokens
 from llamaforge.kernels import GemvLinear, gemv_extension, use_gemv_kernel
 from llamaforge.loader import build_model
 

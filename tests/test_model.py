@@ -80,7 +80,7 @@ def test_bf16_close_to_fp32(tiny_bpe):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])
 def test_fused_projections_compute_the_same(preset, tiny_bpe):
-    from llamaforge.generate import SamplingConfig, generate_tokens
+    from llamaforge.generation import SamplingConfig, generate_tokens
     ckpt, _ = random_model(preset, tiny_bpe, attention_bias=True)
     plain = build_model(ckpt, "fp32")
     fused = build_model(ckpt, "fp32").fuse_projections()

@@ -3,7 +3,7 @@ reading the same file."""
 import torch
 
 from llamaforge.formats import hf as hf_format
-from llamaforge.generate import SamplingConfig, encode_prompt, generate_tokens
+from llamaforge.generation import SamplingConfig, encode_prompt, generate_tokens
 from llamaforge.loader import build_model
 
 from conftest import hf_model_from_dir

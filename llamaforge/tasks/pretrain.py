@@ -240,7 +240,7 @@ class PretrainTask:
 
     def sample(self, model) -> str:
         """A continuation of the start of the validation text (seeded, temperature 0.8)."""
-        from ..generate import SamplingConfig, generate_from_ids
+        from ..generation import SamplingConfig, generate_from_ids
         prompt = np.asarray(self.val[:8], dtype=np.int64).tolist()
         cfg = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=0.8, top_p=0.95, seed=self.cfg.seed)
         text = generate_from_ids(model, self.tok, [prompt], cfg)[0]

@@ -153,7 +153,7 @@ class CausalLMTask:
         return metrics
 
     def generate_samples(self, model) -> str:
-        from ..generate import SamplingConfig, generate_from_ids
+        from ..generation import SamplingConfig, generate_from_ids
         if not self.samples:
             return ""
         cfg = SamplingConfig(max_new_tokens=self.cfg.sample_tokens, temperature=0)

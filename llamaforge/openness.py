@@ -230,7 +230,8 @@ def report(model: str = "default", base_depth: int = 0) -> dict:
         if family else None,
         "license": {"id": lid, "name": lic["name"] if lic else None, "found_in": found_in,
                     "osi_approved": lic.get("osi_approved") if lic else None, "url": lic.get("url") if lic else None,
-                    "checked": str(lic["checked"]) if lic else None} if lic else
+                    "checked": str(lic["checked"]) if lic else None,
+                    "acceptable_use_policy": lic.get("aup_url") if lic else None} if lic else
                    {"id": None, "name": None, "found_in": [], "osi_approved": None, "url": None, "checked": None},
         "commercial_use": lic.get("commercial_use") if lic else None,
         "restrictions": [dict(r) for r in lic.get("restrictions", [])] if lic else [],
@@ -304,6 +305,8 @@ def format_report(r: dict, lang: str = "en") -> str:
     lines.append(f"{t['licence']:<12} " + (f"{lic['name']} [{lic['id']}], OSI-approved: {t[bool(lic['osi_approved'])]}; "
                                            f"{t['found in']}: {', '.join(lic['found_in'])}; {lic['url']}"
                                            if lic["id"] else t["none found"]))
+    if lic.get("acceptable_use_policy"):
+        lines.append(f"{'':<12} acceptable use policy: {lic['acceptable_use_policy']}")
     if r["derived_from"]:
         lines.append(f"{'':<12} derived from {r['derived_from']}")
     lines.append(f"{t['access']:<12} {r['access']}")

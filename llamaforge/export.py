@@ -9,7 +9,8 @@ from .loader import parse_dtype
 
 
 def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32", license: str | None = None) -> Path:
-    """Write `model` as an HF directory (with a model card) or a GGUF file. license: the licence
+    """Write `model` as an HF directory (with a model card) or a GGUF file (its card beside it,
+    OUT.README.md). license: the licence
     tag to give the output (default: the source's); a tag that contradicts the source's terms
     is warned about before anything is written."""
     from .modelcard import base_terms, licence_warnings, warn, write_model_card
@@ -19,12 +20,13 @@ def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32
     if ckpt.prefix is not None:
         raise LlamaforgeError(f"{model}: a prefix-tuned model has no place for its prefix in {to} files; "
                               f"use it as it is, or fine-tune with --method lora or full to export")
+    def card(d, filename="README.md"):
+        write_model_card(d, recipe="export", title=f"{Path(out).name} (exported by llamaforge)", base_model=model,
+                         config={"model": model, "to": to, "dtype": dtype, "quant": quant}, data=[], metrics={},
+                         license_tag=license, terms=terms, filename=filename)
+
     if to == "hf":
         from .formats import hf
-        def card(d):
-            write_model_card(d, recipe="export", title=f"{Path(out).name} (exported by llamaforge)", base_model=model,
-                             config={"model": model, "to": to, "dtype": dtype}, data=[], metrics={},
-                             license_tag=license, terms=terms)
         hf.save(ckpt, out, dtype=parse_dtype(dtype), extra=card)
     elif to == "gguf":
         from .formats import gguf
@@ -33,6 +35,8 @@ def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32
         if license:
             ckpt.metadata["license"] = {"general.license": license}
         gguf.save(ckpt, out, qtype=quant)
+        # A single file has no room for a card: it goes beside it, as OUT.README.md.
+        card(Path(out).parent, filename=Path(out).with_suffix(".README.md").name)
     else:
         raise LlamaforgeError(f"unknown export format {to!r} (hf, gguf)")
     return Path(out)

@@ -71,8 +71,8 @@ def warn(warnings: list[str]):
 
 def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model: str | None, config: dict,
                      data: list[str], metrics: dict, tags: list[str] = (), library: str = "llamaforge",
-                     license_tag: str | None = None, terms: dict | None = None):
-    """README.md for a model directory (a run, its best model, an export)."""
+                     license_tag: str | None = None, terms: dict | None = None, filename: str = "README.md"):
+    """README.md (or `filename`) for a model directory (a run, its best model, an export)."""
     import torch
     import yaml
 
@@ -112,7 +112,7 @@ def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model
               "", "Reproduce: `llamaforge reproduce RUN_DIR` reruns it from this card and compares the metrics.",
               "", "## Metrics", "", "```json", _json(metrics), "```", ""]
     text = "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n" + "\n".join(lines)
-    atomic_write_text(Path(out_dir) / "README.md", text)
+    atomic_write_text(Path(out_dir) / filename, text)
 
 
 def _json(x) -> str:

@@ -106,3 +106,11 @@ def test_export_writes_a_card_and_warns(tiny_model_dir, tmp_path, capsys):
     assert "licence warning" in capsys.readouterr().err
     front, _ = front_matter(tmp_path / "out" / "README.md")
     assert front["license"] == "apache-2.0" and front["base_model"] == str(src)
+
+
+def test_a_gguf_export_gets_its_card_beside_it(tiny_model_dir, tmp_path, capsys):
+    main(["export", str(tiny_model_dir), "--to", "gguf", str(tmp_path / "tiny.gguf"), "--license", "mit"])
+    front, _ = front_matter(tmp_path / "tiny.README.md")
+    assert front["license"] == "mit" and front["llamaforge"]["config"]["to"] == "gguf"
+    from llamaforge.formats.gguf_header import read_gguf
+    assert read_gguf(tmp_path / "tiny.gguf")[0]["general.license"] == "mit"

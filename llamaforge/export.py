@@ -32,8 +32,11 @@ def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32
         from .formats import gguf
         if Path(out).exists():
             raise LlamaforgeError(f"{out}: exists")
-        if license:
-            ckpt.metadata["license"] = {"general.license": license}
+        from .modelcard import HF_LICENSE_TAGS
+        lid = terms["license"]["id"] if terms else None
+        tag = license or (HF_LICENSE_TAGS.get(lid, lid) if lid else None)
+        if tag:   # the file itself says its licence, whatever format the source was in
+            ckpt.metadata["license"] = {"general.license": tag}
         gguf.save(ckpt, out, qtype=quant)
         # A single file has no room for a card: it goes beside it, as OUT.README.md.
         card(Path(out).parent, filename=Path(out).with_suffix(".README.md").name)

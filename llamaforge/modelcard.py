@@ -40,7 +40,11 @@ def base_terms(base_model: str | None) -> dict | None:
     if not base_model:
         return None
     from .openness import report
-    return report(base_model)
+    try:
+        return report(base_model)
+    except LlamaforgeError as e:   # the terms are advice: never a reason to stop a run
+        print(f"llamaforge: could not read the base model's licence terms ({e})", file=sys.stderr)
+        return None
 
 
 def licence_warnings(terms: dict | None, out: str | Path, license_tag: str | None = None) -> list[str]:
@@ -177,6 +181,8 @@ def same_metrics(a, b, rel: float = 1e-6) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_metrics(a[k], b[k], rel) for k in a)
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        if a != a and b != b:   # NaN in both
+            return True
         return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
     return a == b
 
@@ -192,6 +198,9 @@ def reproduce(run_dir: str | Path, out: str | Path | None = None) -> dict:
         if sha256(f["path"]) != f["sha256"]:
             raise LlamaforgeError(f"{f['path']}: SHA-256 differs from the card's: the data changed since the run")
     cls, run = _recipe(prov["recipe"])
+    if prov["config"].get("max_minutes"):
+        print("llamaforge: warning: the run was bounded by --max-minutes; a rerun on a machine of another speed "
+              "takes another number of steps, and its metrics will differ", file=sys.stderr)
     config = dict(prov["config"], out=str(out or f"{Path(run_dir)}-reproduced"))
     try:
         cfg = cls(**config)

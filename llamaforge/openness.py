@@ -9,6 +9,7 @@ class, whether it meets the OSI Open Source AI Definition, and a one-sentence ve
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,9 +84,9 @@ def gather(path: Path) -> dict:
         from .runconfig import read_yaml
         cfg = read_yaml(path / "config.yaml")
         base = cfg.get("model")
-        if not base:
+        if not base:   # not judged by the directory's name: "tinyllama-scratch" is no TinyLlama
             notes.append(f"{path}: trained from scratch; its licence is whatever its author gives it")
-        return {"format": "run", "names": [path.name], "licences": [], "notes": notes, "base": base}
+        return {"format": "run", "names": [], "licences": [], "notes": notes, "base": base}
     if (path / "adapter_config.json").exists() or (path / "prefix_config.json").exists():
         cfg_file = path / ("adapter_config.json" if (path / "adapter_config.json").exists() else "prefix_config.json")
         base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
@@ -121,26 +122,40 @@ def gather(path: Path) -> dict:
     return {"format": fmt, "names": names + [path.resolve().name], "licences": licences, "notes": notes, "base": None}
 
 
+def _mentions(text: str, phrase: str) -> bool:
+    """`phrase` in `text` as whole words ("mit license" is not in "submit license")."""
+    return re.search(r"(?<![a-z0-9])" + re.escape(phrase) + r"(?![a-z0-9])", text) is not None
+
+
 def identify_licence(text: str) -> str | None:
-    """The knowledge base's id for a licence named (or written out) in `text`."""
+    """The knowledge base's id for a licence named (or written out) in `text`. A licence file is
+    judged by its title (first lines) before its body, which may mention other licences."""
     kb = knowledge()["licences"]
     t = " ".join(text.lower().split())
     if t in kb:
         return t
     # Longest match first: "llama 3.1 community license" before "llama3", "cc-by-nc-4.0" before "cc-by-4.0".
     pairs = sorted(((m, lid) for lid, lic in kb.items() for m in lic.get("match", [])), key=lambda p: -len(p[0]))
-    for m, lid in pairs:
-        if (len(t) < 64 and t == m) or (len(m) > 4 and m in t):
-            return lid
+    for part in (t[:300], t) if len(t) > 300 else (t,):
+        for m, lid in pairs:
+            if _mentions(part, m):
+                return lid
     return None
 
 
+def _tokens(text: str) -> list[str]:
+    return [t for t in re.split(r"[\s_\-/.:]+", text.lower()) if t]
+
+
 def identify_family(names: list[str]) -> str | None:
-    fams = knowledge()["families"]
-    for name in names:
-        n = name.lower().replace("_", "-")
-        for fid, fam in fams.items():
-            if any(m.replace("_", "-") in n for m in fam["match"]):
+    """The first family (in the knowledge base's order, specific before general) whose pattern is
+    a run of whole tokens of one of the names: "llama-3" is in "Meta-Llama-3-8B" but not in
+    "llama-30b"."""
+    named = [_tokens(n) for n in names]
+    for fid, fam in knowledge()["families"].items():
+        for pattern in fam["match"]:
+            p = _tokens(pattern)
+            if any(toks[i:i + len(p)] == p for toks in named for i in range(len(toks) - len(p) + 1)):
                 return fid
     return None
 
@@ -168,8 +183,8 @@ def osaid(licence: dict | None, published: dict) -> dict:
     if licence is None:
         unknown.append("no licence identified")
     else:
-        if not licence.get("osi_approved"):
-            reasons.append(f"{licence['name']} is not an OSI-approved licence")
+        if not (licence.get("osi_approved") or licence.get("open_content")):
+            reasons.append(f"{licence['name']} is not an OSI-approved (or open content) licence")
         limits = sorted({r["kind"] for r in licence.get("restrictions", []) if r["kind"] in USE_LIMITS})
         if limits:
             reasons.append("use is restricted: " + ", ".join(k.replace("_", " ") for k in limits))
@@ -184,26 +199,43 @@ def osaid(licence: dict | None, published: dict) -> dict:
     return {"meets": meets, "reasons": reasons or unknown}
 
 
+def restrictiveness(lid: str) -> tuple:
+    """Order for reading conflicting licence claims the safe way: no commercial use first, then
+    not open, then the number of use limits."""
+    lic = knowledge()["licences"][lid]
+    limits = sum(r["kind"] in USE_LIMITS for r in lic.get("restrictions", []))
+    return (lic.get("commercial_use") is False, not (lic.get("osi_approved") or lic.get("open_content")), limits)
+
+
 def report(model: str = "default", base_depth: int = 0) -> dict:
     """The openness report of a model file or directory (see the module docstring)."""
     from .formats import resolve_model_path
     path = resolve_model_path(model)
     found = gather(path)
-    kb = knowledge()
-    notes, conflicts = list(found["notes"]), []
-    derived_from = None
+    notes = list(found["notes"])
     if found["base"] and base_depth < 4:
         # A fine-tuned run or adapter inherits its base model's licence and obligations.
-        base = report(found["base"], base_depth + 1)
-        base.update(model=str(path), format=found["format"], derived_from=found["base"])
-        base["notes"] = notes + base["notes"] + [f"derived from {found['base']}: the base model's licence and "
-                                                 f"duties apply to it"]
+        base_ref = found["base"]
+        if base_ref == "default" or Path(base_ref).exists():
+            base = report(base_ref, base_depth + 1)
+        else:   # e.g. a Hub id in an adapter's config: judge the base by its name alone
+            base = judge(Path(base_ref), "unresolved", {"names": [base_ref], "licences": [],
+                                                          "notes": [f"base model {base_ref} is not here; judged by its name"]})
+        base.update(model=str(path), format=found["format"], derived_from=base_ref)
+        base["notes"] = notes + base["notes"] + [f"derived from {base_ref}: the base model's licence and duties apply to it"]
         return base
-    ids = [(identify_licence(text), where) for text, where in found["licences"]]
-    for (text, where), (lid, _) in zip(found["licences"], ids):
-        if lid is None and where.startswith(("GGUF", "README")):
-            notes.append(f"{where}: licence {text[:60]!r} is not in the knowledge base")
-    found_ids = [(lid, where) for lid, where in ids if lid]
+    return judge(path, found["format"], found)
+
+
+def judge(path: Path, fmt: str, found: dict) -> dict:
+    """The report from what was found: licence claims, names, notes."""
+    kb = knowledge()
+    notes, conflicts = list(found["notes"]), []
+    ids = [(identify_licence(text), where, text) for text, where in found["licences"]]
+    unknown_claims = [(where, text) for lid, where, text in ids if lid is None and where.startswith(("GGUF", "README"))]
+    for where, text in unknown_claims:
+        notes.append(f"{where}: licence {text[:60]!r} is not in the knowledge base")
+    found_ids = [(lid, where) for lid, where, _ in ids if lid]
     fid = identify_family(found["names"])
     family = kb["families"].get(fid) if fid else None
     candidates = {lid for lid, _ in found_ids}
@@ -213,31 +245,34 @@ def report(model: str = "default", base_depth: int = 0) -> dict:
         candidates.add(family["licence"])
     elif len(candidates) > 1:
         conflicts.append(f"the files disagree: {', '.join(f'{lid} ({w})' for lid, w in found_ids)}")
-    if not candidates and family:
+    if unknown_claims and family:
+        conflicts.append(f"the metadata names a licence this knowledge base does not know; {family['name']} "
+                         f"is released under {kb['licences'][family['licence']]['name']}")
+    elif not candidates and family:
+        # Only with no licence claim at all does the family's licence stand in.
         candidates.add(family["licence"])
         notes.append(f"no licence in the metadata; {family['name']} is released under "
                      f"{kb['licences'][family['licence']]['name']}")
-    # With conflicting claims the most restrictive one is the safe reading.
-    lid = max(candidates, key=lambda c: (not kb["licences"][c].get("osi_approved"),
-                                         len(kb["licences"][c].get("restrictions", [])))) if candidates else None
+    lid = None if unknown_claims and not found_ids else (max(candidates, key=restrictiveness) if candidates else None)
     lic = kb["licences"].get(lid) if lid else None
     published = {c: (family or {}).get("published", {}).get(c, "unknown") for c in COMPONENTS}
-    access = (family or {}).get("access", "unknown")
     found_in = [w for l, w in found_ids if l == lid] or (["knowledge base (model family)"] if lic else [])
     result = {
-        "model": str(path), "format": found["format"], "derived_from": derived_from,
+        "model": str(path), "format": fmt, "derived_from": None,
         "family": {"id": fid, "name": family["name"], "sources": family["sources"], "checked": str(family["checked"])}
         if family else None,
-        "license": {"id": lid, "name": lic["name"] if lic else None, "found_in": found_in,
-                    "osi_approved": lic.get("osi_approved") if lic else None, "url": lic.get("url") if lic else None,
-                    "checked": str(lic["checked"]) if lic else None,
-                    "acceptable_use_policy": lic.get("aup_url") if lic else None} if lic else
-                   {"id": None, "name": None, "found_in": [], "osi_approved": None, "url": None, "checked": None},
+        "license": {"id": lid, "name": lic["name"], "found_in": found_in, "osi_approved": lic.get("osi_approved"),
+                    "url": lic.get("url"), "checked": str(lic["checked"]),
+                    "acceptable_use_policy": lic.get("aup_url")} if lic else
+                   {"id": None, "name": unknown_claims[0][1][:80] if unknown_claims else None,
+                    "found_in": [unknown_claims[0][0]] if unknown_claims else [], "osi_approved": None, "url": None,
+                    "checked": None},
         "commercial_use": lic.get("commercial_use") if lic else None,
         "restrictions": [dict(r) for r in lic.get("restrictions", [])] if lic else [],
-        "access": access,
+        "access": (family or {}).get("access", "unknown"),
         "published": published,
-        "mof_class": mof_class(lic, published) if family else ("none" if lic and not lic.get("osi_approved") else "unknown"),
+        "mof_class": mof_class(lic, published) if family else (
+            "none" if lic and not (lic.get("osi_approved") or lic.get("open_content")) else "unknown"),
         "osaid": osaid(lic, published),
         "conflicts": conflicts,
         "notes": notes,
@@ -249,7 +284,7 @@ def report(model: str = "default", base_depth: int = 0) -> dict:
 def verdict(r: dict) -> tuple[str, list[str]]:
     lic, reasons = r["license"], []
     if lic["id"] is None and r["family"] is None:
-        return "unknown", ["no licence found and the model family is unknown"]
+        return "unknown", ["no licence found that this knowledge base knows, and the model family is unknown"]
     if r["access"] == "request":
         reasons.append("weights only on request")
     if r["commercial_use"] is False:
@@ -258,9 +293,14 @@ def verdict(r: dict) -> tuple[str, list[str]]:
         return "not-open", reasons
     if r["osaid"]["meets"] == "meets":
         return "open-source", [f"{lic['name']}, with weights, code and data information published"]
-    if r["published"]["weights"] is True:
-        return "open-weights-restricted", r["osaid"]["reasons"]
-    return ("unknown" if r["published"]["weights"] == "unknown" else "not-open"), r["osaid"]["reasons"]
+    # Weights in hand: the family publishes them, or this very file or directory holds them.
+    has_weights = r["published"]["weights"] is True or r["format"] in ("gguf", "hf", "meta", "run", "adapter")
+    if r["osaid"]["meets"] == "fails" and has_weights:
+        gated = ["weights gated behind accepting the licence"] if r["access"] == "gated" else []
+        return "open-weights-restricted", gated + r["osaid"]["reasons"]
+    if r["osaid"]["meets"] == "fails":
+        return "not-open", r["osaid"]["reasons"]
+    return "unknown", r["osaid"]["reasons"]
 
 
 # --- text -----------------------------------------------------------------------------------------

@@ -151,3 +151,36 @@ def test_every_fact_has_a_source_and_a_date():
     for fid, fam in kb["families"].items():
         assert fam["licence"] in kb["licences"] and fam["sources"] and fam["checked"], fid
         assert set(fam["published"]) == set(COMPONENTS), fid
+
+
+@pytest.mark.parametrize("name, card, licence, verdict", [
+    # the model's own non-commercial terms win over its family's
+    ("meta-llama/Llama-3.2-1B", "license: cc-by-nc-4.0", "cc-by-nc-4.0", "not-open"),
+    # a licence the knowledge base does not know is not replaced by the family's
+    ("TinyLlama/TinyLlama-1.1B", "license: other\nlicense_name: acme-noncommercial", None, "unknown"),
+    # names are matched on whole tokens: llama-30b is LLaMA 1, not Llama 3
+    ("huggyllama/llama-30b", None, "llama-1", "not-open"),
+    # a restrictive licence on an unknown family: weights in hand, not open source
+    ("someone/my-finetune", "license: llama3.2", "llama-3.2", "open-weights-restricted"),
+    ("someone/Llama-3.3-70B", None, None, "unknown"),
+])
+def test_hard_cases(tmp_path, name, card, licence, verdict):
+    r = report(str(hf_dir(tmp_path / "m", name, card=f"---\n{card}\n---\n" if card else None)))
+    check_schema(r)
+    assert (r["license"]["id"], r["verdict"]) == (licence, verdict), (r["conflicts"], r["notes"], r["reasons"])
+
+
+def test_a_scratch_run_is_not_judged_by_its_directory_name(tmp_path):
+    run = tmp_path / "tinyllama-scratch"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: null\n")
+    r = report(str(run))
+    assert r["family"] is None and r["verdict"] == "unknown"
+
+
+def test_an_adapter_of_a_hub_model_is_judged_by_the_base_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA",
+                                                              "base_model_name_or_path": "meta-llama/Llama-3.2-1B"}))
+    r = report(str(tmp_path))
+    assert r["license"]["id"] == "llama-3.2" and r["verdict"] == "open-weights-restricted"
+    assert "weights gated behind accepting the licence" in r["reasons"]

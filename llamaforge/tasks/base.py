@@ -60,7 +60,15 @@ def open_run(cfg, resume: bool, required: str = "train"):
     if out.exists() and any(out.iterdir()):
         raise LlamaforgeError(f"{out}: exists and is not empty (use --resume to continue that run, "
                               f"or choose another --out)")
+    # Paths are recorded absolute, so the run (and `reproduce`) works from any directory.
+    for name in PATH_FIELDS:
+        value = getattr(cfg, name, None)
+        if value and value != "default" and Path(value).exists():
+            setattr(cfg, name, str(Path(value).resolve()))
     return cfg, out
+
+
+PATH_FIELDS = ("train", "dev", "test", "model", "data", "val", "tokenizer")
 
 
 def base_model_reference(model: str) -> str:

@@ -92,8 +92,8 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     from .runconfig import add_config_flags
     if training_flags:
-        from .tasks.pretrain import PretrainConfig
-        add_config_flags(p, PretrainConfig, help={
+        from .tasks import recipe
+        add_config_flags(p, recipe("pretrain")[0], help={
             "data": "a text file or a directory of *.txt files", "out": "run directory",
             "model": "continue pretraining this model instead of starting from random weights",
             "model_config": "from scratch: a preset (tiny, mini, ...); --dim, --n-layers ... change it",
@@ -156,19 +156,12 @@ FINETUNE_HELP = {
 }
 
 
-def _finetune_config_class(task: str):
-    if task == "classify":
-        from .tasks.classify import ClassifyConfig
-        return ClassifyConfig
-    from .tasks.sft import SFTConfig
-    return SFTConfig
-
-
 def _add_finetune_flags(p: argparse.ArgumentParser, task: str):
     from .runconfig import add_config_flags
     p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    add_config_flags(p, _finetune_config_class(task), help=FINETUNE_HELP)
+    from .tasks import recipe
+    add_config_flags(p, recipe(task)[0], help=FINETUNE_HELP)
 
 
 def cmd_generate(args):
@@ -223,19 +216,22 @@ def cmd_reproduce(args):
         raise LlamaforgeError(f"{args.run}: the rerun's metrics differ from the card's (see above)")
 
 
-def cmd_finetune(args):
+def _run_recipe(name: str, args):
+    """Resolve the recipe's config (defaults < --config YAML < flags; a resumed run's own) and run it."""
     from .runconfig import resolve_config
-    cls = _finetune_config_class(args.recipe)
+    from .tasks import recipe
+    cls, run = recipe(name)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "config", "resume", "debug")}
     cfg = cls(out=args.out) if args.resume else resolve_config(cls, args.config, overrides)
+    return run(cfg, resume=args.resume)
+
+
+def cmd_finetune(args):
+    final = _run_recipe(args.recipe, args)
     if args.recipe == "classify":
         from .metrics import format_report
-        from .tasks.classify import finetune_classify
-        final = finetune_classify(cfg, resume=args.resume)
         print("\n\n".join(format_report(r, title=f"{name} (best model)") for name, r in final.items()))
     else:
-        from .tasks.sft import finetune_sft
-        final = finetune_sft(cfg, resume=args.resume)
         print(json.dumps(final["dev"]))
 
 
@@ -257,11 +253,7 @@ def cmd_evaluate(args):
 
 
 def cmd_pretrain(args):
-    from .runconfig import resolve_config
-    from .tasks.pretrain import PretrainConfig, pretrain
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "debug")}
-    cfg = PretrainConfig(out=args.out) if args.resume else resolve_config(PretrainConfig, args.config, overrides)
-    print(json.dumps(pretrain(cfg, resume=args.resume)))
+    print(json.dumps(_run_recipe("pretrain", args)))
 
 
 def cmd_tokenizer(args):
@@ -294,6 +286,8 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "expor
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    from .modelcard import set_command_line
+    set_command_line(argv)   # for the model cards of what this command writes
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(training_flags=command in ("finetune", "pretrain")).parse_args(argv)
     try:

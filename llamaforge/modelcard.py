@@ -31,8 +31,18 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+_ARGV: list[str] | None = None   # what `llamaforge` was given; set by cli.main
+
+
+def set_command_line(argv: list[str]):
+    global _ARGV
+    _ARGV = list(argv)
+
+
 def command_line() -> str:
-    return shlex.join(["llamaforge", *sys.argv[1:]])
+    """The command that made this model: what cli.main was given (sys.argv when called from Python
+    code would be that program's, e.g. pytest's)."""
+    return shlex.join(["llamaforge", *(_ARGV if _ARGV is not None else sys.argv[1:])])
 
 
 def base_terms(base_model: str | None) -> dict | None:
@@ -45,6 +55,14 @@ def base_terms(base_model: str | None) -> dict | None:
     except LlamaforgeError as e:   # the terms are advice: never a reason to stop a run
         print(f"llamaforge: could not read the base model's licence terms ({e})", file=sys.stderr)
         return None
+
+
+def check_licence(base_model: str | None, out) -> dict | None:
+    """Before a run: the base model's terms (for the card), with a warning for what the run
+    would break."""
+    terms = base_terms(base_model)
+    warn(licence_warnings(terms, out))
+    return terms
 
 
 def licence_warnings(terms: dict | None, out: str | Path, license_tag: str | None = None) -> list[str]:
@@ -134,18 +152,34 @@ def _metric_names(metrics: dict, prefix: str = "") -> set[str]:
     return names
 
 
+def front_matter(card: Path) -> dict:
+    """The YAML front matter of a model card ({} when there is no card or no front matter); a
+    malformed one is a LlamaforgeError naming the file."""
+    import yaml
+    if not card.exists():
+        return {}
+    text = card.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    parts = text.split("\n---", 1)
+    if len(parts) < 2:
+        raise LlamaforgeError(f"{card}: the front matter is not closed by '---'")
+    try:
+        data = yaml.safe_load(parts[0][3:])
+    except yaml.YAMLError as e:
+        raise LlamaforgeError(f"{card}: the front matter is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise LlamaforgeError(f"{card}: the front matter is not a mapping")
+    return data
+
+
 def read_card(run_dir: str | Path) -> dict:
     """The `llamaforge:` block of a run's model card."""
-    import yaml
     card = Path(run_dir) / "README.md"
     if not card.exists():
         raise LlamaforgeError(f"{card}: no model card, so nothing to reproduce from")
-    text = card.read_text(encoding="utf-8")
-    try:
-        front = yaml.safe_load(text.split("\n---", 1)[0][3:]) if text.startswith("---") else None
-    except yaml.YAMLError as e:
-        raise LlamaforgeError(f"{card}: the front matter is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(front, dict) or not isinstance(front.get("llamaforge"), dict):
+    front = front_matter(card)
+    if not isinstance(front.get("llamaforge"), dict):
         raise LlamaforgeError(f"{card}: no llamaforge provenance in the front matter")
     return front["llamaforge"]
 
@@ -163,19 +197,6 @@ def write_run_cards(out: Path, recipe: str, cfg, data: list, metrics: dict, tags
 
 
 # --- reproduce -----------------------------------------------------------------------------------
-
-def _recipe(name: str):
-    if name == "classify":
-        from .tasks.classify import ClassifyConfig, finetune_classify
-        return ClassifyConfig, finetune_classify
-    if name == "sft":
-        from .tasks.sft import SFTConfig, finetune_sft
-        return SFTConfig, finetune_sft
-    if name == "pretrain":
-        from .tasks.pretrain import PretrainConfig, pretrain
-        return PretrainConfig, pretrain
-    raise LlamaforgeError(f"unknown recipe {name!r} in the model card")
-
 
 def same_metrics(a, b, rel: float = 1e-6) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
@@ -197,7 +218,8 @@ def reproduce(run_dir: str | Path, out: str | Path | None = None) -> dict:
             raise LlamaforgeError(f"{f['path']}: training data named by the card is missing")
         if sha256(f["path"]) != f["sha256"]:
             raise LlamaforgeError(f"{f['path']}: SHA-256 differs from the card's: the data changed since the run")
-    cls, run = _recipe(prov["recipe"])
+    from .tasks import recipe
+    cls, run = recipe(prov["recipe"])
     if prov["config"].get("max_minutes"):
         print("llamaforge: warning: the run was bounded by --max-minutes; a rerun on a machine of another speed "
               "takes another number of steps, and its metrics will differ", file=sys.stderr)

@@ -38,27 +38,6 @@ def knowledge() -> dict:
 
 # --- what the files say ---------------------------------------------------------------------------
 
-def _front_matter(card: Path, notes: list) -> dict:
-    """The YAML front matter of a model card; a malformed one is a finding, not a failure."""
-    import yaml
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return {}
-    parts = text.split("\n---", 1)
-    if len(parts) < 2:
-        notes.append(f"{card}: the front matter is not closed by '---'")
-        return {}
-    try:
-        data = yaml.safe_load(parts[0][3:])
-    except yaml.YAMLError as e:
-        notes.append(f"{card}: the front matter is not valid YAML ({str(e).splitlines()[0]})")
-        return {}
-    if not isinstance(data, dict):
-        notes.append(f"{card}: the front matter is not a mapping")
-        return {}
-    return data
-
-
 def gather(path: Path) -> dict:
     """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}."""
     names, licences, notes, base = [], [], [], None
@@ -80,16 +59,17 @@ def gather(path: Path) -> dict:
                 licences.append((meta[key], f"GGUF {key}"))
         return {"format": fmt, "names": names + [path.stem], "licences": licences, "notes": notes, "base": None}
 
-    if (path / "config.yaml").exists() and not (path / "config.json").exists():   # a llamaforge run
+    from .formats import adapter_config, is_run_dir
+    if is_run_dir(path):
         from .runconfig import read_yaml
         cfg = read_yaml(path / "config.yaml")
         base = cfg.get("model")
         if not base:   # not judged by the directory's name: "tinyllama-scratch" is no TinyLlama
             notes.append(f"{path}: trained from scratch; its licence is whatever its author gives it")
         return {"format": "run", "names": [], "licences": [], "notes": notes, "base": base}
-    if (path / "adapter_config.json").exists() or (path / "prefix_config.json").exists():
-        cfg_file = path / ("adapter_config.json" if (path / "adapter_config.json").exists() else "prefix_config.json")
-        base = json.loads(cfg_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    adapter = adapter_config(path)
+    if adapter:
+        base = adapter[1].get("base_model_name_or_path")
         return {"format": "adapter", "names": [path.name], "licences": [], "notes": notes, "base": base}
 
     fmt = "hf" if (path / "config.json").exists() else "meta" if (path / "params.json").exists() else None
@@ -104,7 +84,12 @@ def gather(path: Path) -> dict:
             names.append(cfg["_name_or_path"])
     card = path / "README.md"
     if card.exists():
-        front = _front_matter(card, notes)
+        from .modelcard import front_matter
+        try:
+            front = front_matter(card)
+        except LlamaforgeError as e:   # a malformed card is a finding, not a failure
+            notes.append(str(e))
+            front = {}
         lic = front.get("license")
         if lic == "other" or (lic is None and front.get("license_name")):
             lic = front.get("license_name") or lic
@@ -127,6 +112,14 @@ def _mentions(text: str, phrase: str) -> bool:
     return re.search(r"(?<![a-z0-9])" + re.escape(phrase) + r"(?![a-z0-9])", text) is not None
 
 
+@lru_cache(maxsize=1)
+def _licence_phrases() -> list[tuple[str, str]]:
+    """(phrase, licence id), longest first: "llama 3.1 community license" before "llama3",
+    "cc-by-nc-4.0" before "cc-by-4.0"."""
+    kb = knowledge()["licences"]
+    return sorted(((m, lid) for lid, lic in kb.items() for m in lic.get("match", [])), key=lambda p: -len(p[0]))
+
+
 def identify_licence(text: str) -> str | None:
     """The knowledge base's id for a licence named (or written out) in `text`. A licence file is
     judged by its title (first lines) before its body, which may mention other licences."""
@@ -134,10 +127,8 @@ def identify_licence(text: str) -> str | None:
     t = " ".join(text.lower().split())
     if t in kb:
         return t
-    # Longest match first: "llama 3.1 community license" before "llama3", "cc-by-nc-4.0" before "cc-by-4.0".
-    pairs = sorted(((m, lid) for lid, lic in kb.items() for m in lic.get("match", [])), key=lambda p: -len(p[0]))
     for part in (t[:300], t) if len(t) > 300 else (t,):
-        for m, lid in pairs:
+        for m, lid in _licence_phrases():
             if _mentions(part, m):
                 return lid
     return None

@@ -177,7 +177,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                 task.save_model(model, d)
         else:
             state.bad_evals += 1
-        atomic_write_text(run_dir / "metrics.json", json.dumps(history, indent=2) + "\n")
+        write_metrics(run_dir, history)
         plot_curves(history, cfg.metric, run_dir / "curves.png")
         bar.write(f"step {state.step}: dev {cfg.metric} {value:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
         if hasattr(task, "format_metrics"):   # e.g. the classification report as a table
@@ -244,6 +244,15 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     bar.close()
     writer.close()
     return {**history, "state": asdict(state)}
+
+
+def write_metrics(run_dir: Path, history: dict, final: dict | None = None):
+    """metrics.json: every evaluation, the training curve, and (at the end of a recipe) the final
+    metrics of the best model; the resumable state stays in the checkpoint."""
+    record = {k: v for k, v in history.items() if k != "state"}
+    if final is not None:
+        record["final"] = final
+    atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(record, indent=2) + "\n")
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

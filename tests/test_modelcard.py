@@ -27,13 +27,14 @@ def sft_run(tiny_model_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("card")
     train, dev = chat_file(d / "train.jsonl"), chat_file(d / "dev.jsonl", 8)
     out = d / "run"
-    main(["finetune", "sft", "--train", str(train), "--dev", str(dev), "--out", str(out), "--model", str(tiny_model_dir),
-          "--max-steps", "4", "--eval-every", "2", "--dtype", "fp32", "--samples", "1", "--lr", "1e-2"])
-    return out, train, dev
+    args = ["finetune", "sft", "--train", str(train), "--dev", str(dev), "--out", str(out), "--model", str(tiny_model_dir),
+            "--max-steps", "4", "--eval-every", "2", "--dtype", "fp32", "--samples", "1", "--lr", "1e-2"]
+    main(args)
+    return out, train, dev, args
 
 
 def test_the_card_carries_provenance(sft_run, tiny_model_dir):
-    out, train, dev = sft_run
+    out, train, dev, args = sft_run
     for card in (out / "README.md", out / "best" / "README.md"):
         front, text = front_matter(card)
         assert {"license", "base_model", "datasets", "metrics", "tags", "library_name"} <= set(front)
@@ -42,14 +43,14 @@ def test_the_card_carries_provenance(sft_run, tiny_model_dir):
         prov = front["llamaforge"]
         assert {f["path"]: f["sha256"] for f in prov["data"]} == {str(train): sha256(train), str(dev): sha256(dev)}
         assert prov["config"]["seed"] == prov["seed"] == 0 and prov["config"]["max_steps"] == 4
-        assert prov["command"].startswith("llamaforge finetune sft") or prov["command"].startswith("llamaforge ")
+        assert prov["command"] == " ".join(["llamaforge", *args])
         assert prov["torch"] and prov["version"]
         assert sha256(train) in text and "## Metrics" in text and "No licence was found" in text
     assert read_card(out)["metrics"] == json.loads((out / "metrics.json").read_text())["final"]
 
 
 def test_reproduce_from_the_card_alone(sft_run, tmp_path, capsys):
-    out, _, _ = sft_run
+    out, _, _, _ = sft_run
     capsys.readouterr()
     main(["reproduce", str(out), "--out", str(tmp_path / "again")])
     result = json.loads(capsys.readouterr().out)
@@ -58,7 +59,7 @@ def test_reproduce_from_the_card_alone(sft_run, tmp_path, capsys):
 
 
 def test_reproduce_refuses_changed_data(sft_run, tmp_path, capsys):
-    out, train, _ = sft_run
+    out, train, _, _ = sft_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
     original = train.read_text()

@@ -1,7 +1,6 @@
 """`llamaforge openness`: licence and family identification from metadata the tests write, the
 MOF / OSAID grading, conflicts and malformed cards, the JSON schema, Chinese output."""
 import json
-import time
 
 import pytest
 
@@ -45,14 +44,23 @@ def check_schema(r: dict):
 
 
 def test_the_default_model(capsys):
-    t = time.perf_counter()
     main(["openness", "--format", "json"])
-    assert time.perf_counter() - t < 1.5   # metadata only (the import of torch is most of it)
     r = json.loads(capsys.readouterr().out)
     check_schema(r)
     assert r["license"]["id"] == "apache-2.0" and r["license"]["found_in"] == ["GGUF general.license"]
     assert r["family"]["id"] == "smollm2" and r["verdict"] == "open-source" and r["osaid"]["meets"] == "meets"
     assert r["summary"].startswith("Open source")
+
+
+def test_openness_reads_metadata_only():
+    """No weights, and not even torch: a multi-GB file answers at once (measured in the closing note)."""
+    import subprocess
+    import sys
+    code = ("import sys; from llamaforge.cli import main; main(['openness', '--format', 'json']); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verdict"] == "open-source"
 
 
 @pytest.mark.parametrize("name, licence_text, where, expect", [

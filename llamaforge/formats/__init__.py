@@ -53,9 +53,27 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
     return path
 
 
+def is_run_dir(path: Path) -> bool:
+    """A llamaforge training run directory: its config.yaml, and no HF config.json."""
+    return path.is_dir() and (path / "config.yaml").exists() and not (path / "config.json").exists()
+
+
+def adapter_config(path: Path) -> tuple[Path, dict] | None:
+    """(config file, its contents) of a LoRA (PEFT) or prefix adapter directory; None otherwise."""
+    import json
+    for name in ("adapter_config.json", "prefix_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                return f, json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LlamaforgeError(f"{f}: not valid JSON ({e})") from None
+    return None
+
+
 def run_model_path(path: Path) -> Path:
     """A training run directory (config.yaml + best/) stands for the model it kept."""
-    if path.is_dir() and (path / "config.yaml").exists() and not (path / "config.json").exists():
+    if is_run_dir(path):
         if not (path / "best").is_dir():
             raise LlamaforgeError(f"{path}: the run has no trained model yet (best/ is missing)")
         return path / "best"
@@ -65,20 +83,15 @@ def run_model_path(path: Path) -> Path:
 def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """The base model named by a LoRA or prefix adapter, with the adapter applied: LoRA folded
     into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`."""
-    import json
-
     import torch
 
-    from ..adapters import PREFIX_CONFIG, merge_lora_into_state, read_prefix
-    is_lora = (path / "adapter_config.json").exists()
-    config_file = path / ("adapter_config.json" if is_lora else PREFIX_CONFIG)
-    try:
-        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlamaforgeError(f"{config_file}: not valid JSON ({e})") from None
+    from ..adapters import merge_lora_into_state, read_prefix
+    config_file, raw = adapter_config(path)
+    is_lora = config_file.name == "adapter_config.json"
+    base = raw.get("base_model_name_or_path")
     if not base:
         raise LlamaforgeError(f"{config_file}: no base_model_name_or_path, so the base model is unknown")
-    if is_lora and json.loads(config_file.read_text(encoding="utf-8")).get("task_type") == "SEQ_CLS":
+    if is_lora and raw.get("task_type") == "SEQ_CLS":
         raise LlamaforgeError(f"{path}: a classifier's adapter, not a language model; use it with "
                               f"`llamaforge predict` / `evaluate` on its run directory")
     if base != "default" and not Path(base).exists():
@@ -119,7 +132,7 @@ def load_checkpoint(model: str | os.PathLike | None = "default", dtype: torch.dt
     from . import gguf, hf, meta
 
     path = run_model_path(resolve_model_path(model))
-    if (path / "adapter_config.json").exists() or (path / "prefix_config.json").exists():
+    if path.is_dir() and adapter_config(path):
         return load_adapter(path, dtype)
     fmt = detect_format(path)
     reader = {"gguf": gguf.load, "hf": hf.load, "meta": meta.load}[fmt]

@@ -125,16 +125,12 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
 
 def _card_license(path: Path) -> dict | None:
     """`license:` from the model card's YAML front matter, if any."""
-    card = path / "README.md"
-    if not card.exists():
+    from ..modelcard import front_matter
+    try:
+        lic = front_matter(path / "README.md").get("license")
+    except LlamaforgeError:   # a malformed card does not stop the model from loading
         return None
-    text = card.read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return None
-    for line in text.split("\n---", 1)[0].splitlines():
-        if line.startswith("license:"):
-            return {"license": line.split(":", 1)[1].strip()}
-    return None
+    return {"license": str(lic)} if lic else None
 
 
 def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
@@ -144,6 +140,12 @@ def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
         write(ckpt, tmp, dtype)
         if extra is not None:
             extra(tmp)
+
+
+def write_model(llama, tokenizer, out_dir: Path):
+    """A trained `model.Llama` (unfused, HF parameter names) as an HF directory's files."""
+    from . import Checkpoint
+    write(Checkpoint(llama.config, llama.state_dict(), tokenizer), out_dir)
 
 
 def write(ckpt, out_dir: Path, dtype: torch.dtype | None = None):

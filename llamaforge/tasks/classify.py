@@ -27,7 +27,7 @@ from ..errors import LlamaforgeError
 from ..metrics import classification_report, format_report, plot_confusion_matrix
 from ..model import LlamaForClassification
 from ..atomic import atomic_write_text
-from ..trainer import fit
+from ..trainer import fit, write_metrics
 from .base import FinetuneConfig, base_model_reference, open_run
 
 
@@ -191,9 +191,8 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     print(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
           f"{n_train:,} trainable parameters, {cfg.dtype}", file=sys.stderr)
 
-    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
-    terms = base_terms(cfg.model)
-    warn(licence_warnings(terms, out))
+    from ..modelcard import check_licence, write_run_cards
+    terms = check_licence(cfg.model, out)
     task = ClassificationTask(cfg, enc["train"], train_y, enc["dev"], dev_y, labels, tok)
     history = fit(clf, task, cfg, out, resume=resume)
 
@@ -209,8 +208,7 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
         final[name] = classification_report(split_y, pred, labels)
         if name == "test" or not test:
             plot_confusion_matrix(split_y, pred, labels, out / "confusion_matrix.png", title=f"{name} (best model)")
-    history["final"] = final
-    atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in history.items() if k != "state"}, indent=2) + "\n")
+    write_metrics(out, history, final)
     write_run_cards(out, "classify", cfg, [cfg.train, cfg.dev, cfg.test], final, ["text-classification"], terms)
     return final
 

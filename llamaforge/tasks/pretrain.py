@@ -12,7 +12,6 @@ generated at each evaluation), best/ (an HF model directory), checkpoint/, tenso
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -23,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_write_text
 from ..config import PRESETS, LlamaConfig
 from ..data import read_text
 from ..errors import LlamaforgeError
-from ..lm import next_token_loss
-from ..trainer import UNBOUNDED_EPOCHS, TrainConfig, fit
+from ..lm import mean_loss, next_token_loss
+from ..trainer import UNBOUNDED_EPOCHS, TrainConfig, fit, write_metrics
 
 
 @dataclass
@@ -210,7 +208,8 @@ class PretrainTask:
         self.starts = list(range(0, len(train) - B, B))
         # Validation: evenly spaced blocks, always the same ones, so evaluations compare.
         n_val = max(1, min(cfg.eval_blocks, (len(val) - 1) // B))
-        self.val_starts = np.linspace(0, max(0, len(val) - B - 1), n_val).astype(int).tolist()
+        starts = np.linspace(0, max(0, len(val) - B - 1), n_val).astype(int).tolist()
+        self.val_pairs = [(ids, ids) for ids in (self.block(val, s).tolist() for s in starts)]
         self.last_sample = ""
 
     def block(self, tokens, start: int) -> torch.Tensor:
@@ -227,12 +226,7 @@ class PretrainTask:
         return loss, x.numel()
 
     def evaluate(self, model):
-        total, n = 0.0, 0
-        for s in range(0, len(self.val_starts), self.cfg.batch_size):
-            x = torch.stack([self.block(self.val, v) for v in self.val_starts[s:s + self.cfg.batch_size]])
-            loss, k = next_token_loss(model, x, x, reduction="sum")
-            total, n = total + float(loss), n + k
-        loss = total / n
+        loss, _ = mean_loss(model, self.val_pairs, self.tok.pad_id, self.cfg.batch_size)
         self.last_sample = self.sample(model)
         with open(self.out / "samples.log", "a", encoding="utf-8") as f:
             f.write(f"=== val loss {loss:.4f}\n{self.last_sample}\n\n")
@@ -251,8 +245,8 @@ class PretrainTask:
         return f"val perplexity {metrics['perplexity']:.2f}; sample:\n{self.last_sample}"
 
     def save_model(self, model, out_dir):
-        from ..formats import Checkpoint, hf
-        hf.write(Checkpoint(model.config, model.state_dict(), self.tok), out_dir)
+        from ..formats import hf
+        hf.write_model(model, self.tok, out_dir)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -280,15 +274,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"llamaforge: {len(train):,} train / {len(val):,} validation tokens; model {n_params / 1e6:.2f}M "
           f"parameters ({model.config.n_layers} layers, dim {model.config.dim}), {cfg.dtype}", file=sys.stderr)
-    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
-    terms = base_terms(cfg.model)
-    warn(licence_warnings(terms, out))
+    from ..modelcard import check_licence, write_run_cards
+    terms = check_licence(cfg.model, out)
     history = fit(model, PretrainTask(cfg, train, val, tok, out), cfg, out, resume=resume)
     best = min(history["evals"], key=lambda e: e["loss"])
     final = {"loss": best["loss"], "perplexity": best["perplexity"], "step": best["step"],
              "tokens": history["state"]["tokens"]}
-    atomic_write_text(out / "metrics.json", json.dumps({**{k: v for k, v in history.items() if k != "state"},
-                                                        "final": final}, indent=2) + "\n")
+    write_metrics(out, history, final)
     data = [str(f) for f in files] + ([str(f) for f in corpus_files(cfg.val)] if cfg.val else [])
     write_run_cards(out, "pretrain", cfg, data, final, ["text-generation"], terms)
     return final

@@ -14,7 +14,6 @@ The run directory is a model: `llamaforge chat --model RUN` talks to its best mo
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -23,12 +22,11 @@ from pathlib import Path
 import torch
 
 from ..adapters import add_lora, add_prefix, save_peft_adapter, save_prefix
-from ..atomic import atomic_write_text
 from ..conversations import FORMATS, Example, encode_examples, read_examples
 from ..data import length_bucketed_batches, pack_rows, packed_batch, pad_labelled
 from ..errors import LlamaforgeError
 from ..lm import mean_loss, next_token_loss
-from ..trainer import fit
+from ..trainer import fit, write_metrics
 from .base import FinetuneConfig, base_model_reference, open_run
 
 PREFIX_INIT_TEXT = "You are a helpful assistant. Read the request carefully and answer it well."
@@ -111,8 +109,8 @@ def save_model(llama, out_dir: Path, cfg: SFTConfig, tok):
     elif cfg.method == "prefix":
         save_prefix(llama, out_dir, base_model=base)
     else:
-        from ..formats import Checkpoint, hf
-        hf.write(Checkpoint(llama.config, llama.state_dict(), tok), out_dir)
+        from ..formats import hf
+        hf.write_model(llama, tok, out_dir)
 
 
 # --- the task for trainer.fit -------------------------------------------------------------------
@@ -207,9 +205,8 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
           f"{cfg.method}, {n_trainable:,} trainable parameters, {cfg.dtype}" + (", packed" if cfg.pack else ""),
           file=sys.stderr)
 
-    from ..modelcard import base_terms, licence_warnings, warn, write_run_cards
-    terms = base_terms(cfg.model)
-    warn(licence_warnings(terms, out))
+    from ..modelcard import check_licence, write_run_cards
+    terms = check_licence(cfg.model, out)
     task = CausalLMTask(cfg, enc_train, enc_dev, tok, out, samples)
     history = fit(llama, task, cfg, out, resume=resume)
 
@@ -219,7 +216,6 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     loss, n = mean_loss(best, encode_examples(tok, dev, cfg.max_length, context, name="dev"), tok.pad_id,
                         cfg.eval_batch_size)
     final = {"dev": {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "best_step": history["state"]["best_step"]}}
-    history["final"] = final
-    atomic_write_text(out / "metrics.json", json.dumps({k: v for k, v in history.items() if k != "state"}, indent=2) + "\n")
+    write_metrics(out, history, final)
     write_run_cards(out, "sft", cfg, [cfg.train, cfg.dev], final, ["text-generation", "conversational"], terms)
     return final

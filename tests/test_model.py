@@ -110,3 +110,17 @@ def test_training_attention_matches_sdpa_with_gradients(H, Hkv, with_mask):
     assert (ours - ref).abs().max() < 1e-5
     for a, b in zip(g_ours, g_ref):
         assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("H,Hkv,T,S,block", [(4, 2, 7, 7, 3), (4, 4, 9, 9, 4), (6, 2, 5, 12, 2), (6, 2, 16, 16, 64)])
+def test_blocked_causal_attention_matches_sdpa(H, Hkv, T, S, block):
+    """Inference attention in query blocks: the same as SDPA with a causal mask whose queries are
+    the last T of S positions (a prompt after a cached prefix), for blocks that split T unevenly."""
+    import torch.nn.functional as F
+    from llamaforge.model import causal_attention
+    torch.manual_seed(0)
+    B, hd = 2, 8
+    q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
+    mask = attention_mask(None, T, S - T, S)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    assert (causal_attention(q, k, v, block=block) - ref).abs().max() < 1e-5

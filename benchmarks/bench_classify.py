@@ -6,7 +6,8 @@ default SmolLM2 weights), same shapes, same hyperparameters, in one run.
 Training: batch 8 x 128 tokens with no padding, LoRA r=16 alpha=32 on all seven linear layers
 (dropout 0) or full fine-tuning, AdamW. transformers computes bf16 the usual way, under
 torch.autocast on an fp32 model; llamaforge keeps frozen weights in bf16 and fp32 master copies
-of the trained ones, and steps through its own trainer (`trainer.fit`).
+of the trained ones, and steps through its own trainer (`trainer.fit`); a third column trains
+as `--compile` does (the blocks through torch.compile; compilation is in the warm-up round).
 Inference: batch 32 x 128, examples/s (transformers loaded in the dtype, llamaforge as `predict`
 runs it, LoRA unmerged); and a whole file (SST-2 dev, when ../shared/data is beside the
 checkout), transformers batching it in file order, llamaforge by length.
@@ -98,14 +99,14 @@ class Transformers:
 
 
 class Llamaforge:
-    def __init__(self, method, dtype, hf_dir, infer):
+    def __init__(self, method, dtype, hf_dir, infer, compile=False):
         import torch
         from llamaforge.tasks.classify import ClassifyConfig, build_classifier
         cfg = ClassifyConfig(model="default", method=method, dtype=dtype, lora_rank=LORA["r"], lora_alpha=LORA["alpha"],
                              lora_dropout=0.0, lora_targets=LORA["targets"], lr=LR[method])
         torch.manual_seed(0)
         self.clf, self.tok = build_classifier(cfg, 2)
-        self.infer, self.method = infer, method
+        self.infer, self.method, self.compile = infer, method, compile
         if infer:
             self.clf.eval()
 
@@ -115,16 +116,17 @@ class Llamaforge:
         if self.infer:
             return timed(lambda ids, y: predict_proba(self.clf, ids.tolist(), 0, B_INFER), data)
         return trainer_step_times(self.clf, data, lambda m, d: (
-            torch.nn.functional.cross_entropy(m(d[0]), d[1]), d[0].numel()), LR[self.method])
+            torch.nn.functional.cross_entropy(m(d[0]), d[1]), d[0].numel()), LR[self.method], self.compile)
 
     def predict_file(self, seqs, pad_id):
         from llamaforge.tasks.classify import predict_proba
         predict_proba(self.clf, seqs, pad_id, B_INFER)
 
 
-def trainer_step_times(model, data: list, loss, lr: float) -> list[float]:
+def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False) -> list[float]:
     """Seconds per step of llamaforge's own trainer (`trainer.fit`) on fixed batches; a step is
-    the time between one loss call and the next. loss(model, batch) -> (loss, tokens)."""
+    the time between one loss call and the next. loss(model, batch) -> (loss, tokens).
+    compile: as `--compile` trains (the first block, a warm-up, pays the compilation)."""
     from llamaforge.trainer import TrainConfig, fit
     stamps = []
 
@@ -142,16 +144,19 @@ def trainer_step_times(model, data: list, loss, lr: float) -> list[float]:
         def save_model(self, m, out):
             pass
     with tempfile.TemporaryDirectory() as d:
-        fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000), d)
+        fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000,
+                                        compile=compile), d)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge}
+IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge,
+         "llamaforge --compile": lambda *a: Llamaforge(*a, compile=True)}
+TRAIN_ONLY = {"llamaforge --compile"}   # compilation is a training option
 
 
 def speed(method, dtype, hf_dir, infer, rounds):
     """Median step seconds per implementation, in alternating blocks, after one warm-up block."""
-    impls = {name: cls(method, dtype, hf_dir, infer) for name, cls in IMPLS.items()}
+    impls = {name: cls(method, dtype, hf_dir, infer) for name, cls in IMPLS.items() if not (infer and name in TRAIN_ONLY)}
     batch = B_INFER if infer else B
     times = {name: [] for name in impls}
     for r in range(rounds + 1):
@@ -166,7 +171,7 @@ def file_speed(dtype, hf_dir, path, rounds):
     from llamaforge.loader import load
     _, tok = load("default")
     seqs = [s[:128] for s in tok.encode_batch(file_texts(path))]
-    impls = {name: cls("lora", dtype, hf_dir, True) for name, cls in IMPLS.items()}
+    impls = {name: cls("lora", dtype, hf_dir, True) for name, cls in IMPLS.items() if name not in TRAIN_ONLY}
     times = {name: [] for name in impls}
     for _ in range(rounds):
         for name, impl in impls.items():
@@ -201,18 +206,23 @@ def main():
         # transformers reads the same SmolLM2 weights from an HF directory (loading the GGUF
         # itself takes it ~17 s of metadata parsing).
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
-        print(f"{'config':<11} {'unit':<11} {'transformers':>12} {'llamaforge':>11} {'ratio':>6}   peak RSS MB (hf / ours)")
+        print(f"{'config':<11} {'unit':<11} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} "
+              f"{'ratio':>6}   peak RSS MB (hf / ours)")
 
         def row(config, unit, v, mem):
+            c = v.get("llamaforge --compile")
+            compiled = f"{c:10.1f} {c / v['transformers']:5.2f}x" if c else f"{'':10} {'':6}"
             print(f"{config:<11} {unit:<11} {v['transformers']:12.1f} {v['llamaforge']:11.1f} "
-                  f"{v['llamaforge'] / v['transformers']:5.2f}x   {mem}", flush=True)
+                  f"{v['llamaforge'] / v['transformers']:5.2f}x {compiled}   {mem}", flush=True)
 
         for config in args.configs.split(","):
             kind, dtype = config.split("-")
             infer = kind == "infer"
             method = "lora" if infer else kind
-            v = {i: float("nan") for i in IMPLS} if args.no_speed else speed(method, dtype, hf_dir, infer, args.rounds)
-            mem = "" if args.no_memory else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}" for i in IMPLS)
+            v = {i: float("nan") for i in ("transformers", "llamaforge")} if args.no_speed else \
+                speed(method, dtype, hf_dir, infer, args.rounds)
+            mem = "" if args.no_memory else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}"
+                                                       for i in ("transformers", "llamaforge"))
             row(config, "examples/s" if infer else "tokens/s", v, mem)
         if SST2_DEV.exists() and not args.no_speed:
             for dtype in ("bf16", "fp32"):

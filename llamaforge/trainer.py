@@ -25,6 +25,7 @@ import torch
 from .atomic import atomic_output_dir, atomic_torch_save, atomic_write_text
 from .errors import LlamaforgeError
 from .metrics import plot_curves
+from .model import Llama
 
 
 UNBOUNDED_EPOCHS = 1_000_000   # epochs of a run that --max-steps or --max-minutes ends
@@ -48,6 +49,7 @@ class TrainConfig:
     metric: str = "accuracy"              # dev metric that picks the best model
     greater_is_better: bool = True
     patience: int | None = None           # evaluations without improvement before stopping
+    compile: bool = False                 # torch.compile the blocks: 20-40 s once, then ~15% faster steps
 
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -185,6 +187,10 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         if cfg.patience is not None and state.bad_evals >= cfg.patience:
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 
+    if cfg.compile:
+        for module in model.modules():
+            if isinstance(module, Llama):
+                module.compile_for_training()
     model.train()
     window_loss, window_n = 0.0, 0
     while state.step < total and not state.stopped:

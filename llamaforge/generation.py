@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from .errors import LlamaforgeError
+from .kernels import require_cpp_compiler
 from .model import Llama, attention_mask
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -92,6 +93,7 @@ def compiled_decode_step(model: Llama):
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
         import sys
+        require_cpp_compiler("--compile")
         print("compiling the decode step (once per process; about 40 s on 2 cores)...", file=sys.stderr)
         step = torch.compile(decode_one_token, dynamic=True, fullgraph=True)
         model._compiled_decode_step = step

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import LlamaforgeError
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -55,6 +57,15 @@ torch::Tensor gemv_bf16(torch::Tensor w, torch::Tensor x) {
 
 _extension = None
 _tried = False
+
+
+def require_cpp_compiler(option: str):
+    """torch.compile builds its CPU kernels with a C++ compiler: without one, refuse `option` in
+    one line now rather than with a compiler traceback at the first step."""
+    import shutil
+    if not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++")):
+        raise LlamaforgeError(f"{option} needs a C++ compiler (torch.compile builds its CPU kernels with "
+                              f"one): install g++, or leave out {option}")
 
 
 def _cpu_has_avx512() -> bool:

@@ -24,6 +24,7 @@ import torch
 
 from .atomic import atomic_output_dir, atomic_torch_save, atomic_write_text
 from .errors import LlamaforgeError
+from .kernels import require_cpp_compiler
 from .metrics import plot_curves
 from .model import Llama
 
@@ -188,6 +189,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 
     if cfg.compile:
+        require_cpp_compiler("--compile")
         for module in model.modules():
             if isinstance(module, Llama):
                 module.compile_for_training()

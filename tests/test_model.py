@@ -164,3 +164,14 @@ def test_compiled_training_blocks_match_eager(tiny_bpe):
     assert not calls
     next_token_loss(compiled, ids, labels)
     assert len(calls) == len(compiled.layers)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    import shutil
+
+    from llamaforge.errors import LlamaforgeError
+    from llamaforge.kernels import require_cpp_compiler
+    require_cpp_compiler("--compile")   # this machine has one
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(LlamaforgeError, match="--compile needs a C.. compiler"):
+        require_cpp_compiler("--compile")

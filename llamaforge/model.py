@@ -174,11 +174,14 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
         if self.prefix is not None:
             k, v, mask = self.with_prefix(k, v, mask, T)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # Training attention also where a compiled training step reaches a layer whose q, k, v need no
+        # gradient: the inference path's loop over the length would recompile for every length.
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or torch.compiler.is_compiling()):
             y = attention_for_training(q, k, v, mask)
         elif mask is None and T > 1:
             S = k.shape[2]
-            if q.dtype != torch.float32 and T >= BLOCKED_ATTENTION_MIN_LEN:
+            if q.device.type == "cpu" and q.dtype != torch.float32 and T >= BLOCKED_ATTENTION_MIN_LEN:
                 y = causal_attention(q, k, v)
             else:   # SDPA's causal flag aligns queries to the first keys: after a cached prefix, a mask
                 y = F.scaled_dot_product_attention(
@@ -220,11 +223,24 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
-        self.compiled_forward = None   # for training steps; see Llama.compile_for_training
+        self.compile_training = False   # run training steps through compiled_block_forward
 
     def forward(self, x, cos, sin, mask, cache_pos):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+_compiled_block_forward = None
+
+
+def compiled_block_forward():
+    """Block.forward through torch.compile, built once per process and shared by every block of
+    every model (a block is an argument, not part of the compiled function, so copies of a model
+    run their own weights)."""
+    global _compiled_block_forward
+    if _compiled_block_forward is None:
+        _compiled_block_forward = torch.compile(Block.forward, dynamic=True)
+    return _compiled_block_forward
 
 
 def attention_mask(key_valid: torch.Tensor | None, q_len: int, cache_pos: int, kv_len: int, device=None):
@@ -301,8 +317,10 @@ class Llama(nn.Module):
         # be specialised to size 1 and compiled again, for one rare batch.
         compiled = torch.is_grad_enabled() and B > 1 and T > 1
         for layer in self.layers:
-            run = layer.compiled_forward if compiled and layer.compiled_forward is not None else layer
-            x = run(x, cos, sin, mask, cache_pos)
+            if compiled and layer.compile_training:
+                x = compiled_block_forward()(layer, x, cos, sin, mask, cache_pos)
+            else:
+                x = layer(x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False):
@@ -345,7 +363,7 @@ class Llama(nn.Module):
         (20-40 s) whatever the batch; evaluation keeps the eager blocks, whose inference attention
         loops over the input's length and would recompile for each."""
         for layer in self.layers:
-            layer.compiled_forward = torch.compile(layer.forward, dynamic=True)
+            layer.compile_training = True
         return self
 
     def replace_linears(self, make, names=None, kind=nn.Linear):

@@ -122,12 +122,13 @@ def causal_attention(q, k, v, block: int = 64):
     G, offset = H // Hkv, S - T
     q = (q.transpose(1, 2) * hd ** -0.5).view(B, T, Hkv, G, hd).transpose(1, 2).contiguous()  # (B, Hkv, T, G, hd)
     out = torch.empty(B, T, Hkv, G, hd, dtype=q.dtype, device=q.device)
+    # -inf above the diagonal; a shorter last block takes its top-left corner.
+    diagonal = torch.full((block, block), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     for start in range(0, T, block):
         end = min(start + block, T)
         n, seen = end - start, offset + end
         scores = q[:, :, start:end].reshape(B, Hkv, n * G, hd) @ k[:, :, :seen].transpose(-1, -2)
-        diagonal = torch.full((n, n), float("-inf"), dtype=scores.dtype, device=q.device).triu_(1)[:, None]
-        scores.view(B, Hkv, n, G, seen)[..., seen - n:].add_(diagonal)
+        scores.view(B, Hkv, n, G, seen)[..., seen - n:].add_(diagonal[:n, :n, None].transpose(1, 2))
         probs = torch.softmax(scores, dim=-1)           # fp32 inside, whatever the input dtype
         out[:, start:end] = (probs @ v[:, :, :seen]).view(B, Hkv, n, G, hd).transpose(1, 2)
     return out.view(B, T, H, hd).transpose(1, 2)    # (B, H, T, hd), stored position-major
@@ -179,14 +180,9 @@ class Attention(nn.Module):
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                         or torch.compiler.is_compiling()):
             y = attention_for_training(q, k, v, mask)
-        elif mask is None and T > 1:
-            S = k.shape[2]
-            if q.device.type == "cpu" and q.dtype != torch.float32 and T >= BLOCKED_ATTENTION_MIN_LEN:
-                y = causal_attention(q, k, v)
-            else:   # SDPA's causal flag aligns queries to the first keys: after a cached prefix, a mask
-                y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=None if S == T else attention_mask(None, T, S - T, S, q.device),
-                    is_causal=S == T, enable_gqa=self.n_heads != self.n_kv_heads)
+        elif (mask is None and T >= BLOCKED_ATTENTION_MIN_LEN and q.device.type == "cpu"
+              and q.dtype != torch.float32):
+            y = causal_attention(q, k, v)
         elif T == 1 and self.n_heads != self.n_kv_heads:
             # Decoding: the query heads sharing a KV head become that head's rows of queries, a
             # plain attention over (B, Hkv). Same result; bf16 SDPA with enable_gqa is 3-5x slower
@@ -194,8 +190,11 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
                                                attn_mask=mask).reshape(B, self.n_heads, 1, self.head_dim)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+            S = k.shape[2]
+            if mask is None and T > 1 and S > T:   # SDPA's causal flag would align queries to the first keys
+                mask = attention_mask(None, T, S - T, S, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

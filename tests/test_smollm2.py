@@ -76,3 +76,30 @@ def test_fast_inference_paths_track_fp32(default_checkpoint):
                 picks.append(int(model(torch.tensor([[t]]), cache_pos=T + i)[0, -1].argmax()))
         agree = sum(a == b for a, b in zip(picks, forced)) / len(forced)
         assert agree >= 0.9, (quantize, agree)
+
+
+def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
+    """bf16 prompts of 128+ tokens take the blocked causal attention, whole and after a cached
+    prefix (as a chat's next turn does): on SmolLM2 their logits are as close to fp32 as SDPA's."""
+    import llamaforge.model as model_module
+    tok = default_checkpoint.tokenizer
+    ids = torch.tensor([tok.encode(" ".join([PROMPT] * 20), add_special_tokens=False)[:300]])
+    calls = []
+    real = model_module.causal_attention
+    monkeypatch.setattr(model_module, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        ref = build_model(default_checkpoint, "fp32")(ids)[0].float()
+        assert not calls   # fp32 keeps SDPA
+        bf16 = build_model(default_checkpoint, "bf16")
+        blocked = bf16(ids)[0].float()
+        bf16.setup_cache(1, 300)
+        bf16(ids[:, :150], cache_pos=0)
+        continued = bf16(ids[:, 150:], cache_pos=150)[0].float()
+        assert len(calls) == 3 * bf16.config.n_layers   # per layer: whole, prefix, continuation
+        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MIN_LEN", 10**9)   # SDPA everywhere
+        sdpa = bf16(ids)[0].float()
+    err_sdpa = (sdpa - ref).abs().mean()
+    assert (blocked - ref).abs().mean() < 1.5 * err_sdpa
+    assert (continued - ref[150:]).abs().mean() < 1.5 * err_sdpa
+    agree = (blocked.argmax(-1) == ref.argmax(-1)).float().mean()
+    assert agree > 0.9, agree

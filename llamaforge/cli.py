@@ -149,6 +149,8 @@ FINETUNE_HELP = {
     "max_steps": "optimiser steps (overrides --epochs)", "max_minutes": "training time budget",
     "eval_every": "evaluate every N steps (default: each epoch)", "patience": "early stop after N evaluations without improvement",
     "class_weights": "balanced: weight the loss by inverse class frequency",
+    "truncation_side": "which end of a text longer than --max-length is dropped: right (its end) or left (its "
+                       "beginning, so that the pooled last token is the text's own last token)",
     "lora_targets": "comma-separated: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     "warmup": "fraction of steps (< 1) or steps (>= 1)", "schedule": "linear | cosine | constant",
     "method": "classify: lora (default) | full; sft: lora (default) | full | prefix",

@@ -184,12 +184,24 @@ def label_ids(examples: list[LabelledText], labels: list[str]) -> list[int]:
 
 
 def encode_texts(tokenizer, examples: list[LabelledText], max_length: int, name: str = "data",
-                 report=True) -> list[list[int]]:
+                 report=True, truncation_side: str = "right") -> list[list[int]]:
     """Token ids per example, truncated to max_length (the count of truncated texts is reported
-    on stderr). A pair is joined by the EOS token, the longer side truncated first."""
+    on stderr). A pair is joined by the EOS token, the longer side truncated first.
+    truncation_side: "right" drops a long text's end, "left" its beginning (as HF tokenizers'
+    `truncation_side`)."""
+    if truncation_side not in ("right", "left"):
+        raise LlamaforgeError(f"truncation-side must be right or left, not {truncation_side!r}")
     firsts = tokenizer.encode_batch([e.text for e in examples])
     seconds = tokenizer.encode_batch([e.pair for e in examples]) if examples and examples[0].pair is not None else None
     sep = [tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id]
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+
+    def cut(ids, n):
+        """ids shortened to n tokens; from the left, a leading BOS stays in front (as HF's)."""
+        if truncation_side == "right":
+            return ids[:n]
+        keep = 1 if n > 0 and bos is not None and ids[:1] == [bos] else 0
+        return ids[:keep] + ids[len(ids) - (n - keep):]
     out, truncated = [], 0
     for i, a in enumerate(firsts):
         b = seconds[i] if seconds else None
@@ -198,13 +210,13 @@ def encode_texts(tokenizer, examples: list[LabelledText], max_length: int, name:
         if n_total > room:
             truncated += 1
             if b is None:
-                a = a[:room]
+                a = cut(a, room)
             else:
                 while len(a) + len(b) > room:   # longest first, as HF's "longest_first"
                     if len(a) >= len(b):
-                        a = a[:-1]
+                        a = cut(a, len(a) - 1)
                     else:
-                        b = b[:-1]
+                        b = cut(b, len(b) - 1)
         out.append(a + sep + b if b is not None else a)
     if truncated and report:
         print(f"llamaforge: {name}: {truncated} of {len(examples)} texts longer than {max_length} tokens "

@@ -92,6 +92,35 @@ def test_pairs_are_joined_and_truncated_longest_first(tmp_path, tiny_bpe):
     assert len(seq) == 12 and seq[:len(first)] == first and seq[len(first)] == tiny_bpe.eos_id
 
 
+def test_left_truncation_keeps_the_end_of_texts_and_pairs(tmp_path, tiny_bpe):
+    long = "the llama model runs fast and far " * 10 + "the end"
+    recs = read_labelled(write(tmp_path, "d.csv", f"text,label\n{long},pos\nshort,neg\n"))
+    whole = tiny_bpe.encode(long)
+    left = encode_texts(tiny_bpe, recs, max_length=16, report=False, truncation_side="left")
+    right = encode_texts(tiny_bpe, recs, max_length=16, report=False)
+    assert left[0] == whole[-16:] and right[0] == whole[:16]
+    assert left[1] == right[1] == tiny_bpe.encode("short")   # short texts are untouched
+    pairs = read_labelled(write(tmp_path, "p.csv", f"q,a,label\nshort,{long},yes\n"),
+                          text_column="q", text_pair_column="a")
+    seq = encode_texts(tiny_bpe, pairs, max_length=12, report=False, truncation_side="left")[0]
+    first = tiny_bpe.encode("short")
+    assert len(seq) == 12 and seq[:len(first) + 1] == first + [tiny_bpe.eos_id]
+    assert seq[len(first) + 1:] == whole[-(12 - len(first) - 1):]
+    with pytest.raises(LlamaforgeError, match="truncation-side must be right or left"):
+        encode_texts(tiny_bpe, recs, max_length=16, truncation_side="middle")
+
+
+def test_left_truncation_keeps_a_leading_bos(tmp_path, spm_model):
+    from llamaforge.tokenizer import from_sentencepiece_model
+    tok = from_sentencepiece_model(spm_model)   # Llama's SentencePiece: adds BOS
+    long = "the llama model runs fast and far " * 10 + "the end"
+    recs = read_labelled(write(tmp_path, "d.csv", f"text,label\n{long},pos\n"))
+    whole = tok.encode(long)
+    assert whole[0] == tok.bos_id
+    seq = encode_texts(tok, recs, max_length=16, report=False, truncation_side="left")[0]
+    assert seq == [tok.bos_id] + whole[-15:]
+
+
 def test_length_buckets_cover_everything_once_and_group_lengths():
     lengths = [int(x) for x in torch.randint(1, 100, (1000,), generator=torch.Generator().manual_seed(0))]
     batches = length_bucketed_batches(lengths, 16, torch.Generator().manual_seed(1))

@@ -1,12 +1,13 @@
 """Classification fine-tuning speed: HF transformers + peft against llamaforge, same model (the
 default SmolLM2 weights), same shapes, same hyperparameters, in one run.
 
-    .venv/bin/python benchmarks/bench_classify.py [--rounds 3] [--configs lora-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file]
+    .venv/bin/python benchmarks/bench_classify.py [--rounds 3] [--no-memory]
+        [--configs lora-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file]
 
 Training: batch 8 x 128 tokens with no padding, LoRA r=16 alpha=32 on all seven linear layers
 (dropout 0) or full fine-tuning, AdamW; both sides clip the gradient norm to 1.0 and use the
-fused AdamW kernel, as HF's Trainer does by default. transformers computes bf16 the usual way, under
-torch.autocast on an fp32 model; llamaforge keeps frozen weights in bf16 and fp32 master copies
+fused AdamW kernel, as HF's Trainer does by default. transformers computes bf16 the usual way,
+under torch.autocast on an fp32 model; llamaforge keeps frozen weights in bf16 and fp32 master copies
 of the trained ones, and steps through its own trainer (`trainer.fit`); a third column trains
 as `--compile` does (the blocks through torch.compile; compilation is in the warm-up round).
 Inference: batch 32 x 128, examples/s (transformers loaded in the dtype, llamaforge as `predict`
@@ -48,11 +49,15 @@ def hf_trainer_optimizer(model, lr):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01, fused=True)
 
 
-def hf_trainer_update(model, opt):
-    """What HF's Trainer does after each backward by default: clip the gradient norm to 1.0 (as
-    llamaforge's trainer does), step, zero the gradients."""
+def hf_trainer_step(model, opt, dtype, **inputs):
+    """One training step as HF's Trainer takes it by default: the loss under bf16 autocast (for
+    dtype bf16), backward, the gradient norm clipped to 1.0 (as llamaforge's trainer does), the
+    optimiser step."""
     import torch
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -94,10 +99,7 @@ class Transformers:
             with torch.inference_mode():
                 self.model(ids)
             return
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-            loss = self.model(input_ids=ids, labels=y).loss
-        loss.backward()
-        hf_trainer_update(self.model, self.opt)
+        hf_trainer_step(self.model, self.opt, self.dtype, input_ids=ids, labels=y)
 
     def block(self, data):
         return timed(self.step, data)

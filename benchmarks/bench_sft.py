@@ -15,8 +15,9 @@ transformers computes bf16 the usual way, under torch.autocast on an fp32 model,
 takes logits at every position; llamaforge keeps frozen weights in bf16 with fp32 master copies of
 the trained ones, computes logits only where a token is scored, and steps through its own trainer
 (`trainer.fit`); a third column trains as `--compile` does (the blocks through torch.compile,
-compiled in the warm-up round). Figures are real (non-padding) tokens per second, the median step of blocks the
-two take in turn, round after round, so that drift of this machine hits both alike.
+compiled in the warm-up round). Figures are real (non-padding) tokens per second, the median step
+of blocks the implementations take in turn, round after round, so that drift of this machine hits
+all alike.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_update, trainer_step_times   # noqa: E402
+from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times   # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT / "llamaforge" / "datasets"
@@ -99,10 +100,7 @@ class Transformers:
         times = []
         for ids, labels, _ in data:
             t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
-                loss = self.model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            hf_trainer_update(self.model, self.opt)
+            hf_trainer_step(self.model, self.opt, self.dtype, input_ids=ids, labels=labels)
             times.append(time.perf_counter() - t)
         return times
 

@@ -183,14 +183,18 @@ def label_ids(examples: list[LabelledText], labels: list[str]) -> list[int]:
     return out
 
 
+def check_truncation_side(side: str):
+    if side not in ("right", "left"):
+        raise LlamaforgeError(f"truncation-side must be right or left, not {side!r}")
+
+
 def encode_texts(tokenizer, examples: list[LabelledText], max_length: int, name: str = "data",
                  report=True, truncation_side: str = "right") -> list[list[int]]:
     """Token ids per example, truncated to max_length (the count of truncated texts is reported
     on stderr). A pair is joined by the EOS token, the longer side truncated first.
     truncation_side: "right" drops a long text's end, "left" its beginning (as HF tokenizers'
     `truncation_side`)."""
-    if truncation_side not in ("right", "left"):
-        raise LlamaforgeError(f"truncation-side must be right or left, not {truncation_side!r}")
+    check_truncation_side(truncation_side)
     firsts = tokenizer.encode_batch([e.text for e in examples])
     seconds = tokenizer.encode_batch([e.pair for e in examples]) if examples and examples[0].pair is not None else None
     sep = [tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.pad_id]

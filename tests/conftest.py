@@ -75,6 +75,17 @@ def spm_model(tmp_path_factory) -> Path:
     return d / "tokenizer.model"
 
 
+@torch.no_grad()
+def randomize_parameters(model, std: float, suffixes=("lora_B",), seed: int = 0):
+    """Normal(0, std) values for the parameters whose names end with `suffixes`, from one seeded
+    generator in parameter order: two models of the same structure get the same values. LoRA's B
+    starts at zero; made non-zero, the LoRA path changes the output and gradients reach A."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(tuple(suffixes)):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def random_model(preset: str, tokenizer: Tokenizer, seed: int = 0, **overrides):
     """A tiny model with random weights: (our Checkpoint, its twin in HF transformers)."""
     from transformers import LlamaConfig as HFConfig

@@ -4,6 +4,7 @@ load PEFT's)."""
 import pytest
 import torch
 
+from conftest import randomize_parameters
 from llamaforge.adapters import LoRAConfig, LoRALinear, add_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from llamaforge.errors import LlamaforgeError
 from llamaforge.loader import load
@@ -18,11 +19,7 @@ def batch(tok):
 
 
 def randomize_lora(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith(("lora_B", "score.weight")):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_parameters(model, 0.05, ("lora_B", "score.weight"), seed)
 
 
 def test_lora_starts_as_base_and_merges_exactly():

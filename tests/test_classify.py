@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_until_first_checkpoint, sentiment_file
+from conftest import randomize_parameters, run_until_first_checkpoint, sentiment_file
 from llamaforge.cli import main
 from llamaforge.errors import LlamaforgeError
 from llamaforge.tasks.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
@@ -99,6 +99,36 @@ def test_predict_text_and_files(lora_run, tmp_path, capsys):
         assert len(lines) == 80 + (suffix == "csv")
 
 
+def test_a_runs_truncation_side_is_used_by_evaluate_and_predict(lora_run, tmp_path, monkeypatch):
+    """Two long texts with different beginnings and the same end: a run saved with
+    `truncation_side: left` keeps only their ends, so it scores them alike; with `right` it keeps
+    their beginnings, and does not. `evaluate` truncates as the run says too."""
+    import shutil
+
+    import yaml
+
+    import llamaforge.tasks.classify as classify
+    end = "and then the service, the rooms and the view were as they always are"
+    texts = [f"{'great food ' * 6}{end}", f"{'terrible service ' * 6}{end}"]
+    data = tmp_path / "long.csv"
+    data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in zip(texts, ("positive", "negative"))))
+    sides = []
+    encode = classify.encode_texts
+    monkeypatch.setattr(classify, "encode_texts", lambda *a, **k: sides.append(k["truncation_side"]) or encode(*a, **k))
+    probs = {}
+    for side in ("left", "right"):
+        run = tmp_path / side
+        shutil.copytree(lora_run, run)
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg.update(truncation_side=side, max_length=8)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        probs[side] = [r["p_positive"] for r in predict_classifier(run, texts)]
+        evaluate_classifier(run, data)
+    assert sides == ["left", "left", "right", "right"]
+    assert probs["left"][0] == pytest.approx(probs["left"][1], abs=1e-6)
+    assert abs(probs["right"][0] - probs["right"][1]) > 1e-3
+
+
 def test_full_finetune_saves_a_transformers_classifier(tiny_model_dir, tmp_path):
     from transformers import LlamaForSequenceClassification
     out = tmp_path / "full"
@@ -158,10 +188,7 @@ def test_training_forward_matches_inference_on_smollm2():
     from llamaforge.tasks.classify import build_classifier
     torch.manual_seed(0)
     clf, tok = build_classifier(ClassifyConfig(dtype="fp32", lora_rank=4), 2)
-    with torch.no_grad():
-        for n, p in clf.named_parameters():
-            if n.endswith("lora_B"):
-                p.normal_(std=0.01)
+    randomize_parameters(clf, 0.01)
     ids, lengths = pad_right([tok.encode(t) for t in ["The soup was cold.", "我很喜欢这本书，强烈推荐！"]], tok.pad_id)
     train_logits = clf.train()(ids, lengths)
     train_logits.sum().backward()

@@ -1,11 +1,13 @@
 """The model against HF transformers' LlamaForCausalLM: logits, not "it runs"."""
+import copy
+
 import pytest
 import torch
 
 from llamaforge.loader import build_model
 from llamaforge.model import attention_mask
 
-from conftest import random_model
+from conftest import random_model, randomize_parameters
 
 CONFIGS = [
     ("tiny", {}),                                   # GQA, tied embeddings
@@ -128,8 +130,7 @@ def test_blocked_causal_attention_matches_sdpa(H, Hkv, T, S, block):
 
 def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     """`--compile` trains through torch.compile'd blocks: the same loss and LoRA gradients as the
-    eager blocks (fp32), while evaluation and one-row
-    batches stay eager."""
+    eager blocks (fp32), while evaluation and one-row batches stay eager."""
     from llamaforge.adapters import LoRAConfig, add_lora
     from llamaforge.lm import next_token_loss
     ckpt, _ = random_model("tiny", tiny_bpe)
@@ -138,10 +139,7 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
         m = build_model(ckpt)
         torch.manual_seed(0)   # the same LoRA A in both
         add_lora(m, LoRAConfig(rank=4, alpha=8, dropout=0.0))
-        with torch.no_grad():   # a non-zero B, so the LoRA path changes the output
-            for name, p in m.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(len(name))))
+        randomize_parameters(m, 0.1)   # the same non-zero B in both
         models.append(m)
     eager, compiled = models
     compiled.compile_for_training()
@@ -155,8 +153,6 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
         if a.grad is not None:
             assert (a.grad - b.grad).abs().max() < 1e-4, n
-    import copy
-
     import llamaforge.model as model_module
     calls = []
     real = model_module.compiled_block_forward()

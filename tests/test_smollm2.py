@@ -6,7 +6,7 @@ from llamaforge.formats import hf as hf_format
 from llamaforge.generation import SamplingConfig, encode_prompt, generate_tokens
 from llamaforge.loader import build_model
 
-from conftest import hf_model_from_dir
+from conftest import hf_model_from_dir, randomize_parameters
 
 PROMPT = "The llama is a domesticated South American camelid. Llamas are social animals and"
 
@@ -118,10 +118,7 @@ def test_compiled_bf16_training_step_matches_eager(default_checkpoint):
         model = build_model(default_checkpoint, dtype)
         torch.manual_seed(0)
         add_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.0))
-        with torch.no_grad():   # a non-zero B, so the LoRA path counts in the forward too
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+        randomize_parameters(model, 0.02)   # a non-zero B, so the LoRA path counts in the forward too
         if compiled:
             model.compile_for_training()
         loss = next_token_loss(model, ids, ids)[0]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
-from ..data import (LabelledText, encode_texts, label_ids, label_names, length_bucketed_batches, pad_right,
+from ..data import (LabelledText, check_truncation_side, encode_texts, label_ids, label_names, length_bucketed_batches, pad_right,
                     read_labelled)
 from ..errors import LlamaforgeError
 from ..metrics import classification_report, format_report, plot_confusion_matrix
@@ -46,8 +46,7 @@ class ClassifyConfig(FinetuneConfig):
     def __post_init__(self):
         if self.class_weights not in (None, "balanced"):
             raise LlamaforgeError(f"class-weights must be 'balanced' or unset, not {self.class_weights!r}")
-        if self.truncation_side not in ("right", "left"):
-            raise LlamaforgeError(f"truncation-side must be right or left, not {self.truncation_side!r}")
+        check_truncation_side(self.truncation_side)   # before the model loads, not at the first text
         super().__post_init__()
 
 

@@ -21,6 +21,7 @@ Peak RSS: each implementation alone in a process of its own.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def timed(step, data):
 
 
 def file_texts(path):
-    from llamaforge.data import read_labelled
+    from llamaforge.data.labelled import read_labelled
     return [e.text for e in read_labelled(path, "sentence", "label")]
 
 
@@ -108,7 +109,8 @@ class Transformers:
         """As a user of transformers batches a file: in file order, 32 at a time, each batch padded
         to its longest text."""
         import torch
-        from llamaforge.data import pad_right
+
+        from llamaforge.data.batching import pad_right
         self.model.config.pad_token_id = pad_id
         with torch.inference_mode():
             for i in range(0, len(seqs), B_INFER):
@@ -118,7 +120,8 @@ class Transformers:
 class Llamaforge:
     def __init__(self, method, dtype, hf_dir, infer, compile=False):
         import torch
-        from llamaforge.tasks.classify import ClassifyConfig, build_classifier
+
+        from llamaforge.train.classify import ClassifyConfig, build_classifier
         cfg = ClassifyConfig(model="default", method=method, dtype=dtype, lora_rank=LORA["r"], lora_alpha=LORA["alpha"],
                              lora_dropout=0.0, lora_targets=LORA["targets"], lr=LR[method])
         torch.manual_seed(0)
@@ -129,14 +132,15 @@ class Llamaforge:
 
     def block(self, data):
         import torch
-        from llamaforge.tasks.classify import predict_proba
+
+        from llamaforge.train.classify import predict_proba
         if self.infer:
             return timed(lambda ids, y: predict_proba(self.clf, ids.tolist(), 0, B_INFER), data)
         return trainer_step_times(self.clf, data, lambda m, d: (
             torch.nn.functional.cross_entropy(m(d[0]), d[1]), d[0].numel()), LR[self.method], self.compile)
 
     def predict_file(self, seqs, pad_id):
-        from llamaforge.tasks.classify import predict_proba
+        from llamaforge.train.classify import predict_proba
         predict_proba(self.clf, seqs, pad_id, B_INFER)
 
 
@@ -144,7 +148,7 @@ def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False
     """Seconds per step of llamaforge's own trainer (`trainer.fit`) on fixed batches; a step is
     the time between one loss call and the next. loss(model, batch) -> (loss, tokens).
     compile: as `--compile` trains (the first block, a warm-up, pays the compilation)."""
-    from llamaforge.trainer import TrainConfig, fit
+    from llamaforge.train.trainer import TrainConfig, fit
     stamps = []
 
     class Fixed:
@@ -163,7 +167,7 @@ def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False
     with tempfile.TemporaryDirectory() as d:
         fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000,
                                         compile=compile), d)
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge,
@@ -185,7 +189,7 @@ def speed(method, dtype, hf_dir, infer, rounds):
 
 
 def file_speed(dtype, hf_dir, path, rounds):
-    from llamaforge.loader import load
+    from llamaforge.formats.load import load
     _, tok = load("default")
     seqs = [s[:128] for s in tok.encode_batch(file_texts(path))]
     impls = {name: cls("lora", dtype, hf_dir, True) for name, cls in IMPLS.items() if name not in TRAIN_ONLY}

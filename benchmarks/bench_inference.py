@@ -10,7 +10,7 @@ Per dtype it prints, side by side with the ratio:
   that drift of this machine hits all of them alike (medians of --runs rounds);
 - for llamaforge, perplexity on held-out text: the quality figure next to every speed-up;
 - llama.cpp on the same file as a further column, when llama-cpp-python is installed.
-Variants in bf16: plain (with the decode kernel of kernels.py where it builds), plain with the
+Variants in bf16: plain (with the decode kernel of model/kernels.py where it builds), plain with the
 decode step compiled (`--compile`), weight-only int8, weight-only int4 (groups of 32), and int4
 compiled.
 """
@@ -50,7 +50,7 @@ class Transformers:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from llamaforge.formats import default_model_path
+        from llamaforge.formats.paths import default_model_path
         path = default_model_path()
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         self.model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dt).eval()
@@ -81,7 +81,7 @@ class Llamaforge:
         self.prompt = self.tok.encode(PROMPT)
 
     def decode(self, n: int):
-        from llamaforge.generation import SamplingConfig, generate_tokens
+        from llamaforge.model.generation import SamplingConfig, generate_tokens
         cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
         list(generate_tokens(self.model, [self.prompt], cfg, compile=self.compile))
 
@@ -112,7 +112,7 @@ class LlamaCpp:
     def __init__(self, dtype: str):
         from llama_cpp import Llama
 
-        from llamaforge.formats import default_model_path
+        from llamaforge.formats.paths import default_model_path
         self.llm = Llama(model_path=str(default_model_path()), n_ctx=1024, n_batch=512,
                          n_threads=os.cpu_count(), verbose=False)
         self.prompt = self.llm.tokenize(PROMPT.encode())
@@ -219,7 +219,7 @@ def main():
         memory = {i: run_worker("memory", dtype, i) for i in ["transformers"] + impls}
         names = ["llamaforge" if i == "plain" else i for i in impls]
         ours = [n for n in names if n != "llama.cpp"]
-        res = {n: {**speed[n], **memory[i]} for n, i in zip(["transformers"] + names, ["transformers"] + impls)}
+        res = {n: {**speed[n], **memory[i]} for n, i in zip(["transformers"] + names, ["transformers"] + impls, strict=True)}
         ref = res["transformers"]
         print(f"\n== {dtype} ==")
         print(f"{'':28}{'transformers':>14}" + "".join(f"{n:>16}{'ratio':>8}" for n in names))

@@ -33,9 +33,9 @@ def main():
     from tqdm import tqdm
     from transformers import LlamaForSequenceClassification
 
-    from llamaforge.data import read_labelled
+    from llamaforge.data.labelled import read_labelled
     from llamaforge.export import export
-    from llamaforge.loader import load
+    from llamaforge.formats.load import load
 
     _, tok = load("default")
     train = read_labelled(SST2 / "train.tsv", "sentence", "label")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times   # noqa: E402
+from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT / "llamaforge" / "datasets"
@@ -41,8 +41,8 @@ LR = {"lora": 2e-4, "full": 2e-5, "pretrain": 2e-3}
 
 def sft_batches(tok, n_blocks: int):
     """Blocks of (ids, labels, real tokens) from the instruction set, batches of similar length."""
-    from llamaforge.conversations import encode_examples, read_examples
-    from llamaforge.data import length_bucketed_batches, pad_labelled
+    from llamaforge.data.batching import length_bucketed_batches, pad_labelled
+    from llamaforge.data.conversations import encode_examples, read_examples
     pairs = encode_examples(tok, read_examples(DATASETS / "instructions" / "train.jsonl"), 128, 8192)
     order = length_bucketed_batches([len(p[0]) for p in pairs], 8, torch.Generator().manual_seed(0))
     out = []
@@ -63,7 +63,8 @@ def shape_batches(n_blocks: int, B=8, T=128, vocab=49152):
 def pretrain_batches(tok, n_blocks: int, B=16, T=256):
     import numpy as np
 
-    from llamaforge.tasks.pretrain import corpus_files, token_file
+    from llamaforge.data.corpus import corpus_files
+    from llamaforge.train.pretrain import token_file
     tokens = token_file(corpus_files(DATASETS / "stories" / "corpus.txt"), tok, "stories")
     g = torch.Generator().manual_seed(0)
     blocks = []
@@ -107,12 +108,12 @@ class Transformers:
 
 class Llamaforge:
     def __init__(self, kind, method, dtype, source, compile=False):
-        from llamaforge.adapters import LoRAConfig, add_lora
-        from llamaforge.loader import load, parse_dtype
+        from llamaforge.formats.load import load, parse_dtype
+        from llamaforge.model.adapters import LoRAConfig, add_lora
         torch.manual_seed(0)
         if kind == "pretrain":
-            from llamaforge.model import Llama
-            from llamaforge.tasks.pretrain import init_weights
+            from llamaforge.model.llama import Llama
+            from llamaforge.train.pretrain import init_weights
             self.model = Llama(source)
             init_weights(self.model)
             self.model.to(parse_dtype(dtype))
@@ -125,7 +126,7 @@ class Llamaforge:
         self.method, self.compile = method, compile
 
     def block(self, data):
-        from llamaforge.lm import next_token_loss
+        from llamaforge.evaluate.lm import next_token_loss
         return trainer_step_times(self.model, data, lambda m, d: (next_token_loss(m, d[0], d[1])[0], d[2]),
                                   LR[self.method], self.compile)
 
@@ -139,7 +140,7 @@ def speed(kind, method, dtype, source, blocks):
             t = impl.block(block)
             if r:   # the first round warms up
                 # tokens per second of each step: that batch's real tokens over its time
-                times[name] += [b[2] / s for b, s in zip(block, t)]
+                times[name] += [b[2] / s for b, s in zip(block, t, strict=True)]
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -149,10 +150,10 @@ def main():
     ap.add_argument("--configs", default="sft-lora-fp32,sft-lora-bf16,sft-full-bf16,sft-full-fp32,"
                                          "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
     args = ap.parse_args()
-    from llamaforge.config import PRESETS
     from llamaforge.export import export
-    from llamaforge.loader import load
-    from llamaforge.tokenizer import from_hf_dir
+    from llamaforge.formats.load import load
+    from llamaforge.model.config import PRESETS
+    from llamaforge.text.convert import from_hf_dir
     _, smol_tok = load("default")
     with tempfile.TemporaryDirectory() as d:
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
@@ -168,8 +169,8 @@ def main():
             else:
                 tok_dir = Path(d) / "stories-tok"
                 if not tok_dir.exists():
-                    from llamaforge.tasks.pretrain import corpus_files, documents
-                    from llamaforge.tokenizer import save_trained_tokenizer, train_tokenizer
+                    from llamaforge.data.corpus import corpus_files, documents
+                    from llamaforge.text.training import save_trained_tokenizer, train_tokenizer
                     save_trained_tokenizer(train_tokenizer(documents(corpus_files(DATASETS / "stories")), 2048), tok_dir)
                 source, blocks = PRESETS["mini"], pretrain_batches(from_hf_dir(tok_dir), n)
             v = speed(kind, method, dtype, source, blocks)

@@ -27,7 +27,7 @@ PROMPTS = {"bare": ("", ""), "prompt": ("Review: ", "\nSentiment (positive or ne
 
 
 def read(path):
-    from llamaforge.data import read_labelled
+    from llamaforge.data.labelled import read_labelled
     rows = read_labelled(path, "text_a", "label")
     return [r.text for r in rows], [int(r.label) for r in rows]
 
@@ -73,7 +73,7 @@ def accuracy(pred, gold) -> float:
 @torch.inference_mode()
 def hidden_features(llama, tok, texts, max_length, prompt):
     """{(layer, 'last'|'mean'): (N, dim)} of each text's last max_length tokens, inside the prompt."""
-    from llamaforge.data import length_bucketed_batches, pad_right
+    from llamaforge.data.batching import length_bucketed_batches, pad_right
     pre, post = (tok.encode(p, add_special_tokens=False) for p in prompt)
     bos = [tok.bos_id] if tok.add_bos else []
     seqs = [bos + pre + ids[-max_length:] + post for ids in tok.encode_batch(texts, add_special_tokens=False)]
@@ -112,7 +112,7 @@ def main():
         print(f"character 1-2 grams, {n} train reviews: dev accuracy {accuracy(pred, y_dev):.1f}% (all {len(x_dev)})",
               flush=True)
 
-    from llamaforge.loader import load
+    from llamaforge.formats.load import load
     llama, tok = load("default", dtype="bf16")
     llama.eval()
     n_tokens = sum(len(ids) for ids in tok.encode_batch(x_train))

@@ -11,9 +11,10 @@ import importlib
 
 __version__ = "0.1.0"
 _EXPORTS = {
-    "LlamaConfig": ".config", "LlamaforgeError": ".errors", "Checkpoint": ".formats", "load_checkpoint": ".formats",
-    "SamplingConfig": ".generation", "generate": ".generation", "generate_tokens": ".generation",
-    "build_model": ".loader", "load": ".loader", "Llama": ".model", "Tokenizer": ".tokenizer",
+    "LlamaConfig": ".model.config", "LlamaforgeError": ".errors", "Checkpoint": ".formats.checkpoint",
+    "load_checkpoint": ".formats.load", "SamplingConfig": ".model.generation", "generate": ".model.generation",
+    "generate_tokens": ".model.generation", "build_model": ".formats.load", "load": ".formats.load",
+    "Llama": ".model.llama", "Tokenizer": ".text.tokenizer",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

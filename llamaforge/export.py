@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import LlamaforgeError
-from .formats import load_checkpoint
-from .loader import parse_dtype
+from .formats import gguf, hf
+from .formats.load import load_checkpoint, parse_dtype
+from .provenance.modelcard import HF_LICENSE_TAGS, base_terms, licence_warnings, warn, write_model_card
 
 
 def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32", license: str | None = None) -> Path:
@@ -13,7 +14,6 @@ def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32
     OUT.README.md). license: the licence
     tag to give the output (default: the source's); a tag that contradicts the source's terms
     is warned about before anything is written."""
-    from .modelcard import base_terms, licence_warnings, warn, write_model_card
     terms = base_terms(model)
     warn(licence_warnings(terms, out, license))
     ckpt = load_checkpoint(model)
@@ -26,13 +26,10 @@ def export(model: str, to: str, out: str, dtype: str = "fp32", quant: str = "F32
                          license_tag=license, terms=terms, filename=filename)
 
     if to == "hf":
-        from .formats import hf
         hf.save(ckpt, out, dtype=parse_dtype(dtype), extra=card)
     elif to == "gguf":
-        from .formats import gguf
         if Path(out).exists():
             raise LlamaforgeError(f"{out}: exists")
-        from .modelcard import HF_LICENSE_TAGS
         lid = terms["license"]["id"] if terms else None
         tag = license or (HF_LICENSE_TAGS.get(lid, lid) if lid else None)
         if tag:   # the file itself says its licence, whatever format the source was in

@@ -634,7 +634,7 @@ ANIMALS = [("alpaca", True), ("guanaco", True), ("vicuña", True), ("dromedary",
 
 def alpaca_rows(rng: random.Random, pairs: list[tuple[str, str]], qa: dict, summaries: list[dict]) -> list[dict]:
     rows = []
-    for subject, (present, past, rest) in zip(rng.sample(PAST_SUBJECTS, 5), rng.sample(PAST, 5)):
+    for subject, (present, past, rest) in zip(rng.sample(PAST_SUBJECTS, 5), rng.sample(PAST, 5), strict=True):
         rows.append({"instruction": "Rewrite the sentence in the past tense.",
                      "input": f"{subject} {present} {rest}.", "output": f"{subject} {past} {rest}."})
     for animal, camelid in rng.sample(ANIMALS, 5):

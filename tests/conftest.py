@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaforge.config import LlamaConfig
-from llamaforge.formats import Checkpoint
-from llamaforge.tokenizer import Tokenizer
+from llamaforge.formats.checkpoint import Checkpoint
+from llamaforge.model.config import LlamaConfig
+from llamaforge.text.tokenizer import Tokenizer
 
 torch.set_num_threads(2)
 
@@ -54,7 +54,8 @@ def bpe_tokenizer_json(tmp_path_factory) -> Path:
 
 def bpe_tokenizer(path: Path) -> Tokenizer:
     from tokenizers import Tokenizer as Backend
-    from llamaforge.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+    from llamaforge.text.chat_template import DEFAULT_CHAT_TEMPLATE
     return Tokenizer(Backend.from_file(str(path)), kind="bpe", bos_token="<|im_start|>", eos_token="<|im_end|>",
                      pad_token="<|endoftext|>", chat_template=DEFAULT_CHAT_TEMPLATE)
 
@@ -115,7 +116,7 @@ def tiny_bpe(bpe_tokenizer_json) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def default_checkpoint():
-    from llamaforge.formats import load_checkpoint
+    from llamaforge.formats.load import load_checkpoint
     return load_checkpoint("default")
 
 
@@ -124,7 +125,7 @@ def hf_smollm2():
     """transformers' own GGUF loader on the same file: the reference for parity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llamaforge.formats import default_model_path
+    from llamaforge.formats.paths import default_model_path
     p = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

@@ -4,17 +4,18 @@ load PEFT's)."""
 import pytest
 import torch
 
-from conftest import randomize_parameters
-from llamaforge.adapters import LoRAConfig, LoRALinear, add_lora, load_peft_adapter, merge_lora, save_peft_adapter
 from llamaforge.errors import LlamaforgeError
-from llamaforge.loader import load
-from llamaforge.model import LlamaForClassification
+from llamaforge.formats.load import load
+from llamaforge.model.adapters import LoRAConfig, LoRALinear, add_lora, load_peft_adapter, merge_lora, save_peft_adapter
+from llamaforge.model.llama import LlamaForClassification
+
+from conftest import randomize_parameters
 
 TEXTS = ["the llama model runs fast", "我 爱 羊驼", "x", "def f(x): return x ** 2 and more text here"]
 
 
 def batch(tok):
-    from llamaforge.data import pad_right
+    from llamaforge.data.batching import pad_right
     return pad_right([tok.encode(t) for t in TEXTS], tok.pad_id)
 
 
@@ -75,7 +76,8 @@ def test_peft_loads_our_adapter_to_the_same_logits(tiny_model_dir, tmp_path):
 
 def test_we_load_a_peft_adapter_to_the_same_logits(tiny_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
-    from llamaforge.adapters import read_peft_config
+
+    from llamaforge.model.adapters import read_peft_config
     _, tok = load(tiny_model_dir)
     torch.manual_seed(1)
     hf = get_peft_model(_hf_classifier(tiny_model_dir, tok, 2),

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-from conftest import randomize_parameters, run_until_first_checkpoint, sentiment_file
 from llamaforge.cli import main
 from llamaforge.errors import LlamaforgeError
-from llamaforge.tasks.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
-from llamaforge.trainer import TrainConfig, lr_at
+from llamaforge.train.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
+from llamaforge.train.trainer import TrainConfig, lr_at
+
+from conftest import randomize_parameters, run_until_first_checkpoint, sentiment_file
 
 
 def tiny_args(model_dir, out, *extra):
@@ -45,6 +46,19 @@ def test_run_directory(lora_run):
     assert state["state"]["step"] == 40 and state["state"]["stopped"] == "done"
 
 
+@pytest.mark.parametrize("content, message", [
+    ("{", r"label_map\.json: not valid JSON"),
+    ('["negative", "positive"]', r"label_map\.json: expected a JSON object"),
+    ('{"id2label": {"1": "negative", "2": "positive"}}', r"label_map\.json: expected \{\"id2label\""),
+])
+def test_a_damaged_label_map_is_named(lora_run, tmp_path, content, message):
+    import shutil
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    (run / "label_map.json").write_text(content)
+    with pytest.raises(LlamaforgeError, match=message):
+        predict_classifier(run, texts=["fine"])
+
+
 def test_tensorboard_events(lora_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(lora_run / "tensorboard"))
@@ -71,10 +85,10 @@ def test_report_agrees_with_counting_the_predictions(lora_run):
     truth = [line.rsplit(",", 1)[1] for line in sentiment_file("test").read_text().splitlines()[1:]]
     pred = [r["label"] for r in rows]
     ours = evaluate_classifier(lora_run, sentiment_file("test"))
-    assert ours["accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, pred)) / len(truth))
+    assert ours["accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, pred, strict=True)) / len(truth))
     f1 = {}
     for c in ("negative", "positive"):
-        tp = sum(t == c and p == c for t, p in zip(truth, pred))
+        tp = sum(t == c and p == c for t, p in zip(truth, pred, strict=True))
         precision = tp / max(1, pred.count(c))
         recall = tp / truth.count(c)
         f1[c] = 2 * precision * recall / (precision + recall) if tp else 0.0
@@ -107,11 +121,11 @@ def test_a_runs_truncation_side_is_used_by_evaluate_and_predict(lora_run, tmp_pa
 
     import yaml
 
-    import llamaforge.tasks.classify as classify
+    import llamaforge.train.classify as classify
     end = "and then the service, the rooms and the view were as they always are"
     texts = [f"{'great food ' * 6}{end}", f"{'terrible service ' * 6}{end}"]
     data = tmp_path / "long.csv"
-    data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in zip(texts, ("positive", "negative"))))
+    data.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in zip(texts, ("positive", "negative"), strict=True)))
     sides = []
     encode = classify.encode_texts
     monkeypatch.setattr(classify, "encode_texts", lambda *a, **k: sides.append(k["truncation_side"]) or encode(*a, **k))
@@ -135,9 +149,9 @@ def test_full_finetune_saves_a_transformers_classifier(tiny_model_dir, tmp_path)
     main(tiny_args(tiny_model_dir, out, "--method", "full", "--max-steps", "3", "--lr", "1e-3"))
     hf = LlamaForSequenceClassification.from_pretrained(str(out / "best"), dtype=torch.float32).eval()
     assert hf.config.id2label == {0: "negative", 1: "positive"}
-    from llamaforge.tasks.classify import load_run
+    from llamaforge.train.classify import load_run
     clf, tok, _, _ = load_run(out)
-    from llamaforge.data import pad_right
+    from llamaforge.data.batching import pad_right
     ids, lengths = pad_right([tok.encode(t) for t in ["good", "a much longer and rather bad review"]], tok.pad_id)
     with torch.no_grad():
         assert (clf(ids, lengths) - hf(ids).logits).abs().max() < 1e-4
@@ -155,7 +169,7 @@ def test_yaml_config_and_flags(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rate: 1\n")
     with pytest.raises(LlamaforgeError, match=r"bad\.yaml: unknown setting 'learning_rate'"):
-        from llamaforge.runconfig import resolve_config
+        from llamaforge.train.runconfig import resolve_config
         resolve_config(ClassifyConfig, bad)
 
 
@@ -184,8 +198,8 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
 def test_training_forward_matches_inference_on_smollm2():
     """On the real model: the training path (LoRA layers, gradients on, attention as matmuls) and
     the inference path (SDPA) give the same logits, and the LoRA gradient reaches every layer."""
-    from llamaforge.data import pad_right
-    from llamaforge.tasks.classify import build_classifier
+    from llamaforge.data.batching import pad_right
+    from llamaforge.train.classify import build_classifier
     torch.manual_seed(0)
     clf, tok = build_classifier(ClassifyConfig(dtype="fp32", lora_rank=4), 2)
     randomize_parameters(clf, 0.01)
@@ -230,7 +244,8 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
 
 
 def test_reproduce_a_classification_run_from_its_card(lora_run, tmp_path):
-    from llamaforge.modelcard import read_card, reproduce
+    from llamaforge.provenance.modelcard import read_card
+    from llamaforge.train.reproduce import reproduce
     card = read_card(lora_run)
     assert card["recipe"] == "classify" and card["metrics"]["test"]["n"] == 80
     result = reproduce(lora_run, tmp_path / "again")

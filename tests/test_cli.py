@@ -48,8 +48,9 @@ def test_sampling_flags_and_seed(tiny_gguf):
 
 def test_chat_keeps_history(tiny_gguf, monkeypatch):
     import io
-    from llamaforge import chat
-    from llamaforge.generation import SamplingConfig, stream
+
+    from llamaforge.cli import chat
+    from llamaforge.model.generation import SamplingConfig, stream
     prompts, replies = [], []
 
     def recording_stream(model, tok, ids, cfg, **kw):   # the real stream, with its inputs recorded
@@ -105,7 +106,7 @@ def test_errors_are_one_line(model, message):
 
 
 def test_export_gguf_round_trip(tiny_gguf, tmp_path):
-    from llamaforge.formats import load_checkpoint
+    from llamaforge.formats.load import load_checkpoint
     out = run("export", str(tiny_gguf), "--to", "gguf", "--quant", "Q8_0", str(tmp_path / "again.gguf")).stdout
     assert out.strip() == str(tmp_path / "again.gguf")
     a, b = load_checkpoint(tiny_gguf), load_checkpoint(tmp_path / "again.gguf")

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from llamaforge.data import (encode_texts, label_ids, label_names, length_bucketed_batches, pad_right,
-                             read_labelled, read_records)
+from llamaforge.data.batching import length_bucketed_batches, pad_right
+from llamaforge.data.labelled import encode_texts, label_ids, label_names, read_labelled
+from llamaforge.data.records import read_records
 from llamaforge.errors import LlamaforgeError
 
 
@@ -111,7 +112,7 @@ def test_left_truncation_keeps_the_end_of_texts_and_pairs(tmp_path, tiny_bpe):
 
 
 def test_left_truncation_keeps_a_leading_bos(tmp_path, spm_model):
-    from llamaforge.tokenizer import from_sentencepiece_model
+    from llamaforge.text.convert import from_sentencepiece_model
     tok = from_sentencepiece_model(spm_model)   # Llama's SentencePiece: adds BOS
     long = "the llama model runs fast and far " * 10 + "the end"
     recs = read_labelled(write(tmp_path, "d.csv", f"text,label\n{long},pos\n"))

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from conftest import hf_model_from_dir
 from llamaforge.cli import main
 from llamaforge.errors import LlamaforgeError
-from llamaforge.evaluation import (read_qa, read_summaries, read_translation, score_qa, score_summaries,
-                                   score_translation, squad_normalize, token_f1)
-from llamaforge.lm import sliding_windows
-from llamaforge.loader import load
+from llamaforge.evaluate.lm import sliding_windows
+from llamaforge.evaluate.metrics import score_qa, score_summaries, score_translation, squad_normalize, token_f1
+from llamaforge.evaluate.tasks import read_qa, read_summaries, read_translation
+from llamaforge.formats.load import load
+
+from conftest import hf_model_from_dir
 
 TEXT = ("The llama is a domesticated South American camelid. Llamas are social animals and live in herds. "
         "Their wool is soft. 羊驼是一种南美洲的动物。 ") * 12

@@ -3,15 +3,13 @@ import struct
 
 import numpy as np
 import pytest
-
-from llamaforge.formats.gguf_header import read_gguf
 import torch
 
 from llamaforge.errors import LlamaforgeError
-from llamaforge.formats import load_checkpoint
 from llamaforge.formats import gguf as gguf_format
-from llamaforge.loader import build_model
-from llamaforge.tokenizer import from_sentencepiece_model
+from llamaforge.formats.gguf_header import read_gguf
+from llamaforge.formats.load import build_model, load_checkpoint
+from llamaforge.text.convert import from_sentencepiece_model
 
 from conftest import MIXED_TEXT, random_model
 

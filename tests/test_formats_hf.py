@@ -6,8 +6,7 @@ import torch
 
 from llamaforge.errors import LlamaforgeError
 from llamaforge.formats import hf as hf_format
-from llamaforge.formats import load_checkpoint
-from llamaforge.loader import build_model
+from llamaforge.formats.load import build_model, load_checkpoint
 
 from conftest import MIXED_TEXT, hf_model_from_dir, random_model
 
@@ -15,7 +14,8 @@ from conftest import MIXED_TEXT, hf_model_from_dir, random_model
 def save_with_transformers(hf_model, tokenizer_json, out, **kwargs):
     """An HF directory as transformers itself writes one, tokenizer and chat template included."""
     from transformers import PreTrainedTokenizerFast
-    from llamaforge.tokenizer import DEFAULT_CHAT_TEMPLATE
+
+    from llamaforge.text.chat_template import DEFAULT_CHAT_TEMPLATE
     hf_model.save_pretrained(out, **kwargs)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
@@ -172,7 +172,7 @@ def test_sentencepiece_only_hf_directory(spm_model, tmp_path):
 
     import sentencepiece as spm
 
-    from llamaforge.tokenizer import from_sentencepiece_model
+    from llamaforge.text.convert import from_sentencepiece_model
     tok = from_sentencepiece_model(spm_model)
     ckpt, twin = random_model("tiny-mha", tok, vocab_size=tok.vocab_size)
     hf_format.save(ckpt, tmp_path / "m")

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from llamaforge.errors import LlamaforgeError
-from llamaforge.formats import load_checkpoint
 from llamaforge.formats import meta as meta_format
-from llamaforge.loader import build_model
-from llamaforge.tokenizer import from_sentencepiece_model
+from llamaforge.formats.load import build_model, load_checkpoint
+from llamaforge.text.convert import from_sentencepiece_model
 
 from conftest import MIXED_TEXT, random_model
 
@@ -31,8 +30,8 @@ def meta_reference_logits(path, ids):
     sd = torch.load(path / "consolidated.00.pth", weights_only=True)
     dim, H, Hkv = params["dim"], params["n_heads"], params["n_kv_heads"]
     hd, T = dim // H, ids.shape[1]
-    from llamaforge.config import LlamaConfig
-    from llamaforge.model import rope_inv_freq
+    from llamaforge.model.config import LlamaConfig
+    from llamaforge.model.llama import rope_inv_freq
     inv = rope_inv_freq(LlamaConfig(dim=dim, n_heads=H, rope_theta=params["rope_theta"],
                                     rope_scaling=dict(factor=params["rope_scaling_factor"], low_freq_factor=1.0,
                                                       high_freq_factor=4.0, original_max_position_embeddings=8192)

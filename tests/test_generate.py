@@ -3,8 +3,8 @@ option does what it says."""
 import pytest
 import torch
 
-from llamaforge.generation import SamplingConfig, generate, generate_tokens, sample, stream
-from llamaforge.loader import build_model
+from llamaforge.formats.load import build_model
+from llamaforge.model.generation import SamplingConfig, generate, generate_tokens, sample, stream
 
 from conftest import random_model
 
@@ -120,7 +120,7 @@ def test_compiled_decode_gives_the_same_tokens_without_recompiling(tiny):
 
 def test_reuse_cache_prefills_only_the_new_suffix(tiny, monkeypatch):
     import importlib
-    gen = importlib.import_module("llamaforge.generation")   # the module, not the re-exported function
+    gen = importlib.import_module("llamaforge.model.generation")   # the module, not the re-exported function
     model, _, _ = tiny
     prefilled = []
     real_prefill = gen.prefill

@@ -1,10 +1,10 @@
-"""The hand-written decode kernel (kernels.py) computes what PyTorch's matmul does."""
+"""The hand-written decode kernel (model/kernels.py) computes what PyTorch's matmul does."""
 import pytest
 import torch
 
-from llamaforge.generation import SamplingConfig, generate_tokens
-from llamaforge.kernels import GemvLinear, gemv_extension, use_gemv_kernel
-from llamaforge.loader import build_model
+from llamaforge.formats.load import build_model
+from llamaforge.model.generation import SamplingConfig, generate_tokens
+from llamaforge.model.kernels import GemvLinear, gemv_extension, use_gemv_kernel
 
 from conftest import random_model
 

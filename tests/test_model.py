@@ -4,8 +4,8 @@ import copy
 import pytest
 import torch
 
-from llamaforge.loader import build_model
-from llamaforge.model import attention_mask
+from llamaforge.formats.load import build_model
+from llamaforge.model.llama import attention_mask
 
 from conftest import random_model, randomize_parameters
 
@@ -82,7 +82,7 @@ def test_bf16_close_to_fp32(tiny_bpe):
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])
 def test_fused_projections_compute_the_same(preset, tiny_bpe):
-    from llamaforge.generation import SamplingConfig, generate_tokens
+    from llamaforge.model.generation import SamplingConfig, generate_tokens
     ckpt, _ = random_model(preset, tiny_bpe, attention_bias=True)
     plain = build_model(ckpt, "fp32")
     fused = build_model(ckpt, "fp32").fuse_projections()
@@ -98,7 +98,8 @@ def test_fused_projections_compute_the_same(preset, tiny_bpe):
 @pytest.mark.parametrize("H,Hkv,with_mask", [(4, 2, False), (4, 4, False), (6, 2, True)])
 def test_training_attention_matches_sdpa_with_gradients(H, Hkv, with_mask):
     import torch.nn.functional as F
-    from llamaforge.model import attention_for_training, attention_mask
+
+    from llamaforge.model.llama import attention_for_training, attention_mask
     torch.manual_seed(0)
     B, T, hd = 2, 7, 8
     q = torch.randn(B, H, T, hd, requires_grad=True)
@@ -110,7 +111,7 @@ def test_training_attention_matches_sdpa_with_gradients(H, Hkv, with_mask):
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != Hkv)
     g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
     assert (ours - ref).abs().max() < 1e-5
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         assert (a - b).abs().max() < 1e-5
 
 
@@ -119,7 +120,8 @@ def test_blocked_causal_attention_matches_sdpa(H, Hkv, T, S, block):
     """Inference attention in query blocks: the same as SDPA with a causal mask whose queries are
     the last T of S positions (a prompt after a cached prefix), for blocks that split T unevenly."""
     import torch.nn.functional as F
-    from llamaforge.model import causal_attention
+
+    from llamaforge.model.llama import causal_attention
     torch.manual_seed(0)
     B, hd = 2, 8
     q, k, v = torch.randn(B, H, T, hd), torch.randn(B, Hkv, S, hd), torch.randn(B, Hkv, S, hd)
@@ -131,8 +133,8 @@ def test_blocked_causal_attention_matches_sdpa(H, Hkv, T, S, block):
 def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     """`--compile` trains through torch.compile'd blocks: the same loss and LoRA gradients as the
     eager blocks (fp32), while evaluation and one-row batches stay eager."""
-    from llamaforge.adapters import LoRAConfig, add_lora
-    from llamaforge.lm import next_token_loss
+    from llamaforge.evaluate.lm import next_token_loss
+    from llamaforge.model.adapters import LoRAConfig, add_lora
     ckpt, _ = random_model("tiny", tiny_bpe)
     models = []
     for _ in range(2):
@@ -150,10 +152,10 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
         next_token_loss(m, ids, labels)[0].backward()
     loss_e, loss_c = (next_token_loss(m, ids, labels)[0].item() for m in models)
     assert abs(loss_e - loss_c) < 1e-5
-    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
         if a.grad is not None:
             assert (a.grad - b.grad).abs().max() < 1e-4, n
-    import llamaforge.model as model_module
+    import llamaforge.model.llama as model_module
     calls = []
     real = model_module.compiled_block_forward()
     monkeypatch.setattr(model_module, "_compiled_block_forward", lambda *a: calls.append(1) or real(*a))
@@ -174,7 +176,7 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
     import shutil
 
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.kernels import require_cpp_compiler
+    from llamaforge.model.kernels import require_cpp_compiler
     require_cpp_compiler("--compile")   # this machine has one
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(LlamaforgeError, match="--compile needs a C.. compiler"):

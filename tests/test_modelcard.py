@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from llamaforge.cli import main
-from llamaforge.modelcard import licence_warnings, read_card, sha256
-from llamaforge.openness import report
+from llamaforge.provenance.modelcard import licence_warnings, read_card, sha256
+from llamaforge.provenance.openness import report
 
 
 def chat_file(path, n=40):
@@ -73,7 +73,7 @@ def test_reproduce_refuses_changed_data(sft_run, tmp_path, capsys):
 
 
 def test_a_card_inherits_the_base_licence_and_its_duties(tmp_path):
-    from llamaforge.modelcard import write_model_card
+    from llamaforge.provenance.modelcard import write_model_card
     base = tmp_path / "Llama-3.2-1B"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.2-1B"}))

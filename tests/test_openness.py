@@ -5,7 +5,7 @@ import json
 import pytest
 
 from llamaforge.cli import main
-from llamaforge.openness import COMPONENTS, VERDICTS, knowledge, report
+from llamaforge.provenance.openness import COMPONENTS, VERDICTS, knowledge, report
 
 
 def gguf_file(path, name, license=None):

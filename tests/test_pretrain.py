@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import hf_model_from_dir, run_until_first_checkpoint
 from llamaforge.cli import main
-from llamaforge.loader import load
-from llamaforge.tokenizer import from_hf_dir
+from llamaforge.formats.load import load
+from llamaforge.text.convert import from_hf_dir
+
+from conftest import hf_model_from_dir, run_until_first_checkpoint
 
 STORIES = Path(__file__).resolve().parent.parent / "llamaforge" / "datasets" / "stories"
 MIXED = "Once upon a time, 羊驼 lived in Cusco 🦙.\n\tdef f(x): return x ** 2  # code\n\n  spaces   here"

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from llamaforge.loader import build_model
-from llamaforge.quantize import Int4Linear, Int8Linear, quantize_weights
+from llamaforge.formats.load import build_model
+from llamaforge.model.quantize import Int4Linear, Int8Linear, quantize_weights
 
 from conftest import random_model
 

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from conftest import random_model
 from llamaforge.cli import main
-from llamaforge.conversations import IGNORE, Example, encode_example, encode_examples, read_examples
-from llamaforge.data import pack_rows, packed_batch, pad_labelled
+from llamaforge.data.batching import IGNORE, pack_rows, packed_batch, pad_labelled
+from llamaforge.data.conversations import Example, encode_example, encode_examples, read_examples
 from llamaforge.errors import LlamaforgeError
-from llamaforge.lm import next_token_loss
-from llamaforge.loader import build_model, load
+from llamaforge.evaluate.lm import next_token_loss
+from llamaforge.formats.load import build_model, load
+
+from conftest import random_model
 
 CONVERSATION = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What is a llama?"},
@@ -34,7 +35,7 @@ def chat_rows(n, seed=0):
 
 
 def labelled_text(tok, ids, labels):
-    return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
+    return tok.decode([t for t, y in zip(ids, labels, strict=True) if y != IGNORE])
 
 
 # --- the mask ------------------------------------------------------------------------------------
@@ -59,7 +60,7 @@ def test_chat_mask_with_the_real_smollm2_template(default_checkpoint):
 def test_mask_with_a_sentencepiece_tokenizer_keeps_inference_tokens(spm_model):
     """SentencePiece puts "▁" before every separately tokenized piece: the ids must be those of
     the whole rendered conversation, as inference sees it."""
-    from llamaforge.tokenizer import from_sentencepiece_model
+    from llamaforge.text.convert import from_sentencepiece_model
     tok = from_sentencepiece_model(spm_model)
     ids, labels = encode_example(tok, Example("x:1", messages=CONVERSATION))
     assert ids == tok.encode(tok.apply_chat_template(CONVERSATION, add_generation_prompt=False), add_special_tokens=False)
@@ -77,7 +78,7 @@ def test_alpaca_and_completion_shapes(tiny_bpe, tmp_path):
     (ex,) = read_examples(comp)
     ids, labels = encode_example(tiny_bpe, ex)
     assert labelled_text(tiny_bpe, ids, labels) == " Lima.<|im_end|>"   # the completion, then EOS
-    assert tiny_bpe.decode([t for t, y in zip(ids, labels) if y == IGNORE]) == "The capital of Peru is"
+    assert tiny_bpe.decode([t for t, y in zip(ids, labels, strict=True) if y == IGNORE]) == "The capital of Peru is"
 
 
 @pytest.mark.parametrize("content, message", [
@@ -193,7 +194,7 @@ def test_lora_run_loads_in_peft_to_the_same_logits(tiny_model_dir, chat_data, tm
 
 
 def test_prefix_generation_with_cache_matches_full_forward(tiny_model_dir, tiny_bpe):
-    from llamaforge.adapters import add_prefix
+    from llamaforge.model.adapters import add_prefix
     model, _ = load(tiny_model_dir, dtype="fp32")
     add_prefix(model, 5, [10, 11, 12])
     with torch.no_grad():
@@ -220,9 +221,9 @@ def test_resume_is_refused_without_a_run_and_a_new_run_needs_an_empty_dir(tiny_m
 def test_a_lora_run_on_the_q4_1_default_is_not_quantised_again(tmp_path):
     """`--quantize auto` keeps a Q4_1 file's own precision as int4; merged LoRA weights are no
     longer that file's blocks, and quantising them would round the fine-tuning away."""
-    from llamaforge.adapters import LoRAConfig, add_lora, save_peft_adapter
-    from llamaforge.formats import load_checkpoint
-    from llamaforge.quantize import Int4Linear, Int8Linear
+    from llamaforge.formats.load import load_checkpoint
+    from llamaforge.model.adapters import LoRAConfig, add_lora, save_peft_adapter
+    from llamaforge.model.quantize import Int4Linear, Int8Linear
     model, _ = load("default", dtype="bf16")
     add_lora(model, LoRAConfig(rank=2, targets=["q_proj"]))
     save_peft_adapter(model, tmp_path, LoRAConfig(rank=2, targets=["q_proj"]), "CAUSAL_LM", base_model="default",
@@ -237,11 +238,11 @@ def test_a_lora_run_on_the_q4_1_default_is_not_quantised_again(tmp_path):
 
 def test_finetune_on_a_task_file(tiny_model_dir, tmp_path, capsys):
     """`--task qa` turns SQuAD questions into the prompts `evaluate --task qa` asks."""
-    from llamaforge.evaluation import qa_prompt
+    from llamaforge.evaluate.tasks import qa_prompt, read_task, training_examples
     squad = {"data": [{"paragraphs": [{"context": f"Llama {i} lives in Cusco.", "qas": [
         {"id": str(i), "question": "Where does it live?", "answers": [{"text": "Cusco"}]}]} for i in range(12)]}]}
     (tmp_path / "qa.json").write_text(json.dumps(squad))
-    examples = read_examples(tmp_path / "qa.json", task="qa")
+    examples = training_examples(read_task(tmp_path / "qa.json", "qa"))
     assert examples[0].messages == [{"role": "user", "content": qa_prompt("Llama 0 lives in Cusco.", "Where does it live?")},
                                     {"role": "assistant", "content": "Cusco"}]
     main(["finetune", "sft", "--task", "qa", "--train", str(tmp_path / "qa.json"), "--out", str(tmp_path / "run"),

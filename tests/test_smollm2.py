@@ -3,8 +3,8 @@ reading the same file."""
 import torch
 
 from llamaforge.formats import hf as hf_format
-from llamaforge.generation import SamplingConfig, encode_prompt, generate_tokens
-from llamaforge.loader import build_model
+from llamaforge.formats.load import build_model
+from llamaforge.model.generation import SamplingConfig, encode_prompt, generate_tokens
 
 from conftest import hf_model_from_dir, randomize_parameters
 
@@ -74,14 +74,14 @@ def test_fast_inference_paths_track_fp32(default_checkpoint):
             picks = [int(model(torch.tensor([prompt]), cache_pos=0, last_only=True)[0, -1].argmax())]
             for i, t in enumerate(forced[:-1]):   # teacher-forced: each step sees fp32's tokens
                 picks.append(int(model(torch.tensor([[t]]), cache_pos=T + i)[0, -1].argmax()))
-        agree = sum(a == b for a, b in zip(picks, forced)) / len(forced)
+        agree = sum(a == b for a, b in zip(picks, forced, strict=True)) / len(forced)
         assert agree >= 0.9, (quantize, agree)
 
 
 def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
     """bf16 prompts of 128+ tokens take the blocked causal attention, whole and after a cached
     prefix (as a chat's next turn does): on SmolLM2 their logits are as close to fp32 as SDPA's."""
-    import llamaforge.model as model_module
+    import llamaforge.model.llama as model_module
     tok = default_checkpoint.tokenizer
     ids = torch.tensor([tok.encode(" ".join([PROMPT] * 20), add_special_tokens=False)[:300]])
     calls = []
@@ -108,8 +108,8 @@ def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
 def test_compiled_bf16_training_step_matches_eager(default_checkpoint):
     """`--compile` as users run it: SmolLM2 in bf16 with LoRA on every linear. One training step
     through torch.compile'd blocks is as close to fp32 (loss and LoRA gradients) as eager bf16."""
-    from llamaforge.adapters import LoRAConfig, add_lora
-    from llamaforge.lm import next_token_loss
+    from llamaforge.evaluate.lm import next_token_loss
+    from llamaforge.model.adapters import LoRAConfig, add_lora
     tok = default_checkpoint.tokenizer
     ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)[:16],
                         tok.encode(PROMPT[::-1], add_special_tokens=False)[:16]])

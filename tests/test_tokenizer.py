@@ -1,7 +1,8 @@
 """Tokenizers of both kinds against their references, round trips, and chat templates."""
 import pytest
 
-from llamaforge.tokenizer import StreamDecoder, from_sentencepiece_model
+from llamaforge.text.convert import from_sentencepiece_model
+from llamaforge.text.tokenizer import StreamDecoder
 
 from conftest import MIXED_TEXT, corpus_lines
 
@@ -84,6 +85,7 @@ def test_chat_template_matches_transformers(default_checkpoint, hf_smollm2):
 
 def test_template_errors_are_llamaforge_errors(tiny_bpe):
     from dataclasses import replace
+
     from llamaforge.errors import LlamaforgeError
     tok = replace(tiny_bpe, chat_template="{{ raise_exception('roles must alternate') }}")
     with pytest.raises(LlamaforgeError, match="roles must alternate"):

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from llamaforge.trainer import TrainConfig, fit, optimizer_groups
+from llamaforge.train.trainer import TrainConfig, fit, optimizer_groups
 
 
 class Regression:

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import LlamaConfig
 from ..errors import LlamaforgeError
-from ..tokenizer import Tokenizer, byte_level_bpe, sentencepiece_bpe
-from . import Checkpoint
+from ..files import atomic_path
+from ..model.config import LlamaConfig
+from ..model.llama import rope_inv_freq
+from ..text.convert import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, byte_level_bpe, sentencepiece_bpe
+from ..text.tokenizer import Tokenizer
+from .checkpoint import Checkpoint, expected_shapes
 from .gguf_header import read_gguf
 
 # GGUF tensor name -> our parameter name (per block, then global).
@@ -132,7 +135,6 @@ def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
 
 def rope_freq_divisors(cfg: LlamaConfig) -> torch.Tensor:
     """What llama.cpp's `rope_freqs` holds: plain RoPE frequencies over the scaled ones."""
-    from ..model import rope_inv_freq
     return (rope_inv_freq(replace(cfg, rope_scaling=None)) / rope_inv_freq(cfg)).float()
 
 
@@ -206,7 +208,6 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     meta, tensors, buf = read_gguf(path)
     cfg = config_from_metadata(meta, tensors, path)
     state = {}
-    from . import expected_shapes
     expected = expected_shapes(cfg)
     for name, (shape, qtype, start, nbytes) in tensors.items():
         if name == "rope_freqs.weight":
@@ -258,68 +259,62 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     if qtype.upper() not in WRITABLE_TYPES:
         raise LlamaforgeError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITABLE_TYPES)}")
     qt = Q[qtype.upper()]
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    w = gguf.GGUFWriter(str(tmp), "llama")
-    w.add_name(ckpt.metadata.get("name") or "llamaforge model")
-    lic = (ckpt.metadata.get("license") or {}).get("general.license")
-    if lic:
-        w.add_license(lic)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    file_type = gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else getattr(gguf.LlamaFileType, f"MOSTLY_{qt.name}", None)
-    if file_type is not None:
-        w.add_file_type(file_type)
-    _write_tokenizer(w, tok)
+    with atomic_path(out_path) as tmp:   # never a half-written file
+        w = gguf.GGUFWriter(str(tmp), "llama")
+        w.add_name(ckpt.metadata.get("name") or "llamaforge model")
+        lic = (ckpt.metadata.get("license") or {}).get("general.license")
+        if lic:
+            w.add_license(lic)
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_vocab_size(cfg.vocab_size)
+        file_type = gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else getattr(gguf.LlamaFileType, f"MOSTLY_{qt.name}", None)
+        if file_type is not None:
+            w.add_file_type(file_type)
+        _write_tokenizer(w, tok)
 
-    inverse = {v: k for k, v in _BLOCK_NAMES.items()}
-    inverse_global = {v: k for k, v in _GLOBAL_NAMES.items()}
-    if cfg.rope_scaling:
-        w.add_tensor("rope_freqs.weight", rope_freq_divisors(cfg).numpy())
-        for key, value in cfg.rope_scaling.items():
-            (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{_SCALING_KEY}.{key}", value)
-    for name, t in ckpt.state_dict.items():
-        parts = name.split(".")
-        if parts[0] == "layers":
-            gname = f"blk.{parts[1]}.{inverse['.'.join(parts[2:-1])]}.{parts[-1]}"
-        else:
-            gname = f"{inverse_global[parts[0]]}.{parts[-1]}"
-        t = t.detach().float()
-        if ".q_proj." in name:
-            t = permute_qk(t, cfg.n_heads)
-        elif ".k_proj." in name:
-            t = permute_qk(t, cfg.n_kv_heads)
-        arr = t.numpy()
-        block = gguf.GGML_QUANT_SIZES[qt][0]
-        this_qt = qt if arr.ndim == 2 and arr.shape[-1] % block == 0 else Q.F32
-        if this_qt == Q.F32:
-            w.add_tensor(gname, arr)
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(arr, this_qt), raw_dtype=this_qt)
-    try:
+        inverse = {v: k for k, v in _BLOCK_NAMES.items()}
+        inverse_global = {v: k for k, v in _GLOBAL_NAMES.items()}
+        if cfg.rope_scaling:
+            w.add_tensor("rope_freqs.weight", rope_freq_divisors(cfg).numpy())
+            for key, value in cfg.rope_scaling.items():
+                (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{_SCALING_KEY}.{key}", value)
+        for name, t in ckpt.state_dict.items():
+            parts = name.split(".")
+            if parts[0] == "layers":
+                gname = f"blk.{parts[1]}.{inverse['.'.join(parts[2:-1])]}.{parts[-1]}"
+            else:
+                gname = f"{inverse_global[parts[0]]}.{parts[-1]}"
+            t = t.detach().float()
+            if ".q_proj." in name:
+                t = permute_qk(t, cfg.n_heads)
+            elif ".k_proj." in name:
+                t = permute_qk(t, cfg.n_kv_heads)
+            arr = t.numpy()
+            block = gguf.GGML_QUANT_SIZES[qt][0]
+            this_qt = qt if arr.ndim == 2 and arr.shape[-1] % block == 0 else Q.F32
+            if this_qt == Q.F32:
+                w.add_tensor(gname, arr)
+            else:
+                w.add_tensor(gname, gguf.quants.quantize(arr, this_qt), raw_dtype=this_qt)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    except BaseException:
-        tmp.unlink(missing_ok=True)   # never leave a half-written file behind
-        raise
-    tmp.replace(out_path)
 
 
 def _write_tokenizer(w, tok: Tokenizer):
     import json as _json
 
-    from ..tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN
 
     spec = _json.loads(tok.backend.to_str())
     vocab = spec["model"]["vocab"]

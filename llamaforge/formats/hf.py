@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import LlamaConfig
 from ..errors import LlamaforgeError
-from ..tokenizer import from_hf_dir, read_json
-from ..atomic import atomic_output_dir
-from . import Checkpoint, stored_dtypes
+from ..files import atomic_output_dir, read_front_matter, read_json
+from ..model.config import LlamaConfig
+from ..text.convert import from_hf_dir
+from .checkpoint import Checkpoint, stored_dtypes
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"}
 
@@ -84,10 +84,10 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LlamaforgeError(f"{index}: not a safetensors index ({e})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LlamaforgeError(f"{index}: not a safetensors index (no weight_map)")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise LlamaforgeError(f"{path / missing[0]}: shard listed in {index.name} is missing")
@@ -125,9 +125,8 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
 
 def _card_license(path: Path) -> dict | None:
     """`license:` from the model card's YAML front matter, if any."""
-    from ..modelcard import front_matter
     try:
-        lic = front_matter(path / "README.md").get("license")
+        lic = read_front_matter(path / "README.md").get("license")
     except LlamaforgeError:   # a malformed card does not stop the model from loading
         return None
     return {"license": str(lic)} if lic else None
@@ -143,8 +142,7 @@ def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
 
 
 def write_model(llama, tokenizer, out_dir: Path):
-    """A trained `model.Llama` (unfused, HF parameter names) as an HF directory's files."""
-    from . import Checkpoint
+    """A trained `model.llama.Llama` (unfused, HF parameter names) as an HF directory's files."""
     write(Checkpoint(llama.config, llama.state_dict(), tokenizer), out_dir)
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import LlamaConfig
 from ..errors import LlamaforgeError
-from ..tokenizer import from_sentencepiece_model, read_json
-from ..atomic import atomic_output_dir
-from . import Checkpoint, check_shapes, stored_dtypes
+from ..files import atomic_output_dir, read_json
+from ..model.config import LlamaConfig
+from ..text.convert import from_sentencepiece_model
+from .checkpoint import Checkpoint, check_shapes, stored_dtypes
 from .gguf import permute_qk, unpermute_qk
 
 # Meta name (after "layers.N.") -> ours, and the dim along which model-parallel shards concatenate

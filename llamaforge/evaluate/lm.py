@@ -1,0 +1,83 @@
+"""The next-token loss, and the perplexity built on it: one place for SFT, pretraining and
+`evaluate --task perplexity | sft`."""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import IGNORE, length_bucketed_batches, pad_labelled
+
+
+def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction: str = "mean"):
+    """(loss, scored tokens): cross-entropy of predicting labels[:, t + 1] at position t.
+
+    Logits are computed only where a label is scored: on chat data most positions are prompt,
+    and (B, T, vocab) fp32 logits of a 49k vocabulary would cost more than the model.
+    """
+    h = model.hidden_states(ids, position_ids, mask)
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = model.logits(h[:, :-1][keep]).float()
+    return F.cross_entropy(logits, target[keep], reduction=reduction), int(keep.sum())
+
+
+@torch.inference_mode()
+def mean_loss(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
+              progress: bool = False) -> tuple[float, int]:
+    """(mean loss over all scored tokens, their count) for encoded (ids, labels) pairs."""
+    from tqdm import tqdm
+    total, n = 0.0, 0
+    batches = length_bucketed_batches([len(p[0]) for p in pairs], batch_size)
+    for idx in tqdm(batches, desc="score", unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True):
+        ids, labels = pad_labelled([pairs[i] for i in idx], pad_id)
+        loss, k = next_token_loss(model, ids, labels, reduction="sum")
+        total, n = total + float(loss), n + k
+    return total / max(n, 1), n
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored) per window: windows of `window` tokens every `stride`, each
+    scoring only the tokens the previous window did not, so every token after the first is
+    scored once with up to window - stride tokens of context before it."""
+    out, scored_to = [], 1
+    for start in range(0, max(1, n_tokens - 1), stride):
+        end = min(start + window, n_tokens)
+        if end <= scored_to:
+            break
+        out.append((start, end, scored_to))
+        scored_to = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], window: int, stride: int | None = None, batch_size: int = 4,
+               progress: bool = False) -> dict:
+    """Perplexity of one token stream with a sliding window: {"perplexity", "loss", "n"}."""
+    from tqdm import tqdm
+    stride = stride or window // 2
+    windows = sliding_windows(len(ids), window, stride)
+    total, n = 0.0, 0
+    bar = tqdm(total=len(windows), desc="perplexity", unit="window", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    # Windows of the same length go in one batch (all but the last are full length).
+    for s in range(0, len(windows), batch_size):
+        group = windows[s:s + batch_size]
+        by_len: dict[int, list] = {}
+        for w in group:
+            by_len.setdefault(w[1] - w[0], []).append(w)
+        for ws in by_len.values():
+            x = torch.tensor([ids[a:b] for a, b, _ in ws])
+            labels = x.clone()
+            for r, (a, _, first) in enumerate(ws):
+                labels[r, :first - a] = IGNORE
+            loss, k = next_token_loss(model, x, labels, reduction="sum")
+            total, n = total + float(loss), n + k
+        bar.update(len(group))
+    bar.close()
+    loss = total / max(n, 1)
+    return {"perplexity": math.exp(loss), "loss": loss, "n": n}

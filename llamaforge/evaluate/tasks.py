@@ -1,0 +1,144 @@
+"""Task definitions, shared by evaluation and training: how a file of QA items, translation pairs
+or documents with summaries is read, and the prompt that turns each item into a chat message.
+`llamaforge evaluate --task` scores a model on these prompts and `finetune sft --task` trains on
+the same ones (`training_examples`), so a model is scored the way it was taught.
+
+    qa          SQuAD JSON (or JSONL of context/question/answers)
+    translate   TSV of source<TAB>target, or --data SRC --target TGT line-aligned files
+    summarize   JSONL of document/summary
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.conversations import Example
+from ..data.records import read_records
+from ..errors import LlamaforgeError
+from ..files import read_json, read_text
+
+GENERATION_TASKS = ("qa", "translate", "summarize")
+MAX_NEW_TOKENS = {"qa": 32, "translate": 96, "summarize": 128}
+
+
+@dataclass
+class TaskItem:
+    source: str              # "file:line" (or "file: question <id>")
+    messages: list[dict]     # the prompt, as a conversation ending with a user turn
+    references: list[str]    # acceptable answers; the first is the one trained on
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+def qa_prompt(context: str, question: str) -> str:
+    return (f"Answer the question with a short span copied from the context.\n\n"
+            f"Context: {context}\n\nQuestion: {question}")
+
+
+def translate_prompt(text: str, target_lang: str, source_lang: str | None = None) -> str:
+    source = f" from {source_lang}" if source_lang else ""
+    return f"Translate the following text{source} into {target_lang}. Reply with the translation only.\n\n{text}"
+
+
+def summarize_prompt(document: str) -> str:
+    return f"Summarize the following text in one or two sentences.\n\n{document}"
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# --- task files ----------------------------------------------------------------------------------
+
+def read_qa(path) -> list[TaskItem]:
+    """SQuAD v1.1 JSON ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]}), or JSONL / JSON
+    records with context, question and answers (a list of strings or of {"text": ...})."""
+    path = Path(path)
+    items = []
+    if path.suffix.lower() == ".json":
+        raw = read_json(path, expect=None)
+        if isinstance(raw, dict) and "data" in raw:
+            for a, article in enumerate(raw["data"]):
+                for p, para in enumerate(article.get("paragraphs", [])):
+                    for q in para.get("qas", []):
+                        where = f"{path}: question {q.get('id', f'{a}/{p}')}"
+                        answers = [x["text"] for x in q.get("answers", []) if isinstance(x, dict) and "text" in x]
+                        if "question" not in q or not answers or "context" not in para:
+                            raise LlamaforgeError(f"{where}: needs a context, a question and at least one answer")
+                        items.append(TaskItem(where, _user(qa_prompt(para["context"], q["question"])), answers))
+            if not items:
+                raise LlamaforgeError(f"{path}: no questions")
+            return items
+    for line, r in read_records(path):
+        where = f"{path}:{line}"
+        for key in ("context", "question", "answers"):
+            if key not in r:
+                raise LlamaforgeError(f"{where}: missing field {key!r}")
+        answers = r["answers"]
+        if isinstance(answers, dict):   # the HF datasets layout: {"text": [...], "answer_start": [...]}
+            answers = answers.get("text", [])
+        answers = [answers] if isinstance(answers, str) else [a.get("text") if isinstance(a, dict) else a for a in answers]
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise LlamaforgeError(f"{where}: 'answers' must be a string or a non-empty list of strings")
+        items.append(TaskItem(where, _user(qa_prompt(r["context"], r["question"])), answers))
+    return items
+
+
+def read_translation(path, target: str | None = None, target_lang: str = "English",
+                     source_lang: str | None = None) -> list[TaskItem]:
+    """Pairs from a TSV (source<TAB>target per line, no header) or two line-aligned files."""
+    path = Path(path)
+    if target:
+        src, tgt = read_text(path).splitlines(), read_text(target).splitlines()
+        if len(src) != len(tgt):
+            raise LlamaforgeError(f"{path} has {len(src)} lines but {target} has {len(tgt)}: they must be aligned")
+        pairs = [(f"{path}:{i + 1}", s, t) for i, (s, t) in enumerate(zip(src, tgt, strict=True))]
+    else:
+        pairs = []
+        for i, line in enumerate(read_text(path).splitlines()):
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if len(cols) != 2:
+                raise LlamaforgeError(f"{path}:{i + 1}: expected source<TAB>target, found {len(cols)} column(s) "
+                                      f"(for two aligned files give --target FILE)")
+            pairs.append((f"{path}:{i + 1}", cols[0], cols[1]))
+    items = []
+    for where, s, t in pairs:
+        if not s.strip() or not t.strip():
+            raise LlamaforgeError(f"{where}: empty sentence")
+        items.append(TaskItem(where, _user(translate_prompt(s.strip(), target_lang, source_lang)), [t.strip()]))
+    if not items:
+        raise LlamaforgeError(f"{path}: no sentence pairs")
+    return items
+
+
+def read_summaries(path) -> list[TaskItem]:
+    """JSONL / JSON records with the text in `document` (or `article`, `text`) and the summary
+    in `summary` (or `highlights`)."""
+    items = []
+    for line, r in read_records(path):
+        where = f"{path}:{line}"
+        doc = next((r[k] for k in ("document", "article", "text") if k in r), None)
+        summary = next((r[k] for k in ("summary", "highlights") if k in r), None)
+        if not isinstance(doc, str) or not isinstance(summary, str):
+            raise LlamaforgeError(f"{where}: needs string fields 'document' and 'summary'")
+        items.append(TaskItem(where, _user(summarize_prompt(doc)), [summary]))
+    return items
+
+
+def read_task(path, task: str, target: str | None = None, target_lang: str = "English",
+              source_lang: str | None = None) -> list[TaskItem]:
+    if task == "qa":
+        return read_qa(path)
+    if task == "translate":
+        return read_translation(path, target, target_lang, source_lang)
+    if task == "summarize":
+        return read_summaries(path)
+    raise LlamaforgeError(f"unknown task {task!r}; use one of {', '.join(GENERATION_TASKS)}")
+
+
+def training_examples(items: list[TaskItem]) -> list[Example]:
+    """The items as chat examples to learn from: the prompt, answered with the first reference."""
+    return [Example(item.source, messages=item.messages + [{"role": "assistant", "content": item.references[0]}])
+            for item in items]

@@ -1,0 +1,251 @@
+"""Parameter-efficient adapters: LoRA layers, attached to a Llama's linear layers, trained, merged,
+and saved / loaded in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) so that
+`peft.PeftModel.from_pretrained` reads what we write, and we read what it writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LlamaforgeError
+from ..files import read_json
+
+ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
+
+    def __post_init__(self):
+        unknown = sorted(set(self.targets) - set(ALL_LINEARS))
+        if unknown:
+            raise LlamaforgeError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ALL_LINEARS)}")
+        if self.rank < 1:
+            raise LlamaforgeError(f"LoRA rank must be at least 1, got {self.rank}")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank, with W, b frozen.
+
+    W and b are the original layer's own tensors under the same names, so the model's state dict
+    keeps its keys and `merge` is one in-place add. B starts at zero: the adapted model begins as
+    the base model exactly.
+    """
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.bias = base.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as nn.Linear and PEFT initialise
+        self.scaling = cfg.alpha / cfg.rank
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)                           # (..., out)
+        h = F.linear(self.dropout(x), self.lora_A) * self.scaling          # (..., rank): scale the small tensor
+        # y += h B^T inside the matrix product (beta=1), not as a separate pass over y.
+        y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return y
+
+    def merged(self) -> nn.Linear:
+        """A plain nn.Linear with the update folded in (W + B A * scaling), computed in fp32."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        lin.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype), requires_grad=False)
+        if self.bias is not None:
+            lin.bias = self.bias
+        return lin
+
+
+def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
+    """Freeze the Llama and put LoRA layers on its target linears; returns it."""
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    llama.replace_linears(lambda lin: LoRALinear(lin, cfg), names=set(cfg.targets))
+    return llama
+
+
+def merge_lora(llama: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into a plain linear layer (for inference and export)."""
+    return llama.replace_linears(LoRALinear.merged, kind=LoRALinear)
+
+
+# --- PEFT layout ---------------------------------------------------------------------------------
+# PEFT wraps the HF model as `base_model.model.<HF name>`; LoRA tensors are `<module>.lora_A.weight`,
+# and a fully trained module (`modules_to_save`, e.g. a classification head) is saved whole.
+PEFT_PREFIX = "base_model.model."
+
+
+def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, task_type: str,
+                      modules_to_save: list[str] = (), base_model: str | None = None, hf_prefix: str = ""):
+    """Write adapter_config.json + adapter_model.safetensors into out_dir (which must exist).
+
+    model: a module whose parameter names, after `hf_prefix`, are HF's: LlamaForClassification
+    as it is, a Llama with hf_prefix="model." (LlamaForCausalLM's names)."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for name, p in model.named_parameters():
+        if name.endswith((".lora_A", ".lora_B")):
+            state[PEFT_PREFIX + hf_prefix + name + ".weight"] = p.detach().contiguous()
+        elif name.split(".")[0] in modules_to_save:
+            state[PEFT_PREFIX + hf_prefix + name] = p.detach().contiguous()
+    save_file(state, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
+        "target_modules": list(cfg.targets), "modules_to_save": list(modules_to_save) or None,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False,
+    }
+    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
+    path = Path(adapter_dir) / "adapter_config.json"
+    raw = read_json(path)
+    if raw.get("peft_type") != "LORA":
+        raise LlamaforgeError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (LORA is)")
+    if raw.get("use_dora") or raw.get("use_rslora"):
+        raise LlamaforgeError(f"{path}: DoRA and rsLoRA adapters are not supported")
+    targets = raw.get("target_modules") or []
+    if isinstance(targets, str):
+        raise LlamaforgeError(f"{path}: target_modules as a regular expression is not supported; list the names")
+    return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
+                      targets=[t.split(".")[-1] for t in targets])
+
+
+def _read_adapter_tensors(adapter_dir: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: missing")
+    return path, load_file(str(path))
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, hf_prefix: str = ""):
+    """Load adapter weights written by `save_peft_adapter` (or by PEFT) into a model that already
+    has its LoRA layers (`add_lora`) and head."""
+    path, tensors = _read_adapter_tensors(adapter_dir)
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        key = key.removeprefix(PEFT_PREFIX).removeprefix(hf_prefix)
+        name = key.removesuffix(".weight") if ".lora_" in key else key
+        if name not in params:
+            raise LlamaforgeError(f"{path}: tensor {key} matches no parameter of the model")
+        if params[name].shape != t.shape:
+            raise LlamaforgeError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
+        with torch.no_grad():
+            params[name].copy_(t)
+
+
+def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
+    """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
+    `model.`) into a state dict in `model.llama.Llama`'s names, in fp32, in place. Heads saved whole
+    (`modules_to_save`) are not part of the language model and are left out."""
+    cfg = read_peft_config(adapter_dir)
+    raw = read_json(Path(adapter_dir) / "adapter_config.json")
+    extra = [k for k in ("rank_pattern", "alpha_pattern") if raw.get(k)]
+    extra += [f"modules_to_save {m}" for m in raw.get("modules_to_save") or [] if m not in ("score", "classifier")]
+    if extra:
+        raise LlamaforgeError(f"{adapter_dir}/adapter_config.json: {', '.join(extra)} is not supported")
+    path, tensors = _read_adapter_tensors(adapter_dir)
+    prefix = PEFT_PREFIX + "model."
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix(prefix).removesuffix(".lora_A.weight")
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or module + ".weight" not in state:
+            raise LlamaforgeError(f"{path}: tensor {key} has no matching lora_B or base weight")
+        w = state[module + ".weight"]
+        state[module + ".weight"] = (w.float() + (b.float() @ a.float()) * (cfg.alpha / cfg.rank)).to(w.dtype)
+
+
+# --- prefix-tuning -------------------------------------------------------------------------------
+# Each attention layer gets P learned key/value vectors per KV head, seen by every query before the
+# sequence's own keys (Li & Liang 2021). Saved on their own: prefix_config.json + prefix.safetensors.
+PREFIX_CONFIG, PREFIX_WEIGHTS = "prefix_config.json", "prefix.safetensors"
+
+
+@torch.no_grad()
+def add_prefix(llama: nn.Module, length: int, init_ids: list[int]) -> nn.Module:
+    """Freeze the Llama and give every attention layer a trainable prefix of `length` positions,
+    initialised with the keys and values the model itself computes for `init_ids` (real
+    activations train far better than random vectors of the wrong scale)."""
+    if length < 1:
+        raise LlamaforgeError(f"prefix length must be at least 1, got {length}")
+    ids = (list(init_ids) * length)[:length]
+    for p in llama.parameters():
+        p.requires_grad_(False)
+    llama.setup_cache(1, length)
+    llama.hidden_states(torch.tensor([ids], device=llama.embed_tokens.weight.device), cache_pos=0)
+    for layer in llama.layers:
+        cache = layer.self_attn.kv_cache
+        layer.self_attn.prefix = nn.Parameter(torch.stack([cache.k[0, :, :length], cache.v[0, :, :length]]).clone())
+    llama.clear_cache()
+    return llama
+
+
+def prefix_state(llama: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}.self_attn.prefix": layer.self_attn.prefix.detach().contiguous()
+            for i, layer in enumerate(llama.layers)}
+
+
+def save_prefix(llama: nn.Module, out_dir: str | Path, base_model: str | None = None):
+    from safetensors.torch import save_file
+    state = prefix_state(llama)
+    save_file(state, str(Path(out_dir) / PREFIX_WEIGHTS), metadata={"format": "pt"})
+    length = next(iter(state.values())).shape[2]
+    (Path(out_dir) / PREFIX_CONFIG).write_text(json.dumps(
+        {"adapter_type": "prefix_tuning", "num_virtual_tokens": length, "base_model_name_or_path": base_model,
+         "num_layers": len(llama.layers)}, indent=2) + "\n")
+
+
+def read_prefix(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    path = Path(adapter_dir) / PREFIX_WEIGHTS
+    if not path.exists():
+        raise LlamaforgeError(f"{path}: missing")
+    return load_file(str(path))
+
+
+@torch.no_grad()
+def load_prefix(llama: nn.Module, tensors: dict[str, torch.Tensor], source: str = "prefix"):
+    """Attach saved prefixes (from `read_prefix`) to a Llama of the matching shape."""
+    c = llama.config
+    for i, layer in enumerate(llama.layers):
+        key = f"layers.{i}.self_attn.prefix"
+        t = tensors.get(key)
+        if t is None or t.dim() != 4 or t.shape[:2] != (2, c.n_kv_heads) or t.shape[3] != c.head_dim:
+            raise LlamaforgeError(f"{source}: tensor {key} is missing or does not fit this model "
+                                  f"(expected (2, {c.n_kv_heads}, P, {c.head_dim}))")
+        w = llama.embed_tokens.weight
+        layer.self_attn.prefix = nn.Parameter(t.to(device=w.device, dtype=w.dtype), requires_grad=False)
+    return llama
+
+
+def refuse_prefix(llama: nn.Module, source: str):
+    """Training all weights of a prefix-tuned model would train its prefix too, which no HF
+    directory can hold: start full training from the base model, or keep tuning the prefix."""
+    if any(layer.self_attn.prefix is not None for layer in llama.layers):
+        raise LlamaforgeError(f"{source}: a prefix-tuned model; full training and pretraining need a model "
+                              f"without a prefix (its base model)")

@@ -1,0 +1,172 @@
+"""Tokenizers from every source a checkpoint brings: an HF directory (`tokenizer.json` or a
+SentencePiece `tokenizer.model`, with `tokenizer_config.json`, chat template and
+`generation_config.json`), GGUF metadata of either kind (byte-level BPE `gpt2`, SentencePiece
+`llama`), and Meta's `tokenizer.model`. Each becomes a `tokenizers` backend inside a `Tokenizer`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+
+from ..errors import LlamaforgeError
+from ..files import read_json, read_text
+from .tokenizer import Tokenizer
+
+# Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` name (llama.cpp's names).
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PRE_NAMES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
+# llama.cpp splits every digit off first for these, then applies GPT-2's pattern.
+DIGIT_SPLIT_PRE_NAMES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+
+# GGUF token types (llama.cpp's llama_token_type).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+
+def _token_text(tok) -> str | None:
+    if tok is None or isinstance(tok, str):
+        return tok
+    return tok.get("content")  # tokenizer_config.json may spell tokens as AddedToken dicts
+
+
+def from_hf_dir(path: Path) -> Tokenizer:
+    """tokenizer.json (+ tokenizer_config.json, chat template, generation_config.json)."""
+    cfg_path = path / "tokenizer_config.json"
+    cfg = read_json(cfg_path) if cfg_path.exists() else {}
+    if (path / "tokenizer.json").exists():
+        try:
+            backend = Backend.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise LlamaforgeError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        tok = Tokenizer(backend, kind=_backend_kind(backend))
+    elif (path / "tokenizer.model").exists():
+        tok = from_sentencepiece_model(path / "tokenizer.model")
+        tok.add_bos = cfg.get("add_bos_token", True)
+    else:
+        raise LlamaforgeError(f"{path}: no tokenizer.json or tokenizer.model")
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if name in cfg:
+            setattr(tok, name, _token_text(cfg[name]))
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: use "default"
+        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+    if (path / "chat_template.jinja").exists():
+        template = read_text(path / "chat_template.jinja")
+    elif (path / "chat_template.json").exists():
+        template = read_json(path / "chat_template.json").get("chat_template", template)
+    tok.chat_template = template
+    if (path / "tokenizer.json").exists():
+        # tokenizer.json's own post-processor decides about BOS; record what it does.
+        bos = tok.bos_id
+        tok.add_bos = bos is not None and tok.encode("a")[:1] == [bos]
+    gen_path = path / "generation_config.json"
+    if gen_path.exists():
+        eos = read_json(gen_path).get("eos_token_id")
+        tok.extra_eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    tok._set_bos_post_processor()
+    return tok
+
+
+def _backend_kind(backend: Backend) -> str:
+    model = json.loads(backend.to_str())["model"]
+    return "sentencepiece" if model.get("byte_fallback") else "bpe"
+
+
+def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None) -> Backend:
+    """A byte-level BPE backend (GPT-2 / Llama 3 / SmolLM2 kind) from a GGUF vocabulary."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRE_NAMES))
+    if pre in LLAMA3_PRE_NAMES:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in DIGIT_SPLIT_PRE_NAMES:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    _add_special_tokens(backend, tokens, token_types)
+    return backend
+
+
+def sentencepiece_bpe(tokens: list[str], scores: list[float], token_types: list[int] | None,
+                      add_space_prefix: bool = True) -> Backend:
+    """A SentencePiece-BPE backend (Llama 1/2, TinyLlama kind) from pieces and scores.
+
+    SentencePiece merges the adjacent pair whose joined piece scores highest; ordering merges by
+    the joined piece's score reproduces that with a plain BPE model. Unknown bytes fall back to
+    <0xNN> tokens.
+    """
+    types = token_types or [TOKEN_NORMAL] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    mergeable = {t: s for t, s, ty in zip(tokens, scores, types, strict=True) if ty in (TOKEN_NORMAL, TOKEN_USER_DEFINED)}
+    candidates = []
+    for piece, score in mergeable.items():
+        for i in range(1, len(piece)):
+            left, right = piece[:i], piece[i:]
+            if left in mergeable and right in mergeable:
+                candidates.append((-score, vocab[left], vocab[right], left, right))
+    candidates.sort()
+    pairs = [(left, right) for _, _, _, left, right in candidates]
+    unk = next((t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_UNKNOWN), None)
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    # SentencePiece's dummy prefix is added even before a leading space (" x" -> "▁▁x"), which
+    # Metaspace does not do; Llama 2's own tokenizer.json uses this normalizer for that reason.
+    backend.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("\u2581")] if add_space_prefix else []) + [normalizers.Replace(" ", "\u2581")])
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+        *([decoders.Strip(" ", 1, 0)] if add_space_prefix else [])])
+    _add_special_tokens(backend, tokens, token_types)
+    return backend
+
+
+def _add_special_tokens(backend: Backend, tokens, token_types):
+    # Control tokens (<s>, <|im_start|>, ...) must match whole instead of being split into pieces.
+    if not token_types:
+        return
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, token_types, strict=True) if ty in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, token_types, strict=True) if ty == TOKEN_USER_DEFINED]
+    if special:
+        backend.add_special_tokens(special)
+    if user:
+        backend.add_tokens(user)
+
+
+def from_sentencepiece_model(path: Path) -> Tokenizer:
+    """A SentencePiece `tokenizer.model` (Meta format), rebuilt as a `tokenizers` backend."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception as e:
+        with open(path, "rb") as f:
+            head = f.read(200).split(b"\n")[0].split(b" ")
+        if len(head) == 2 and head[1].isdigit():
+            raise LlamaforgeError(f"{path}: a tiktoken vocabulary (Llama 3 Meta format), which llamaforge does "
+                                  "not read yet; use the model's HF or GGUF release") from None
+        raise LlamaforgeError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
+    n = sp.GetPieceSize()
+    tokens = [sp.IdToPiece(i) for i in range(n)]
+    scores = [sp.GetScore(i) for i in range(n)]
+    types = [TOKEN_UNKNOWN if sp.IsUnknown(i) else TOKEN_CONTROL if sp.IsControl(i)
+             else TOKEN_BYTE if sp.IsByte(i) else TOKEN_UNUSED if sp.IsUnused(i) else TOKEN_NORMAL
+             for i in range(n)]
+    backend = sentencepiece_bpe(tokens, scores, types)
+    return Tokenizer(backend, kind="sentencepiece",
+                     bos_token=tokens[sp.bos_id()] if sp.bos_id() >= 0 else None,
+                     eos_token=tokens[sp.eos_id()] if sp.eos_id() >= 0 else None,
+                     unk_token=tokens[sp.unk_id()] if sp.unk_id() >= 0 else None,
+                     pad_token=tokens[sp.pad_id()] if sp.pad_id() >= 0 else None,
+                     add_bos=True)

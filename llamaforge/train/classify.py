@@ -1,0 +1,270 @@
+"""Sequence classification: fine-tune a Llama with a `score` head (full or LoRA), evaluate it and
+predict with it. Data and loss live here; the loop is `trainer.fit`.
+
+Run directory:
+    config.yaml          the resolved config (flags over --config YAML over defaults)
+    label_map.json       id -> label name
+    metrics.json         every dev evaluation, then the final dev / test reports
+    best/                LoRA: adapter_config.json + adapter_model.safetensors (PEFT layout);
+                         full: an HF LlamaForSequenceClassification directory
+    checkpoint/state.pt  the last resumable checkpoint
+    tensorboard/, curves.png, confusion_matrix.png
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data.batching import length_bucketed_batches, pad_right
+from ..data.labelled import LabelledText, check_truncation_side, encode_texts, label_ids, label_names, read_labelled
+from ..errors import LlamaforgeError
+from ..evaluate.metrics import classification_report, format_report, plot_confusion_matrix
+from ..files import atomic_write_text, read_json
+from ..formats.hf import config_to_hf
+from ..formats.load import load
+from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
+from ..model.llama import LlamaForClassification
+from ..provenance.modelcard import check_licence, write_run_cards
+from .base import FinetuneConfig, base_model_reference, open_run
+from .runconfig import resolve_config, write_yaml
+from .trainer import fit, write_metrics
+
+
+@dataclass
+class ClassifyConfig(FinetuneConfig):
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    class_weights: str | None = None      # "balanced": weight classes by inverse frequency
+    truncation_side: str = "right"        # which end of a text longer than max-length is dropped
+
+    def __post_init__(self):
+        if self.class_weights not in (None, "balanced"):
+            raise LlamaforgeError(f"class-weights must be 'balanced' or unset, not {self.class_weights!r}")
+        check_truncation_side(self.truncation_side)   # before the model loads, not at the first text
+        super().__post_init__()
+
+
+# --- model -------------------------------------------------------------------------------------
+
+def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoRAConfig | None = None):
+    """(classifier, tokenizer) from the base model (cfg.model, or `model`), with the method's
+    trainable parameters: LoRA layers of `lora` (default cfg's) and the new `score` head."""
+    llama, tok = load(model or cfg.model, dtype=cfg.dtype)
+    if cfg.method == "lora":
+        add_lora(llama, lora or cfg.lora())
+    elif llama.lm_head is not None:
+        llama.lm_head.requires_grad_(False)   # not used by classification
+    clf = LlamaForClassification(llama, num_labels)
+    clf.score.requires_grad_(True)
+    return clf, tok
+
+
+def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyConfig, labels: list[str], tok):
+    if cfg.method == "lora":
+        save_peft_adapter(clf, out_dir, cfg.lora(), "SEQ_CLS", modules_to_save=["score"],
+                          base_model=base_model_reference(cfg.model))
+        return
+    from safetensors.torch import save_file
+    state = {k: v.detach().contiguous() for k, v in clf.state_dict_hf().items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    hf = config_to_hf(clf.model.config, tok)
+    hf.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels), pad_token_id=tok.pad_id,
+              id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
+              torch_dtype=str(clf.score.weight.dtype).replace("torch.", ""))
+    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    tok.save_hf(out_dir)
+
+
+def read_label_map(path: Path) -> list[str]:
+    """The label names of a run, by id, from its label_map.json ({"id2label": {"0": name, ...}})."""
+    id2label = read_json(path).get("id2label")
+    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(len(id2label))}:
+        raise LlamaforgeError(f"{path}: expected {{\"id2label\": {{\"0\": label, \"1\": label, ...}}}}")
+    return [str(id2label[str(i)]) for i in range(len(id2label))]
+
+
+def load_run(run_dir: str | Path, dtype: str | None = None):
+    """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "label_map.json").exists():
+        raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml and label_map.json); "
+                              f"to score a language model give --task")
+    cfg = resolve_config(ClassifyConfig, run_dir / "config.yaml")
+    if dtype:
+        cfg.dtype = dtype
+    labels = read_label_map(run_dir / "label_map.json")
+    best = run_dir / "best"
+    if not best.is_dir():
+        raise LlamaforgeError(f"{run_dir}: no trained model yet (best/ is missing)")
+    if cfg.method == "lora":
+        clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
+        load_peft_adapter(clf, best)
+        if cfg.dtype == "fp32":
+            # Merged, inference runs at the base model's speed. Not in bf16: rounding W + BA to
+            # bf16 loses much of a small update, and the predictions would drift from training's.
+            merge_lora(clf.model)
+    else:
+        from safetensors.torch import load_file
+        clf, tok = build_classifier(cfg, len(labels), model=best)
+        with torch.no_grad():
+            clf.score.weight.copy_(load_file(str(best / "model.safetensors"))["score.weight"])
+    return clf.eval(), tok, labels, cfg
+
+
+# --- data and loss -----------------------------------------------------------------------------
+
+def read_split(path, cfg: ClassifyConfig, labelled=True) -> list[LabelledText]:
+    return read_labelled(path, cfg.text_column, cfg.label_column if labelled else None, cfg.text_pair_column)
+
+
+@torch.inference_mode()
+def predict_proba(clf, seqs: list[list[int]], pad_id: int, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """Class probabilities (N, C), in input order; batches of similar length (little padding)."""
+    from tqdm import tqdm
+    out = torch.empty(len(seqs), clf.score.out_features)
+    batches = length_bucketed_batches([len(s) for s in seqs], batch_size)
+    for idx in tqdm(batches, desc="predict", unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True):
+        ids, lengths = pad_right([seqs[i] for i in idx], pad_id)
+        out[idx] = clf(ids, lengths).softmax(-1)
+    return out
+
+
+class ClassificationTask:
+    """Token sequences with label ids, for `trainer.fit`."""
+
+    def __init__(self, cfg, train_seqs, train_y, dev_seqs, dev_y, labels, tok):
+        self.cfg, self.labels, self.tok = cfg, labels, tok
+        self.train_seqs, self.train_y = train_seqs, torch.tensor(train_y)
+        self.dev_seqs, self.dev_y = dev_seqs, dev_y
+        self.lengths = [len(s) for s in train_seqs]
+        self.weight = None
+        if cfg.class_weights == "balanced":
+            counts = torch.bincount(self.train_y, minlength=len(labels)).float()
+            self.weight = counts.sum() / (len(labels) * counts.clamp(min=1))
+
+    def train_batches(self, epoch, generator):
+        return length_bucketed_batches(self.lengths, self.cfg.batch_size, generator)
+
+    def loss(self, model, idx):
+        ids, lengths = pad_right([self.train_seqs[i] for i in idx], self.tok.pad_id)
+        logits = model(ids, lengths)
+        return F.cross_entropy(logits, self.train_y[idx], weight=self.weight), int(lengths.sum())
+
+    def evaluate(self, model):
+        probs = predict_proba(model, self.dev_seqs, self.tok.pad_id, self.cfg.eval_batch_size)
+        return classification_report(self.dev_y, probs.argmax(-1).tolist(), self.labels)
+
+    def format_metrics(self, report):
+        return format_report(report)
+
+    def save_model(self, model, out_dir):
+        save_classifier(model, out_dir, self.cfg, self.labels, self.tok)
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
+    """Train, keep the best dev model, and report on dev and test. Returns the final reports."""
+    cfg, out = open_run(cfg, resume)
+    if not cfg.dev:
+        raise LlamaforgeError("--dev is required")
+    train, dev = read_split(cfg.train, cfg), read_split(cfg.dev, cfg)
+    test = read_split(cfg.test, cfg) if cfg.test else None
+    labels = label_names(train)
+    if len(labels) < 2:
+        raise LlamaforgeError(f"{cfg.train}: needs at least two labels, found {labels}")
+    train_y, dev_y = label_ids(train, labels), label_ids(dev, labels)
+    test_y = label_ids(test, labels) if test else None
+
+    torch.manual_seed(cfg.seed)   # the new head and LoRA factors start the same every run
+    clf, tok = build_classifier(cfg, len(labels))
+    enc = {name: encode_texts(tok, split, cfg.max_length, name=str(path), truncation_side=cfg.truncation_side)
+           for name, split, path in (("train", train, cfg.train), ("dev", dev, cfg.dev), ("test", test, cfg.test)) if split}
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(cfg, out / "config.yaml")
+        atomic_write_text(out / "label_map.json", json.dumps(
+            {"id2label": {str(i): n for i, n in enumerate(labels)}}, indent=2, ensure_ascii=False) + "\n")
+    n_train = sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    print(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
+          f"{n_train:,} trainable parameters, {cfg.dtype}", file=sys.stderr)
+
+    terms = check_licence(cfg.model, out)
+    task = ClassificationTask(cfg, enc["train"], train_y, enc["dev"], dev_y, labels, tok)
+    history = fit(clf, task, cfg, out, resume=resume)
+
+    # Final reports come from the best model as saved, read back the way `evaluate` reads it.
+    del clf
+    best, tok, labels, _ = load_run(out)
+    final = {}
+    for name, split_y in (("dev", dev_y), ("test", test_y)):
+        if split_y is None:
+            continue
+        probs = predict_proba(best, enc[name], tok.pad_id, cfg.eval_batch_size)
+        pred = probs.argmax(-1).tolist()
+        final[name] = classification_report(split_y, pred, labels)
+        if name == "test" or not test:
+            plot_confusion_matrix(split_y, pred, labels, out / "confusion_matrix.png", title=f"{name} (best model)")
+    write_metrics(out, history, final)
+    write_run_cards(out, "classify", cfg, [cfg.train, cfg.dev, cfg.test], final, ["text-classification"], terms)
+    return final
+
+
+def evaluate_classifier(run_dir: str | Path, data: str | Path, text_column: str | None = None,
+                        label_column: str | None = None, text_pair_column: str | None = None,
+                        batch_size: int = 64, dtype: str | None = None) -> dict:
+    clf, tok, labels, cfg = load_run(run_dir, dtype)
+    cfg.text_column = text_column or cfg.text_column
+    cfg.label_column = label_column or cfg.label_column
+    cfg.text_pair_column = text_pair_column or cfg.text_pair_column
+    examples = read_split(data, cfg)
+    y = label_ids(examples, labels)
+    seqs = encode_texts(tok, examples, cfg.max_length, name=str(data), truncation_side=cfg.truncation_side)
+    probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=True)
+    return classification_report(y, probs.argmax(-1).tolist(), labels)
+
+
+def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None,
+                       out: str | Path | None = None, text_column: str | None = None,
+                       batch_size: int = 64, dtype: str | None = None) -> list[dict]:
+    """Label and class probabilities per text, written to `out` (.csv or .jsonl) when given."""
+    clf, tok, labels, cfg = load_run(run_dir, dtype)
+    if data is not None:
+        cfg.text_column = text_column or cfg.text_column
+        examples = read_split(data, cfg, labelled=False)
+    elif texts:
+        examples = [LabelledText(t, None, None, f"argument {i + 1}") for i, t in enumerate(texts)]
+    else:
+        raise LlamaforgeError("give a TEXT or --data FILE to predict")
+    seqs = encode_texts(tok, examples, cfg.max_length, name=str(data or "input"),
+                        truncation_side=cfg.truncation_side)
+    probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=len(seqs) > batch_size)
+    rows = [{"text": e.text, "label": labels[int(p.argmax())], **{f"p_{n}": round(float(p[i]), 6) for i, n in enumerate(labels)}}
+            for e, p in zip(examples, probs, strict=True)]
+    if out:
+        write_predictions(rows, Path(out))
+    return rows
+
+
+def write_predictions(rows: list[dict], path: Path):
+    import csv
+    import io
+    if path.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    else:
+        raise LlamaforgeError(f"{path}: write predictions to a .csv, .tsv or .jsonl file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)

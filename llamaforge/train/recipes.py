@@ -1,0 +1,22 @@
+"""The training recipes by name, each a config dataclass and a function that runs it on the one
+trainer: `llamaforge finetune classify | sft`, `llamaforge pretrain` and `llamaforge reproduce`
+find them here. Imported on demand, so that building the command line costs nothing."""
+from __future__ import annotations
+
+from ..errors import LlamaforgeError
+
+RECIPES = ("classify", "sft", "pretrain")
+
+
+def recipe(name: str):
+    """(config class, run(config, resume=False) -> final metrics) of a recipe."""
+    if name == "classify":
+        from .classify import ClassifyConfig, finetune_classify
+        return ClassifyConfig, finetune_classify
+    if name == "sft":
+        from .sft import SFTConfig, finetune_sft
+        return SFTConfig, finetune_sft
+    if name == "pretrain":
+        from .pretrain import PretrainConfig, pretrain
+        return PretrainConfig, pretrain
+    raise LlamaforgeError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times  # noqa: E402
+from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT / "llamaforge" / "datasets"

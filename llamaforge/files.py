@@ -17,7 +17,6 @@ from .errors import LlamaforgeError
 
 # --- reading -------------------------------------------------------------------------------------
 
-
 def read_text(path: str | os.PathLike, allow_empty: bool = False) -> str:
     """A file's text: UTF-8 (a BOM is dropped), not empty; errors name the file and line."""
     path = Path(path)
@@ -70,7 +69,7 @@ def read_front_matter(card: str | os.PathLike) -> dict:
     card = Path(card)
     if not card.exists():
         return {}
-    text = card.read_text(encoding="utf-8", errors="replace")
+    text = read_text(card, allow_empty=True)
     if not text.startswith("---"):
         return {}
     parts = text.split("\n---", 1)
@@ -106,10 +105,9 @@ def atomic_write_text(path: str | os.PathLike, text: str):
         tmp.write_text(text, encoding="utf-8")
 
 
-def atomic_torch_save(obj, path: str | os.PathLike):
-    import torch
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def write_json(path: str | os.PathLike, value, indent: int | None = 2):
+    """A JSON file (UTF-8, non-ASCII kept as it is), written whole or not at all."""
+    atomic_write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
 @contextmanager

@@ -34,6 +34,14 @@ def test_generate_prints_only_the_text(tiny_gguf, tiny_bpe):
     assert r.stdout == expected + "\n"
 
 
+def test_the_command_line_starts_without_torch_or_training_code():
+    """`--help`, `openness` and the like build their parser from light modules only."""
+    code = ("import sys; from llamaforge.cli import build_parser; build_parser(training_flags=False)\n"
+            "heavy = [m for m in ('torch', 'numpy', 'llamaforge.train.runconfig', 'llamaforge.formats.load') "
+            "if m in sys.modules]\nassert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
 def test_generate_default_model_chat():
     r = run("generate", "--chat", "--temperature", "0", "--max-new-tokens", "20", "What is the capital of France?")
     assert "Paris" in r.stdout

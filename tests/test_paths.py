@@ -39,7 +39,8 @@ def test_a_run_stands_for_its_best_model_and_an_adapter_for_its_config(tmp_path)
     (run / "best").mkdir()
     (run / "best" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "default"}))
     assert run_model_path(run) == run / "best"
-    assert adapter_config(run / "best")[1]["base_model_name_or_path"] == "default"
+    assert adapter_config(run / "best")[0] == "lora"
+    assert adapter_config(run / "best")[2]["base_model_name_or_path"] == "default"
     (run / "best" / "adapter_config.json").write_text("{")
     with pytest.raises(LlamaforgeError, match=r"adapter_config\.json: not valid JSON"):
         adapter_config(run / "best")

@@ -10,6 +10,7 @@ import json
 import sys
 
 from ..errors import LlamaforgeError
+from ..evaluate.tasks import GENERATION_TASKS, TASKS
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser):
@@ -79,20 +80,20 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory of the rerun (default: RUN_DIR-reproduced)")
 
     p = sub.add_parser("finetune", help="fine-tune a model")
-    tasks = p.add_subparsers(dest="recipe", required=True)   # not "task": sft has a --task flag
-    p = tasks.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
+    recipes = p.add_subparsers(dest="recipe", required=True)   # not "task": sft has a --task flag
+    p = recipes.add_parser("classify", help="text classification (full or LoRA); reports on dev and test")
     if training_flags:
         _add_finetune_flags(p, "classify")
-    p = tasks.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
+    p = recipes.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
     if training_flags:
         _add_finetune_flags(p, "sft")
 
     p = sub.add_parser("pretrain", help="train a Llama from scratch (or continue one) on plain text")
     p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    from ..train.runconfig import add_config_flags
     if training_flags:
         from ..train.recipes import recipe
+        from ..train.runconfig import add_config_flags
         add_config_flags(p, recipe("pretrain")[0], help={
             "data": "a text file or a directory of *.txt files", "out": "run directory",
             "model": "continue pretraining this model instead of starting from random weights",
@@ -111,10 +112,10 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a classifier run, or a model on a task (--task)")
     p.add_argument("run", metavar="MODEL_OR_RUN")
     p.add_argument("--data", required=True, help="the data file (see --task)")
-    p.add_argument("--task", choices=["perplexity", "sft", "qa", "translate", "summarize"], default=None,
-                   help="perplexity: plain text; sft: chat/alpaca/completion file (answer tokens); qa: SQuAD "
-                        "JSON; translate: TSV or --data SRC --target TGT; summarize: JSONL. Without --task: "
-                        "a classification run on labelled data")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="perplexity: plain text; sft: chat/alpaca/completion file (answer tokens); "
+                        + "; ".join(f"{name}: {t.data}" for name, t in GENERATION_TASKS.items())
+                        + ". Without --task: a classification run on labelled data")
     p.add_argument("--text-column", default=None)
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default=None)
@@ -155,7 +156,7 @@ FINETUNE_HELP = {
     "warmup": "fraction of steps (< 1) or steps (>= 1)", "schedule": "linear | cosine | constant",
     "method": "classify: lora (default) | full; sft: lora (default) | full | prefix",
     "format": "auto | chat (messages) | alpaca (instruction/input/output) | completion (prompt/completion)",
-    "task": "qa | translate | summarize: train on a task file, with the prompts `evaluate --task` uses",
+    "task": f"{' | '.join(GENERATION_TASKS)}: train on a task file, with the prompts `evaluate --task` uses",
     "pack": "pack short examples into rows of --max-length tokens (no attention across examples)",
     "compile": COMPILE_HELP,
 }
@@ -291,7 +292,7 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "expor
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    from ..provenance.modelcard import set_command_line
+    from ..provenance.command import set_command_line
     set_command_line(argv)   # for the model cards of what this command writes
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(training_flags=command in ("finetune", "pretrain")).parse_args(argv)

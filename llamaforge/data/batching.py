@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100   # label of a position that is not scored (PyTorch's cross_entropy ignore_index)
+from .conversations import IGNORE
 
 
 def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torch.Generator | None = None,

@@ -17,11 +17,11 @@ import sys
 from dataclasses import dataclass
 
 from ..errors import LlamaforgeError
-from .batching import IGNORE
 from .records import read_records
 
 FORMATS = ("auto", "chat", "alpaca", "completion")
 ROLES = ("system", "user", "assistant")
+IGNORE = -100   # label of a position that is not scored (PyTorch's cross_entropy ignore_index)
 
 
 @dataclass

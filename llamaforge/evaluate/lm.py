@@ -8,7 +8,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import IGNORE, length_bucketed_batches, pad_labelled
+from ..data.batching import length_bucketed_batches, pad_labelled
+from ..data.conversations import IGNORE
 
 
 def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction: str = "mean"):

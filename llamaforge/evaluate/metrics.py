@@ -94,9 +94,6 @@ def score_summaries(predictions: list[str], references: list[list[str]]) -> dict
     return {k: 100 * totals[k] / n for k in ("rouge1", "rouge2", "rougeL")} | {"n": n}
 
 
-SCORERS = {"qa": score_qa, "translate": score_translation, "summarize": score_summaries}
-
-
 # --- figures -------------------------------------------------------------------------------------
 
 def _pyplot():

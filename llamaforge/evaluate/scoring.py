@@ -21,10 +21,7 @@ from ..files import atomic_write_text, read_text
 from ..formats.load import load
 from ..model.generation import SamplingConfig, generate_from_ids
 from .lm import mean_loss, perplexity
-from .metrics import SCORERS
-from .tasks import GENERATION_TASKS, MAX_NEW_TOKENS, TaskItem, read_task
-
-TASKS = ("perplexity", "sft", *GENERATION_TASKS)
+from .tasks import GENERATION_TASKS, TASKS, TaskItem, read_task
 
 
 def answer(model, tok, items: list[TaskItem], max_new_tokens: int, batch_size: int = 8,
@@ -73,11 +70,11 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
     items = read_task(data, task, target, target_lang, source_lang)[:limit]
     if not items:
         raise LlamaforgeError(f"{data}: nothing to score (--limit {limit})")
-    predictions = answer(net, tok, items, max_new_tokens or MAX_NEW_TOKENS[task], batch_size, progress=True)
+    predictions = answer(net, tok, items, max_new_tokens or GENERATION_TASKS[task].max_new_tokens, batch_size, progress=True)
     if predictions_out:
         atomic_write_text(predictions_out, "".join(json.dumps({"source": it.source, "prediction": p, "references": it.references},
                                                               ensure_ascii=False) + "\n" for it, p in zip(items, predictions, strict=True)))
-    return SCORERS[task](predictions, [it.references for it in items])
+    return GENERATION_TASKS[task].score(predictions, [it.references for it in items])
 
 
 def format_scores(scores: dict) -> str:

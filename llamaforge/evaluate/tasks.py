@@ -1,24 +1,20 @@
 """Task definitions, shared by evaluation and training: how a file of QA items, translation pairs
-or documents with summaries is read, and the prompt that turns each item into a chat message.
-`llamaforge evaluate --task` scores a model on these prompts and `finetune sft --task` trains on
-the same ones (`training_examples`), so a model is scored the way it was taught.
-
-    qa          SQuAD JSON (or JSONL of context/question/answers)
-    translate   TSV of source<TAB>target, or --data SRC --target TGT line-aligned files
-    summarize   JSONL of document/summary
+or documents with summaries is read, the prompt that turns each item into a chat message, how the
+answers are scored. `llamaforge evaluate --task` scores a model on these prompts and `finetune sft
+--task` trains on the same ones (`training_examples`), so a model is scored the way it was taught.
+`GENERATION_TASKS` is the one table of them that the command line, evaluation and training read.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..data.conversations import Example
 from ..data.records import read_records
 from ..errors import LlamaforgeError
 from ..files import read_json, read_text
-
-GENERATION_TASKS = ("qa", "translate", "summarize")
-MAX_NEW_TOKENS = {"qa": 32, "translate": 96, "summarize": 128}
+from .metrics import score_qa, score_summaries, score_translation
 
 
 @dataclass
@@ -127,15 +123,33 @@ def read_summaries(path) -> list[TaskItem]:
     return items
 
 
+# --- the table -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerationTask:
+    data: str                                       # what its file holds (for --help)
+    read: Callable[..., list[TaskItem]]             # (path) -> items; translate takes its languages too
+    score: Callable[[list[str], list[list[str]]], dict]   # (answers, references) -> metrics
+    max_new_tokens: int                             # answer length when scored
+
+
+GENERATION_TASKS = {
+    "qa": GenerationTask("SQuAD JSON, or JSONL of context/question/answers", read_qa, score_qa, 32),
+    "translate": GenerationTask("TSV of source<TAB>target, or --data SRC --target TGT", read_translation,
+                                score_translation, 96),
+    "summarize": GenerationTask("JSONL of document/summary", read_summaries, score_summaries, 128),
+}
+# Every task `llamaforge evaluate` knows: the first two are scored by the next-token loss.
+TASKS = ("perplexity", "sft", *GENERATION_TASKS)
+
+
 def read_task(path, task: str, target: str | None = None, target_lang: str = "English",
               source_lang: str | None = None) -> list[TaskItem]:
-    if task == "qa":
-        return read_qa(path)
+    if task not in GENERATION_TASKS:
+        raise LlamaforgeError(f"unknown task {task!r}; use one of {', '.join(GENERATION_TASKS)}")
     if task == "translate":
         return read_translation(path, target, target_lang, source_lang)
-    if task == "summarize":
-        return read_summaries(path)
-    raise LlamaforgeError(f"unknown task {task!r}; use one of {', '.join(GENERATION_TASKS)}")
+    return GENERATION_TASKS[task].read(path)
 
 
 def training_examples(items: list[TaskItem]) -> list[Example]:

@@ -14,6 +14,7 @@ from ..text.tokenizer import Tokenizer
 if TYPE_CHECKING:   # torch is imported where tensors are made, so metadata-only readers start fast
     import torch
 
+
 @dataclass
 class Checkpoint:
     config: LlamaConfig

@@ -162,6 +162,10 @@ def tokenizer_from_metadata(meta: dict, path: Path) -> Tokenizer:
     if tokens is None:
         raise LlamaforgeError(f"{path}: no tokenizer in the GGUF metadata (tokenizer.ggml.tokens)")
     types = meta.get("tokenizer.ggml.token_type")
+    for key in ("token_type", "scores"):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is not None and len(values) != len(tokens):
+            raise LlamaforgeError(f"{path}: tokenizer.ggml.{key} has {len(values)} entries for {len(tokens)} tokens")
     try:
         return _tokenizer(meta, kind, tokens, types, path)
     except LlamaforgeError:
@@ -314,7 +318,6 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
 
 def _write_tokenizer(w, tok: Tokenizer):
     import json as _json
-
 
     spec = _json.loads(tok.backend.to_str())
     vocab = spec["model"]["vocab"]

@@ -2,13 +2,12 @@
 pytorch_model.bin (through `torch.load(weights_only=True)` only), tokenizer files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import LlamaforgeError
-from ..files import atomic_output_dir, read_front_matter, read_json
+from ..files import atomic_output_dir, read_front_matter, read_json, write_json
 from ..model.config import LlamaConfig
 from ..text.convert import from_hf_dir
 from .checkpoint import Checkpoint, stored_dtypes
@@ -157,7 +156,7 @@ def write(ckpt, out_dir: Path, dtype: torch.dtype | None = None):
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     cfg = config_to_hf(ckpt.config, ckpt.tokenizer)
     cfg["torch_dtype"] = str(next(iter(state.values())).dtype).replace("torch.", "")
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_json(out_dir / "config.json", cfg)
     gen = {"bos_token_id": ckpt.tokenizer.bos_id, "eos_token_id": sorted(ckpt.tokenizer.stop_ids) or None}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_json(out_dir / "generation_config.json", gen)
     ckpt.tokenizer.save_hf(out_dir)

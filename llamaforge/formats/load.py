@@ -22,8 +22,8 @@ from .paths import adapter_config, model_kind, resolve_model_path, run_model_pat
 def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """The base model named by a LoRA or prefix adapter, with the adapter applied: LoRA folded
     into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`."""
-    config_file, raw = adapter_config(path)
-    is_lora = config_file.name == "adapter_config.json"
+    kind, config_file, raw = adapter_config(path)
+    is_lora = kind == "lora"
     base = raw.get("base_model_name_or_path")
     if not base:
         raise LlamaforgeError(f"{config_file}: no base_model_name_or_path, so the base model is unknown")

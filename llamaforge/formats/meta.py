@@ -2,14 +2,13 @@
 SentencePiece tokenizer.model. Q/K rows interleave RoPE pairs, as in GGUF."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import LlamaforgeError
-from ..files import atomic_output_dir, read_json
+from ..files import atomic_output_dir, read_json, write_json
 from ..model.config import LlamaConfig
 from ..text.convert import from_sentencepiece_model
 from .checkpoint import Checkpoint, check_shapes, stored_dtypes
@@ -117,5 +116,5 @@ def save(ckpt: Checkpoint, out_dir, tokenizer_model: str | Path):
                   "max_seq_len": c.max_seq_len}
         if c.rope_scaling:
             params.update(use_scaled_rope=True, rope_scaling_factor=c.rope_scaling["factor"])
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        write_json(tmp / "params.json", params)
         shutil.copy(tokenizer_model, tmp / "tokenizer.model")

@@ -13,7 +13,7 @@ from ..files import read_json
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Kinds of model path, in the order `model_kind` tries them.
 KINDS = ("gguf", "run", "adapter", "hf", "meta")
-ADAPTER_CONFIGS = ("adapter_config.json", "prefix_config.json")   # LoRA (PEFT layout), prefix-tuning
+ADAPTER_CONFIGS = {"adapter_config.json": "lora", "prefix_config.json": "prefix"}   # LoRA in PEFT's layout
 
 
 def default_model_path() -> Path:
@@ -66,11 +66,11 @@ def model_kind(path: Path) -> str:
                           f"run config.yaml)")
 
 
-def adapter_config(path: Path) -> tuple[Path, dict]:
-    """(config file, its contents) of an adapter directory (model_kind "adapter")."""
-    for name in ADAPTER_CONFIGS:
+def adapter_config(path: Path) -> tuple[str, Path, dict]:
+    """("lora" or "prefix", config file, its contents) of an adapter directory (model_kind "adapter")."""
+    for name, kind in ADAPTER_CONFIGS.items():
         if (path / name).is_file():
-            return path / name, read_json(path / name)
+            return kind, path / name, read_json(path / name)
     raise LlamaforgeError(f"{path}: not an adapter directory (no {' or '.join(ADAPTER_CONFIGS)})")
 
 

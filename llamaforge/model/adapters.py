@@ -4,7 +4,6 @@ and saved / loaded in PEFT's layout (`adapter_config.json` + `adapter_model.safe
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from ..files import read_json
+from ..files import read_json, write_json
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -116,7 +115,7 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, ta
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False,
     }
-    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(Path(out_dir) / "adapter_config.json", config)
 
 
 def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
@@ -215,9 +214,9 @@ def save_prefix(llama: nn.Module, out_dir: str | Path, base_model: str | None = 
     state = prefix_state(llama)
     save_file(state, str(Path(out_dir) / PREFIX_WEIGHTS), metadata={"format": "pt"})
     length = next(iter(state.values())).shape[2]
-    (Path(out_dir) / PREFIX_CONFIG).write_text(json.dumps(
-        {"adapter_type": "prefix_tuning", "num_virtual_tokens": length, "base_model_name_or_path": base_model,
-         "num_layers": len(llama.layers)}, indent=2) + "\n")
+    write_json(Path(out_dir) / PREFIX_CONFIG,
+               {"adapter_type": "prefix_tuning", "num_virtual_tokens": length, "base_model_name_or_path": base_model,
+                "num_layers": len(llama.layers)})
 
 
 def read_prefix(adapter_dir: str | Path) -> dict[str, torch.Tensor]:

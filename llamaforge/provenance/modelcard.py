@@ -10,13 +10,14 @@ on, the data, the config, seed, versions, the command line and the final metrics
 from __future__ import annotations
 
 import hashlib
-import shlex
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from .. import __version__
 from ..errors import LlamaforgeError
 from ..files import atomic_write_text, read_front_matter
+from .command import command_line
 from .openness import identify_licence, knowledge, report
 
 # The Hugging Face Hub's licence tags for the licences in openness.yaml.
@@ -33,20 +34,6 @@ def sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-_ARGV: list[str] | None = None   # what `llamaforge` was given; set by cli.main
-
-
-def set_command_line(argv: list[str]):
-    global _ARGV
-    _ARGV = list(argv)
-
-
-def command_line() -> str:
-    """The command that made this model: what cli.main was given (sys.argv when called from Python
-    code would be that program's, e.g. pytest's)."""
-    return shlex.join(["llamaforge", *(_ARGV if _ARGV is not None else sys.argv[1:])])
 
 
 def base_terms(base_model: str | None) -> dict | None:
@@ -97,7 +84,6 @@ def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model
                      data: list[str], metrics: dict, tags: list[str] = (), library: str = "llamaforge",
                      license_tag: str | None = None, terms: dict | None = None, filename: str = "README.md"):
     """README.md (or `filename`) for a model directory (a run, its best model, an export)."""
-    import torch
     import yaml
 
     terms = terms if terms is not None else base_terms(base_model)
@@ -111,7 +97,7 @@ def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model
         front["base_model"] = base_model
     front.update(datasets=[Path(f["path"]).name for f in files], metrics=sorted(_metric_names(metrics)),
                  tags=["llamaforge", recipe, *tags], library_name=library,
-                 llamaforge={"recipe": recipe, "version": __version__, "torch": str(torch.__version__),
+                 llamaforge={"recipe": recipe, "version": __version__, "torch": metadata.version("torch"),
                              "command": command_line(), "seed": config.get("seed"), "config": config, "data": files,
                              "metrics": metrics})
     lines = [f"# {title}", "", f"Made with [llamaforge](https://github.com/llamaforge) (`{recipe}`)."]
@@ -129,7 +115,7 @@ def write_model_card(out_dir: str | Path, *, recipe: str, title: str, base_model
     lines += ["", "## Training data", ""]
     lines += [f"- `{f['path']}` — SHA-256 `{f['sha256']}`" for f in files] or ["- none recorded"]
     lines += ["", "## How it was made", "", f"- command: `{command_line()}`", f"- seed: {config.get('seed')}",
-              f"- llamaforge {__version__}, torch {torch.__version__}", "", "Resolved config:", "", "```yaml",
+              f"- llamaforge {__version__}, torch {metadata.version('torch')}", "", "Resolved config:", "", "```yaml",
               yaml.safe_dump(config, sort_keys=False, allow_unicode=True).rstrip(), "```",
               "", "Reproduce: `llamaforge reproduce RUN_DIR` reruns it from this card and compares the metrics.",
               "", "## Metrics", "", "```json", _json(metrics), "```", ""]

@@ -66,7 +66,7 @@ def gather(path: Path) -> dict:
             notes.append(f"{path}: trained from scratch; its licence is whatever its author gives it")
         return {"format": "run", "names": [], "licences": [], "notes": notes, "base": base}
     if fmt == "adapter":
-        base = adapter_config(path)[1].get("base_model_name_or_path")
+        base = adapter_config(path)[2].get("base_model_name_or_path")
         return {"format": "adapter", "names": [path.name], "licences": [], "notes": notes, "base": base}
     if fmt == "hf":
         cfg = read_json(path / "config.json")

@@ -56,7 +56,7 @@ def from_hf_dir(path: Path) -> Tokenizer:
     if isinstance(template, list):  # named templates: use "default"
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
     if (path / "chat_template.jinja").exists():
-        template = read_text(path / "chat_template.jinja")
+        template = read_text(path / "chat_template.jinja", allow_empty=True)
     elif (path / "chat_template.json").exists():
         template = read_json(path / "chat_template.json").get("chat_template", template)
     tok.chat_template = template

@@ -4,13 +4,13 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from ..files import write_json
 from .chat_template import DEFAULT_CHAT_TEMPLATE, render_chat_template
 
 
@@ -102,9 +102,9 @@ class Tokenizer:
         }
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
-        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        write_json(out / "tokenizer_config.json", cfg)
         special = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
-        (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+        write_json(out / "special_tokens_map.json", special)
 
 
 class StreamDecoder:

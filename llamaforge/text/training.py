@@ -1,14 +1,13 @@
 """Training a tokenizer on a corpus (for pretraining from scratch), saved in the HF format."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from ..errors import LlamaforgeError
-from ..files import atomic_output_dir
+from ..files import atomic_output_dir, write_json
 from .chat_template import DEFAULT_CHAT_TEMPLATE
 from .convert import GPT2_SPLIT
 from .tokenizer import Tokenizer
@@ -49,4 +48,4 @@ def save_trained_tokenizer(tok: Tokenizer, out_dir: str | Path):
     end-of-turn token as a stop token (tokenizer_config.json has no place for a second EOS)."""
     with atomic_output_dir(out_dir) as tmp:
         tok.save_hf(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(tok.stop_ids)}) + "\n")
+        write_json(tmp / "generation_config.json", {"eos_token_id": sorted(tok.stop_ids)})

@@ -24,9 +24,10 @@ from ..data.batching import length_bucketed_batches, pad_right
 from ..data.labelled import LabelledText, check_truncation_side, encode_texts, label_ids, label_names, read_labelled
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import classification_report, format_report, plot_confusion_matrix
-from ..files import atomic_write_text, read_json
+from ..files import atomic_write_text, read_json, write_json
 from ..formats.hf import config_to_hf
 from ..formats.load import load
+from ..formats.paths import model_kind, run_model_path
 from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
@@ -78,7 +79,7 @@ def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyCon
     hf.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels), pad_token_id=tok.pad_id,
               id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
               torch_dtype=str(clf.score.weight.dtype).replace("torch.", ""))
-    (out_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    write_json(out_dir / "config.json", hf)
     tok.save_hf(out_dir)
 
 
@@ -93,16 +94,14 @@ def read_label_map(path: Path) -> list[str]:
 def load_run(run_dir: str | Path, dtype: str | None = None):
     """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists() or not (run_dir / "label_map.json").exists():
+    if not (run_dir / "label_map.json").exists() or model_kind(run_dir) != "run":
         raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml and label_map.json); "
                               f"to score a language model give --task")
+    best = run_model_path(run_dir)
     cfg = resolve_config(ClassifyConfig, run_dir / "config.yaml")
     if dtype:
         cfg.dtype = dtype
     labels = read_label_map(run_dir / "label_map.json")
-    best = run_dir / "best"
-    if not best.is_dir():
-        raise LlamaforgeError(f"{run_dir}: no trained model yet (best/ is missing)")
     if cfg.method == "lora":
         clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
         load_peft_adapter(clf, best)
@@ -190,8 +189,7 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     if not resume:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg, out / "config.yaml")
-        atomic_write_text(out / "label_map.json", json.dumps(
-            {"id2label": {str(i): n for i, n in enumerate(labels)}}, indent=2, ensure_ascii=False) + "\n")
+        write_json(out / "label_map.json", {"id2label": {str(i): n for i, n in enumerate(labels)}})
     n_train = sum(p.numel() for p in clf.parameters() if p.requires_grad)
     print(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
           f"{n_train:,} trainable parameters, {cfg.dtype}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The training recipes by name, each a config dataclass and a function that runs it on the one
 trainer: `llamaforge finetune classify | sft`, `llamaforge pretrain` and `llamaforge reproduce`
-find them here. Imported on demand, so that building the command line costs nothing."""
+find them here, each imported on demand: only `finetune` and `pretrain` build flags from them."""
 from __future__ import annotations
 
 from ..errors import LlamaforgeError

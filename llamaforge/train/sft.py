@@ -61,7 +61,7 @@ class SFTConfig(FinetuneConfig):
         if self.format not in FORMATS:
             raise LlamaforgeError(f"format must be one of {', '.join(FORMATS)}, not {self.format!r}")
         if self.task not in (None, *GENERATION_TASKS):
-            raise LlamaforgeError(f"task must be qa, translate or summarize, not {self.task!r}")
+            raise LlamaforgeError(f"task must be one of {', '.join(GENERATION_TASKS)}, not {self.task!r}")
         if not 0 < self.dev_fraction < 1:
             raise LlamaforgeError(f"dev-fraction must be between 0 and 1, got {self.dev_fraction}")
         super().__post_init__()

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import plot_curves
-from ..files import atomic_output_dir, atomic_torch_save, atomic_write_text
+from ..files import atomic_output_dir, atomic_path, write_json
 from ..model.kernels import require_cpp_compiler
 from ..model.llama import Llama
 
@@ -163,8 +163,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
 
     def save_checkpoint():
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"masters": {n: m.detach() for n, m in masters}, "optimizer": optimizer.state_dict(),
-                     "rng": torch.get_rng_state(), "state": asdict(state), "history": json.dumps(history)}, ckpt_path)
+        with atomic_path(ckpt_path) as tmp:   # a kill while saving leaves the previous checkpoint
+            torch.save({"masters": {n: m.detach() for n, m in masters}, "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(), "state": asdict(state), "history": json.dumps(history)}, tmp)
 
     def evaluate():
         model.eval()
@@ -269,7 +270,7 @@ def write_metrics(run_dir: Path, history: dict, final: dict | None = None):
     record = {k: v for k, v in history.items() if k != "state"}
     if final is not None:
         record["final"] = final
-    atomic_write_text(Path(run_dir) / "metrics.json", json.dumps(record, indent=2) + "\n")
+    write_json(Path(run_dir) / "metrics.json", record)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -34,6 +34,15 @@ def read_text(path: str | os.PathLike, allow_empty: bool = False) -> str:
     return text
 
 
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """A text file's lines, split at \n or \r\n only: a U+2028, U+0085 or form feed inside a
+    line is text (str.splitlines would split there, and shift every line number after it)."""
+    lines = read_text(path).split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def read_json(path: str | os.PathLike, expect: type | None = dict):
     """A JSON file's value, of type `expect` (None: any); an error names the file and line."""
     path = Path(path)
@@ -82,6 +91,12 @@ def read_front_matter(card: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise LlamaforgeError(f"{card}: the front matter is not a mapping")
     return data
+
+
+def cache_dir(name: str) -> Path:
+    """llamaforge's cache for one kind of thing (tokens, kernels): ~/.cache/llamaforge/NAME, or
+    $LLAMAFORGE_CACHE/NAME."""
+    return Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaforge")) / name
 
 
 # --- writing -------------------------------------------------------------------------------------

@@ -30,6 +30,28 @@ def test_formats_read_with_line_numbers(tmp_path, name, text):
     assert recs[1].source.endswith(f"{name}:{3 if name.endswith('.jsonl') else 4}")
 
 
+@pytest.mark.parametrize("name,text", [
+    ("d.csv", 'text,label\n"one\u2028two",pos\nthree\u0085four\x0cfive,neg\r\nsix\u2029,pos\n'),
+    ("d.tsv", 'text\tlabel\none\u2028two\tpos\nthree\u0085four\x0cfive\tneg\r\nsix\u2029\tpos\n'),
+    ("d.jsonl", "\r\n".join(json.dumps({"text": t, "label": lab}, ensure_ascii=False)   # \u2028 raw, \x0c as \\f
+                             for t, lab in [("one\u2028two", "pos"), ("three\u0085four\x0cfive", "neg"), ("six\u2029", "pos")])),
+])
+def test_lines_end_at_newlines_only(tmp_path, name, text):
+    """U+2028, U+2029, U+0085 and form feeds are text inside a field, as the csv and json modules
+    read them (str.splitlines would break the record there)."""
+    recs = read_labelled(write(tmp_path, name, text))
+    assert [r.text for r in recs] == ["one\u2028two", "three\u0085four\x0cfive", "six\u2029"]
+    assert [r.source.rsplit(":", 1)[1] for r in recs] == (["1", "2", "3"] if name.endswith(".jsonl") else ["2", "3", "4"])
+
+
+def test_an_unterminated_quote_is_reported_where_it_starts(tmp_path):
+    p = write(tmp_path, "d.csv", 'text,label\nok,pos\n"never closed,neg\nthird,pos\nfourth,neg\n')
+    with pytest.raises(LlamaforgeError, match=r"d\.csv:3: .*quote opened on this line is never closed"):
+        read_labelled(p)
+    recs = read_labelled(write(tmp_path, "m.csv", 'text,label\n"two\nlines",pos\nnext,neg\n'))
+    assert [(r.text, r.source.rsplit(":", 1)[1]) for r in recs] == [("two\nlines", "2"), ("next", "4")]
+
+
 def test_numeric_labels_keep_their_order(tmp_path):
     recs = read_labelled(write(tmp_path, "d.jsonl", "".join(json.dumps({"text": f"t{i}", "label": l}) + "\n"
                                                             for i, l in enumerate([10, 2, 1, 2]))))

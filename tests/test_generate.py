@@ -164,3 +164,33 @@ def test_sampling_options_are_checked(bad):
     from llamaforge.errors import LlamaforgeError
     with pytest.raises(LlamaforgeError):
         SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("path", ["bf16", "bf16 + kernel", "int8", "int4"])
+def test_generation_sees_fp32_logits_in_every_dtype(tiny_bpe, path):
+    """Prefill and decode steps return fp32 logits, the model's own output weights times the fp32
+    hidden state: bf16 logits near 25 would move in steps of 0.125 and tie."""
+    from llamaforge.model.generation import decode_one_token, prefill
+    from llamaforge.model.kernels import gemv_extension, use_gemv_kernel
+    from llamaforge.model.quantize import quantize_weights
+    if path == "bf16 + kernel" and gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here")
+    ckpt, _ = random_model("tiny", tiny_bpe, seed=5)
+    model = build_model(ckpt, "bf16").fuse_projections()
+    weight = model.output_weight.detach().float()   # what the output projection multiplies, in fp32
+    if path == "bf16 + kernel":
+        assert use_gemv_kernel(model)
+    elif path in ("int8", "int4"):
+        quantize_weights(model, bits=int(path[-1]))
+        weight = model.lm_head.weight.float() * model.lm_head.scales.float()[:, None]   # its int8 values
+    ids = torch.tensor([[5, 17, 300, 42, 9, 100]])
+    model.setup_cache(1, 16)
+    with torch.inference_mode():
+        first = prefill(model, ids, torch.arange(6)[None], None)
+        h = model.hidden_states(ids[:, -1:], cache_pos=6)[:, -1]
+        step = decode_one_token(model, ids[:, -1:], torch.tensor([[6]]), 6, None)
+    assert first.dtype == step.dtype == torch.float32
+    exact = h.float() @ weight.T
+    assert (step - exact).abs().max() <= 1e-4 * exact.abs().max()
+    # Finer than bf16 could hold: the logits are not bf16 values cast up.
+    assert not torch.equal(step, step.bfloat16().float())

@@ -31,3 +31,23 @@ def test_gemv_kernel_matches_pytorch(tiny_bpe):
         b = kernel(ids[:, :1], cache_pos=16).float()
     assert (a - b).abs().max() <= 0.05 * a.abs().max()
     assert len(list(generate_tokens(kernel, [[4, 5, 6]], cfg))) == 12
+
+
+def test_the_kernels_are_built_once_and_reused(tmp_path):
+    """One build per machine, torch and Python, in a directory of its own: another process (here
+    from another directory) loads it without building it again."""
+    import subprocess
+    import sys
+
+    from llamaforge.model.kernels import _build_directory
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses PyTorch's kernels")
+    built = sorted(_build_directory().glob("*.so"))
+    assert built
+    stamp = built[0].stat().st_mtime_ns
+    r = subprocess.run([sys.executable, "-c", "from llamaforge.model.kernels import gemv_extension\n"
+                        "assert gemv_extension() is not None"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "loading the CPU decode kernels" in r.stderr and "building" not in r.stderr
+    assert built[0].stat().st_mtime_ns == stamp

@@ -3,6 +3,7 @@ line: CSV and TSV (a header row), JSON lines, and a JSON array of objects."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -27,27 +28,35 @@ def read_records(path: str | Path) -> list[tuple[int, dict]]:
 
 
 def _read_delimited(path: Path, text: str, fmt: str) -> list[tuple[int, dict]]:
-    # TSV files such as GLUE's are not quoted: a quote character is text, not a field delimiter.
-    reader = csv.reader(text.splitlines(keepends=True), delimiter="\t" if fmt == "tsv" else ",",
-                        quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
-    try:
-        header = next(reader)
-        records = []
-        for row in reader:
-            if not row or not any(c.strip() for c in row):
-                continue   # blank line
+    # Lines end at \n or \r\n only, as the csv module reads a file opened with newline="": a
+    # U+2028 or U+0085 inside a field is text. TSV files such as GLUE's are not quoted: a quote
+    # character is text there, not a field delimiter. strict: a quote never closed is an error,
+    # not the rest of the file read into one field.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",",
+                        quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL, strict=True)
+    records, header, start = [], None, 1   # start: the line where the row being read begins
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            hint = "; a quote opened on this line is never closed" if "end of data" in str(e) else ""
+            raise LlamaforgeError(f"{path}:{start}: unparsable row ({e}{hint})") from None
+        line, start = start, reader.line_num + 1
+        if header is None:
+            header = row
+        elif row and any(c.strip() for c in row):   # not a blank line
             if len(row) != len(header):
-                raise LlamaforgeError(f"{path}:{reader.line_num}: expected {len(header)} fields "
+                raise LlamaforgeError(f"{path}:{line}: expected {len(header)} fields "
                                       f"({', '.join(header)}), found {len(row)}")
-            records.append((reader.line_num, dict(zip(header, row, strict=True))))
-    except csv.Error as e:
-        raise LlamaforgeError(f"{path}:{reader.line_num}: unparsable row ({e})") from None
+            records.append((line, dict(zip(header, row, strict=True))))
     return records
 
 
 def _read_jsonl(path: Path, text: str, fmt: str) -> list[tuple[int, dict]]:
     records = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):   # JSON lines end at \n; U+2028 is text
         if not line.strip():
             continue
         try:

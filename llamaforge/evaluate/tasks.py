@@ -13,7 +13,7 @@ from typing import Callable
 from ..data.conversations import Example
 from ..data.records import read_records
 from ..errors import LlamaforgeError
-from ..files import read_json, read_text
+from ..files import read_json, read_lines
 from .metrics import score_qa, score_summaries, score_translation
 
 
@@ -85,13 +85,13 @@ def read_translation(path, target: str | None = None, target_lang: str = "Englis
     """Pairs from a TSV (source<TAB>target per line, no header) or two line-aligned files."""
     path = Path(path)
     if target:
-        src, tgt = read_text(path).splitlines(), read_text(target).splitlines()
+        src, tgt = read_lines(path), read_lines(target)
         if len(src) != len(tgt):
             raise LlamaforgeError(f"{path} has {len(src)} lines but {target} has {len(tgt)}: they must be aligned")
         pairs = [(f"{path}:{i + 1}", s, t) for i, (s, t) in enumerate(zip(src, tgt, strict=True))]
     else:
         pairs = []
-        for i, line in enumerate(read_text(path).splitlines()):
+        for i, line in enumerate(read_lines(path)):
             if not line.strip():
                 continue
             cols = line.split("\t")

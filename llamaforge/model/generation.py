@@ -74,13 +74,13 @@ def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0):
     before start already hold the prefix); last logits (B, V)."""
     T = input_ids.shape[1]
     mask = None if key_valid is None else attention_mask(key_valid, T, start, start + T)
-    return model(input_ids, position_ids, mask, cache_pos=start, last_only=True)[:, -1]
+    return model(input_ids, position_ids, mask, cache_pos=start, last_only=True, fp32_logits=True)[:, -1]
 
 
 def decode_one_token(model: Llama, token, position_ids, cache_pos: int, key_valid):
     """One step: token (B, 1) at cache slot cache_pos; logits (B, V)."""
     mask = None if key_valid is None else attention_mask(key_valid, 1, cache_pos, cache_pos + 1)
-    return model(token, position_ids, mask, cache_pos=cache_pos)[:, -1]
+    return model(token, position_ids, mask, cache_pos=cache_pos, fp32_logits=True)[:, -1]
 
 
 def compiled_decode_step(model: Llama):

@@ -272,6 +272,7 @@ class Llama(nn.Module):
         # Token ids whose keys/values fill the KV cache's first slots (batch 1), kept by generation
         # so that a next prompt sharing that prefix need not recompute it; None when unknown.
         self.cache_tokens: list[int] | None = None
+        self._fp32_output = (None, None)   # (weight's identity and version, its fp32 copy): `logits`
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -296,7 +297,9 @@ class Llama(nn.Module):
                                                self.config.head_dim, dtype, device)
 
     def clear_cache(self):
+        """Free what generation keeps: the KV cache and the fp32 output weight."""
         self.cache_tokens = None
+        self._fp32_output = (None, None)
         for layer in self.layers:
             layer.self_attn.kv_cache = None
 
@@ -322,15 +325,39 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False):
+    def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False, fp32_logits=False):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only (prefill needs no more)."""
         h = self.hidden_states(input_ids, position_ids, mask, cache_pos)
-        return self.logits(h[:, -1:] if last_only else h)
+        return self.logits(h[:, -1:] if last_only else h, fp32=fp32_logits)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """Output projection of hidden states (..., dim) to (..., vocab); a training loss calls it
-        on the scored positions only, which on instruction data are a fraction of all."""
-        return F.linear(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        on the scored positions only, which on instruction data are a fraction of all.
+
+        fp32=True (generation): fp32 logits whatever the model's dtype, the model's own weights
+        times fp32 hidden states, summed in fp32, as llama.cpp computes them. In bf16 a logit near
+        25 moves in steps of 0.125, so near-ties become exact ties that break by kernel order
+        (SmolLM2 answers "The capital of France is Paris." or "L'Étoile, ..." by the CPU).
+        The inference heads (`GemvLinear`, `Int8Linear`) sum in fp32 at no extra cost; a plain
+        bf16 weight is multiplied as an fp32 copy, made once and kept while the weight stays."""
+        head = self.lm_head
+        if not fp32:
+            return F.linear(h, self.embed_tokens.weight) if head is None else head(h)
+        if head is None or isinstance(head, nn.Linear):
+            return F.linear(h.float(), self._fp32_output_weight())
+        return head(h.float())
+
+    def _fp32_output_weight(self) -> torch.Tensor:
+        """The output weight in fp32. Casting 49k x 576 bf16 weights takes ~0.1 s on 2 cores, more
+        than a decode step, so the copy is kept until the weight changes (its version counter
+        moves with every in-place update, e.g. a training step) or `clear_cache` drops it."""
+        w = self.output_weight
+        if w.dtype == torch.float32 or torch.compiler.is_compiling():
+            return w.float()
+        key = (w.data_ptr(), w._version)
+        if self._fp32_output[0] != key:
+            self._fp32_output = (key, w.detach().float())
+        return self._fp32_output[1]
 
     def fuse_projections(self):
         """For inference: stack q/k/v_proj into one qkv_proj and gate/up_proj into gate_up_proj,

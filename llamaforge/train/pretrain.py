@@ -24,7 +24,7 @@ import torch
 from ..data.corpus import corpus_files, documents
 from ..errors import LlamaforgeError
 from ..evaluate.lm import mean_loss, next_token_loss
-from ..files import atomic_path
+from ..files import atomic_path, cache_dir
 from ..formats import hf
 from ..formats.load import load, parse_dtype
 from ..model.adapters import refuse_prefix
@@ -88,10 +88,6 @@ class PretrainConfig(TrainConfig):
 
 # --- the corpus ----------------------------------------------------------------------------------
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaforge")) / "tokens"
-
-
 def token_file(files: list[Path], tok, name: str = "corpus") -> np.ndarray:
     """The corpus as one memory-mapped token array (documents joined by EOS), made once and
     reused while the text and the tokenizer stay the same."""
@@ -99,7 +95,7 @@ def token_file(files: list[Path], tok, name: str = "corpus") -> np.ndarray:
     for f in files:
         key.update(hashlib.sha256(f.read_bytes()).digest())
     key.update(tok.backend.to_str().encode())
-    path = cache_dir() / f"{key.hexdigest()[:24]}.bin"
+    path = cache_dir("tokens") / f"{key.hexdigest()[:24]}.bin"
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     if path.exists():
         print(f"llamaforge: {name}: tokens from the cache ({path})", file=sys.stderr)

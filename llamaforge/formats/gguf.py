@@ -17,6 +17,7 @@ from ..files import atomic_path
 from ..model.config import LlamaConfig
 from ..model.llama import rope_inv_freq
 from ..text.convert import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, byte_level_bpe, sentencepiece_bpe
+from ..text.pretokenizers import pre_tokenizer_name
 from ..text.tokenizer import Tokenizer
 from .checkpoint import Checkpoint, expected_shapes
 from .gguf_header import read_gguf
@@ -177,7 +178,7 @@ def tokenizer_from_metadata(meta: dict, path: Path) -> Tokenizer:
 def _tokenizer(meta, kind, tokens, types, path) -> Tokenizer:
     if kind == "gpt2":
         backend = byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges", []), types,
-                                 meta.get("tokenizer.ggml.pre"))
+                                 meta.get("tokenizer.ggml.pre"), source=str(path))
         tk_kind, add_bos_default = "bpe", False
     elif kind == "llama":
         scores = meta.get("tokenizer.ggml.scores")
@@ -263,6 +264,10 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     if qtype.upper() not in WRITABLE_TYPES:
         raise LlamaforgeError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITABLE_TYPES)}")
     qt = Q[qtype.upper()]
+    if tok.kind == "bpe" and pre_tokenizer_name(tok.backend.to_str()) is None:
+        # llama.cpp (and llamaforge) would read the file with another split: other ids, same text.
+        raise LlamaforgeError(f"{out_path}: the tokenizer splits text in a way no GGUF pre-tokenizer name "
+                              f"(tokenizer.ggml.pre) describes; export to HF (--to hf) to keep it")
     with atomic_path(out_path) as tmp:   # never a half-written file
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(ckpt.metadata.get("name") or "llamaforge model")
@@ -349,9 +354,7 @@ def _write_tokenizer(w, tok: Tokenizer):
                             for i, t in enumerate(tokens)])
     else:
         w.add_tokenizer_model("gpt2")
-        pre = spec.get("pre_tokenizer") or {}
-        w.add_tokenizer_pre("smollm" if "Digits" in _json.dumps(pre) else
-                            "llama-bpe" if "Split" in _json.dumps(pre) else "default")
+        w.add_tokenizer_pre(pre_tokenizer_name(tok.backend.to_str()))
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
     w.add_token_list(tokens)
     w.add_token_types(types)

@@ -8,20 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as Backend
 
 from ..errors import LlamaforgeError
 from ..files import read_json, read_text
+from .pretokenizers import pre_tokenizer_for
 from .tokenizer import Tokenizer
-
-# Pre-tokenizer split patterns by GGUF `tokenizer.ggml.pre` name (llama.cpp's names).
-GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-LLAMA3_PRE_NAMES = {"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "dbrx", "falcon3"}
-# llama.cpp splits every digit off first for these, then applies GPT-2's pattern.
-DIGIT_SPLIT_PRE_NAMES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -77,21 +70,15 @@ def _backend_kind(backend: Backend) -> str:
     return "sentencepiece" if model.get("byte_fallback") else "bpe"
 
 
-def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None) -> Backend:
-    """A byte-level BPE backend (GPT-2 / Llama 3 / SmolLM2 kind) from a GGUF vocabulary."""
+def byte_level_bpe(tokens: list[str], merges: list[str], token_types: list[int] | None, pre: str | None,
+                   source: str = "GGUF") -> Backend:
+    """A byte-level BPE backend (GPT-2 / Llama 3 / SmolLM2 kind) from a GGUF vocabulary, split
+    before the merges as its `tokenizer.ggml.pre` name says (`pretokenizers.py`)."""
+    pre_tokenizer, ignore_merges = pre_tokenizer_for(pre, source)
     vocab = {t: i for i, t in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in LLAMA3_PRE_NAMES))
-    if pre in LLAMA3_PRE_NAMES:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    elif pre in DIGIT_SPLIT_PRE_NAMES:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges))
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
     _add_special_tokens(backend, tokens, token_types)
     return backend

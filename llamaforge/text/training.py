@@ -9,7 +9,7 @@ from tokenizers import Tokenizer as Backend
 from ..errors import LlamaforgeError
 from ..files import atomic_output_dir, write_json
 from .chat_template import DEFAULT_CHAT_TEMPLATE
-from .convert import GPT2_SPLIT
+from .pretokenizers import GPT2_SPLIT
 from .tokenizer import Tokenizer
 
 # Byte-level BPE, as GPT-2, Llama 3 and SmolLM2 use: any text encodes (no unknown token), and the

@@ -120,8 +120,86 @@ def test_corrupt_weights(meta_dir):
         load_checkpoint(path)
 
 
-def test_tiktoken_vocabulary_is_named_not_misread(meta_dir):
+@pytest.fixture(scope="module")
+def tiktoken_ranks():
+    """tiktoken ranks trained here with Llama 3's pattern (tiktoken's own trainer), as Meta's
+    Llama 3 `tokenizer.model` holds them for 128k tokens."""
+    from tiktoken._educational import bpe_train
+
+    from llamaforge.text.pretokenizers import LLAMA3_SPLIT
+
+    from conftest import corpus_lines
+    return bpe_train("\n".join(corpus_lines(300, seed=4)), vocab_size=420, pat_str=LLAMA3_SPLIT, visualise=None)
+
+
+def write_tiktoken(path, ranks):
+    import base64
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    return path
+
+
+def test_llama3_tiktoken_vocabulary_tokenizes_as_tiktoken(tiktoken_ranks, tmp_path):
+    import tiktoken
+
+    from llamaforge.text.convert import from_tiktoken_model, llama3_special_tokens
+    from llamaforge.text.pretokenizers import LLAMA3_SPLIT
+    ours = from_tiktoken_model(write_tiktoken(tmp_path / "tokenizer.model", tiktoken_ranks))
+    n = len(tiktoken_ranks)
+    specials = {name: n + i for i, name in enumerate(llama3_special_tokens(256, llama31=True))}
+    ref = tiktoken.Encoding("llama3-kind", pat_str=LLAMA3_SPLIT, mergeable_ranks=tiktoken_ranks, special_tokens=specials)
+    texts = MIXED_TEXT + ["it's THEY'RE 1234567 x=42;\n\n\t  done", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=False) == ref.encode(text, allowed_special="all"), text
+        assert ours.decode(ours.encode(text, add_special_tokens=False)) == text
+    assert ours.encode("hi")[0] == specials["<|begin_of_text|>"] == ours.bos_id
+    assert ours.stop_ids == {specials["<|end_of_text|>"], specials["<|eot_id|>"], specials["<|eom_id|>"]}
+
+
+def test_llama3_meta_dir_loads_and_exports(tiktoken_ranks, tmp_path):
+    """A Llama 3.1-style Meta directory (tiktoken vocabulary, scaled RoPE, no max_seq_len): its
+    tokenizer, Llama 3's chat format, the 128k context of its family, all carried to HF."""
+    from llamaforge.formats import hf as hf_format
+    from llamaforge.text.convert import from_tiktoken_model
+    model_file = write_tiktoken(tmp_path / "tokenizer.model", tiktoken_ranks)
+    tok = from_tiktoken_model(model_file)
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+    ckpt, twin = random_model("tiny-llama3", tok, vocab_size=tok.vocab_size, rope_scaling=scaling)
+    meta_format.save(ckpt, tmp_path / "meta", tokenizer_model=model_file)
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    del params["max_seq_len"]
+    (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
+    loaded = load_checkpoint(tmp_path / "meta")
+    assert loaded.config.max_seq_len == 131072
+    chat = loaded.tokenizer.apply_chat_template([{"role": "user", "content": " hi "}])
+    assert chat == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ids = torch.randint(0, tok.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (build_model(loaded)(ids) - twin(ids).logits).abs().max() < 1e-4
+    hf_format.save(loaded, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 131072
+    again = load_checkpoint(tmp_path / "hf").tokenizer
+    for text in MIXED_TEXT:
+        assert again.encode(text) == loaded.tokenizer.encode(text)
+
+
+@pytest.mark.parametrize("params, context", [
+    ({"norm_eps": 1e-05}, 4096),                        # Llama 2: params.json has no max_seq_len
+    ({"norm_eps": 1e-06}, 2048),                        # LLaMA 1
+    ({"norm_eps": 1e-05, "rope_theta": 1000000.0}, 16384),   # Code Llama
+    ({"norm_eps": 1e-05, "rope_theta": 500000.0}, 8192),     # Llama 3
+])
+def test_a_missing_context_is_the_familys(meta_dir, params, context):
     path = meta_dir[0]
-    (path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nIw== 2\n")
-    with pytest.raises(LlamaforgeError, match="tiktoken vocabulary"):
+    saved = json.loads((path / "params.json").read_text())
+    for key in ("max_seq_len", "use_scaled_rope", "rope_scaling_factor", "rope_theta"):
+        saved.pop(key, None)
+    (path / "params.json").write_text(json.dumps(saved | params))
+    assert load_checkpoint(path).config.max_seq_len == context
+
+
+def test_a_broken_tiktoken_vocabulary_names_its_line(meta_dir):
+    path = meta_dir[0]
+    (path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nnot-base64! 2\n")
+    with pytest.raises(LlamaforgeError, match=r"tokenizer\.model:3: not base64"):
         load_checkpoint(path)

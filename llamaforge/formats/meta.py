@@ -10,7 +10,7 @@ import torch
 from ..errors import LlamaforgeError
 from ..files import atomic_output_dir, read_json, write_json
 from ..model.config import LlamaConfig
-from ..text.convert import from_sentencepiece_model
+from ..text.convert import from_sentencepiece_model, from_tiktoken_model, is_tiktoken_file
 from .checkpoint import Checkpoint, check_shapes, stored_dtypes
 from .gguf import permute_qk, unpermute_qk
 
@@ -36,6 +36,20 @@ def _split_name(name: str):
     elif name in _GLOBAL:
         return _GLOBAL[name]
     return None, None
+
+
+def family_context(params: dict) -> int:
+    """The context length of a Meta release whose params.json does not say it (Llama 1 and 2 do
+    not), told apart by what they do say: Llama 3.1 / 3.2 scale RoPE (128k), Llama 3 has theta
+    500000 (8k), Code Llama 1e6 (16k), Llama 2 norm_eps 1e-5 (4k), LLaMA 1 1e-6 (2k)."""
+    if params.get("use_scaled_rope"):
+        return 131072
+    theta, eps = float(params.get("rope_theta", 10000.0)), float(params.get("norm_eps", 1e-5))
+    if theta == 500000.0:
+        return 8192
+    if theta == 1e6:
+        return 16384
+    return 4096 if eps >= 1e-5 else 2048
 
 
 def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
@@ -72,7 +86,7 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             n_heads=n_heads, n_kv_heads=params.get("n_kv_heads") or n_heads,
             intermediate_size=state["layers.0.mlp.gate_proj.weight"].shape[0],
             norm_eps=params.get("norm_eps", 1e-5), rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=params.get("max_seq_len", 2048),
+            max_seq_len=params.get("max_seq_len") or family_context(params),
             tie_embeddings="lm_head.weight" not in state,
             rope_scaling=dict(factor=float(params.get("rope_scaling_factor", 8.0)), low_freq_factor=1.0,
                               high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -87,7 +101,11 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             state[name] = unpermute_qk(state[name], config.n_heads)
         elif name.endswith("k_proj.weight"):
             state[name] = unpermute_qk(state[name], config.n_kv_heads)
-    tokenizer = from_sentencepiece_model(path / "tokenizer.model")
+    if is_tiktoken_file(path / "tokenizer.model"):   # Llama 3 and later
+        tokenizer = from_tiktoken_model(path / "tokenizer.model", params.get("vocab_size"),
+                                        llama31=bool(params.get("use_scaled_rope")))
+    else:
+        tokenizer = from_sentencepiece_model(path / "tokenizer.model")
     metadata = {"name": path.name, "license": None,
                 "quantization": stored_dtypes(state)}
     return Checkpoint(config, state, tokenizer, metadata)

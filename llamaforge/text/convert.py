@@ -12,7 +12,7 @@ from tokenizers import AddedToken, decoders, models, normalizers
 from tokenizers import Tokenizer as Backend
 
 from ..errors import LlamaforgeError
-from ..files import read_json, read_text
+from ..files import read_json, read_lines, read_text
 from .pretokenizers import pre_tokenizer_for
 from .tokenizer import Tokenizer
 
@@ -138,11 +138,6 @@ def from_sentencepiece_model(path: Path) -> Tokenizer:
     try:
         sp.Load(str(path))
     except Exception as e:
-        with open(path, "rb") as f:
-            head = f.read(200).split(b"\n")[0].split(b" ")
-        if len(head) == 2 and head[1].isdigit():
-            raise LlamaforgeError(f"{path}: a tiktoken vocabulary (Llama 3 Meta format), which llamaforge does "
-                                  "not read yet; use the model's HF or GGUF release") from None
         raise LlamaforgeError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
     n = sp.GetPieceSize()
     tokens = [sp.IdToPiece(i) for i in range(n)]
@@ -157,3 +152,90 @@ def from_sentencepiece_model(path: Path) -> Tokenizer:
                      unk_token=tokens[sp.unk_id()] if sp.unk_id() >= 0 else None,
                      pad_token=tokens[sp.pad_id()] if sp.pad_id() >= 0 else None,
                      add_bos=True)
+
+
+# --- tiktoken (Llama 3's Meta format) ----------------------------------------------------------------
+
+def is_tiktoken_file(path: Path) -> bool:
+    """A tiktoken vocabulary, as Llama 3's Meta `tokenizer.model` is: lines of "base64-token rank"
+    (a SentencePiece model is a protobuf)."""
+    with open(path, "rb") as f:
+        first = f.readline(400).split()
+    return len(first) == 2 and first[1].isdigit()
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character map, in which byte-level BPE vocabularies spell their tokens:
+    printable bytes stand for themselves, the other 68 for the characters from U+0100 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """BPE merges that reproduce tiktoken on these ranks. tiktoken joins the adjacent pair whose
+    join has the lowest rank, so every way of cutting a token into two tokens is a merge, ranked by
+    the token's own rank (then by its parts' ranks)."""
+    merges = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return [(left, right) for *_, left, right in merges]
+
+
+def llama3_special_tokens(count: int, llama31: bool) -> list[str]:
+    """The names Meta's reference tokenizer gives the `count` special tokens after the ranks:
+    Llama 3.1 and later named some of 3's reserved ones (end of message, python tag, ...)."""
+    if llama31:
+        named = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                 "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+        first_reserved = 3
+    else:
+        named = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(4)),
+                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+        first_reserved = 5
+    reserved = [f"<|reserved_special_token_{first_reserved + i}|>" for i in range(max(0, count - len(named)))]
+    return (named + reserved)[:count]
+
+
+def from_tiktoken_model(path: Path, vocab_size: int | None = None, llama31: bool = True) -> Tokenizer:
+    """Llama 3's tokenizer from Meta's tiktoken `tokenizer.model`: byte-level BPE with Llama 3's
+    split, whole-word lookups before merges (tiktoken's), and Meta's special tokens after the
+    ranks (vocab_size minus the ranks of them; 256 by default)."""
+    import base64
+    import binascii
+
+    from .chat_template import LLAMA3_CHAT_TEMPLATE
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(read_lines(path), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise LlamaforgeError(f"{path}:{n}: expected a base64 token and its rank")
+        try:
+            ranks[base64.b64decode(fields[0], validate=True)] = int(fields[1])
+        except binascii.Error:
+            raise LlamaforgeError(f"{path}:{n}: not base64 ({fields[0][:40]!r})") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise LlamaforgeError(f"{path}: the ranks are not 0 to {len(ranks) - 1}, each once")
+    alphabet = byte_alphabet()
+
+    def spell(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    pre_tokenizer, _ = pre_tokenizer_for("llama-bpe", str(path))
+    backend = Backend(models.BPE(vocab={spell(t): r for t, r in ranks.items()},
+                                 merges=[(spell(a), spell(b)) for a, b in tiktoken_merges(ranks)], ignore_merges=True))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    specials = llama3_special_tokens((vocab_size or len(ranks) + 256) - len(ranks), llama31)
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    tok = Tokenizer(backend, kind="bpe", bos_token=specials[0], eos_token=specials[1], add_bos=True,
+                    chat_template=LLAMA3_CHAT_TEMPLATE)
+    tok.extra_eos_ids = [i for i in (tok.token_id("<|eot_id|>"), tok.token_id("<|eom_id|>")) if i is not None]
+    return tok

@@ -4,7 +4,7 @@
     instructions/alpaca.json              the same kind of content as instruction / input / output
     instructions/completion.jsonl         prompt / completion pairs
     qa/train.json, dev.json               extractive question answering, SQuAD v1.1 layout
-    translation/train.tsv, dev.tsv        English <TAB> German, no header
+    translation/train.tsv, dev.tsv        English <TAB> German, after a header row `en<TAB>de`
     summaries/train.jsonl, dev.jsonl      short news report -> one-sentence summary
     stories/corpus.txt, valid.txt         children's stories for pretraining a tiny model
 
@@ -933,7 +933,7 @@ def main():
 
     pairs = translation_splits(rngs["translation"], {"train": 300, "dev": 60})
     for split, rows in pairs.items():
-        write_text(OUT / "translation" / f"{split}.tsv", "".join(f"{en}\t{de}\n" for en, de in rows),
+        write_text(OUT / "translation" / f"{split}.tsv", "en\tde\n" + "".join(f"{en}\t{de}\n" for en, de in rows),
                    f"{len(rows)} lines")
 
     qa = {split: qa_split(rngs["qa"], split, pools[split], n) for split, n in {"train": 80, "dev": 20}.items()}

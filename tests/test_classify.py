@@ -243,6 +243,25 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
     assert a["final"] == b["final"]
 
 
+def test_a_resumed_run_may_go_on_longer_but_not_change(lora_run, tiny_model_dir, tmp_path, capsys):
+    """--resume keeps the run's settings: a flag that would change it is refused, naming the
+    flag; --epochs (and the other limits) extend a finished run from its last checkpoint."""
+    import shutil
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    with pytest.raises(LlamaforgeError, match=r"--lr 0\.01 differs from the run's 0\.003 .*may change only --epochs"):
+        main(["--debug", "finetune", "classify", "--out", str(run), "--resume", "--lr", "1e-2"])
+    with pytest.raises(LlamaforgeError, match=r"--lora-rank 8 differs from the run's 4"):
+        main(["--debug", "finetune", "classify", "--out", str(run), "--resume", "--lora-rank", "8"])
+    # The same flags as the run was started with (paths relative or not) are no change.
+    main(["finetune", "classify", "--out", str(run), "--resume", "--lr", "3e-3",
+          "--train", str(sentiment_file("train")), "--model", str(tiny_model_dir)])
+    assert "already finished" in capsys.readouterr().err
+    main(["finetune", "classify", "--out", str(run), "--resume", "--epochs", "3"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["evals"]] == [20, 40, 60] and set(metrics["final"]) == {"dev", "test"}
+    assert "epochs: 3" in (run / "config.yaml").read_text()
+
+
 def test_reproduce_a_classification_run_from_its_card(lora_run, tmp_path):
     from llamaforge.provenance.modelcard import read_card
     from llamaforge.train.reproduce import reproduce

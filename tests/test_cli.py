@@ -123,12 +123,13 @@ def test_export_hf_then_generate(tiny_gguf, tmp_path):
     assert a == b
 
 
-@pytest.mark.parametrize("model,message", [
-    ("/nonexistent/model.gguf", "no such file or directory"),
-    ("README.md", "not a GGUF file"),
+@pytest.mark.parametrize("model,flags,message", [
+    ("/nonexistent/model.gguf", [], "no such file or directory"),
+    ("README.md", [], "not a GGUF file"),
+    ("default", ["--quantize", "int4", "--dtype", "fp32"], "--quantize int4 computes in bf16"),
 ])
-def test_errors_are_one_line(model, message):
-    r = run("generate", "--model", model, "hi", check=False)
+def test_errors_are_one_line(model, flags, message):
+    r = run("generate", "--model", model, *flags, "hi", check=False)
     assert r.returncode == 1 and r.stdout == ""
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 

@@ -92,6 +92,32 @@ def test_task_files_and_their_errors(tmp_path):
         read_summaries(tmp_path / "sum.jsonl")
 
 
+def test_translation_languages_come_from_the_data_or_the_flags(tmp_path):
+    from llamaforge.evaluate.tasks import translate_prompt
+    (tmp_path / "named.tsv").write_text("en\tGerman\nThe dog.\tDer Hund.\n")
+    (item,) = read_translation(tmp_path / "named.tsv")
+    assert item.messages[0]["content"] == translate_prompt("The dog.", "German", "English")
+    assert item.source.endswith("named.tsv:2")
+    (item,) = read_translation(tmp_path / "named.tsv", target_lang="French")     # the flag wins
+    assert "into French" in item.messages[0]["content"]
+    (tmp_path / "test.en").write_text("The cat.\n")
+    (tmp_path / "test.zh").write_text("猫。\n")
+    (item,) = read_translation(tmp_path / "test.en", target=tmp_path / "test.zh")
+    assert item.messages[0]["content"] == translate_prompt("The cat.", "Chinese", "English")
+    (tmp_path / "plain.tsv").write_text("The dog.\tDer Hund.\n")
+    with pytest.raises(LlamaforgeError, match=r"plain\.tsv: the data does not say which language .*--target-lang"):
+        read_translation(tmp_path / "plain.tsv")
+    assert "into German" in read_translation(tmp_path / "plain.tsv", target_lang="German")[0].messages[0]["content"]
+
+
+def test_the_shipped_translation_set_says_it_is_english_to_german():
+    from pathlib import Path
+
+    import llamaforge
+    items = read_translation(Path(llamaforge.__file__).parent / "datasets" / "translation" / "dev.tsv")
+    assert len(items) == 60 and all("from English into German" in it.messages[0]["content"] for it in items)
+
+
 @pytest.mark.parametrize("task, data, keys", [
     ("qa", "qa.json", {"exact_match", "f1", "n"}),
     ("translate", "pairs.tsv", {"bleu", "chrf", "n"}),
@@ -101,7 +127,7 @@ def test_task_files_and_their_errors(tmp_path):
 def test_evaluate_prints_one_json_object(task, data, keys, tiny_model_dir, tmp_path, capsys):
     (tmp_path / "qa.json").write_text(json.dumps({"data": [{"paragraphs": [{"context": "Pablo lives in Cusco.", "qas": [
         {"id": f"q{i}", "question": "Where does Pablo live?", "answers": [{"text": "Cusco"}]} for i in range(3)]}]}]}))
-    (tmp_path / "pairs.tsv").write_text("The dog.\tDer Hund.\nThe cat.\tDie Katze.\n")
+    (tmp_path / "pairs.tsv").write_text("en\tde\nThe dog.\tDer Hund.\nThe cat.\tDie Katze.\n")
     (tmp_path / "sum.jsonl").write_text('{"document": "The llama won.", "summary": "A llama won."}\n')
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                   {"role": "assistant", "content": "hello"}]}) + "\n")

@@ -120,8 +120,9 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default=None)
     p.add_argument("--target", default=None, help="translate: line-aligned reference file")
-    p.add_argument("--target-lang", default="English", help="translate: language to translate into")
-    p.add_argument("--source-lang", default=None, help="translate: language translated from")
+    p.add_argument("--target-lang", default=None, help="translate: language to translate into (default: what "
+                   "the data names: a TSV's header row such as en<TAB>de, or the target file's suffix)")
+    p.add_argument("--source-lang", default=None, help="translate: language translated from (default: the data's)")
     p.add_argument("--window", type=int, default=None, help="perplexity: window in tokens (stride: half)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="qa / translate / summarize answer length")
     p.add_argument("--limit", type=int, default=None, help="score only the first N items")
@@ -228,8 +229,13 @@ def _run_recipe(name: str, args):
     from ..train.runconfig import resolve_config
     cls, run = recipe(name)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "recipe", "config", "resume", "debug")}
-    cfg = cls(out=args.out) if args.resume else resolve_config(cls, args.config, overrides)
-    return run(cfg, resume=args.resume)
+    if args.resume:   # the run's own settings; only how long it goes on may change
+        from ..train.base import resume_config
+        from ..train.runconfig import read_config_values
+        given = (read_config_values(cls, args.config) if args.config else {}) | {
+            k: v for k, v in overrides.items() if v is not None}
+        return run(resume_config(cls, args.out, given), resume=True)
+    return run(resolve_config(cls, args.config, overrides), resume=False)
 
 
 def cmd_finetune(args):

@@ -45,7 +45,7 @@ def answer(model, tok, items: list[TaskItem], max_new_tokens: int, batch_size: i
 
 
 def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str | None = None,
-                   target_lang: str = "English", source_lang: str | None = None, dtype: str = "bf16",
+                   target_lang: str | None = None, source_lang: str | None = None, dtype: str = "bf16",
                    batch_size: int = 8, window: int | None = None, max_new_tokens: int | None = None,
                    limit: int | None = None, predictions_out: str | None = None) -> dict:
     """The task's metrics for a model or run directory on a data file."""

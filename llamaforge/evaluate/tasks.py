@@ -80,17 +80,38 @@ def read_qa(path) -> list[TaskItem]:
     return items
 
 
-def read_translation(path, target: str | None = None, target_lang: str = "English",
+# ISO 639-1 codes of the languages a translation file may name, with the names the prompt uses.
+LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
+             "nl": "Dutch", "ru": "Russian", "uk": "Ukrainian", "pl": "Polish", "cs": "Czech", "ro": "Romanian",
+             "sv": "Swedish", "da": "Danish", "fi": "Finnish", "el": "Greek", "hu": "Hungarian", "tr": "Turkish",
+             "ar": "Arabic", "he": "Hebrew", "fa": "Persian", "hi": "Hindi", "zh": "Chinese", "ja": "Japanese",
+             "ko": "Korean", "vi": "Vietnamese", "th": "Thai", "id": "Indonesian"}
+
+
+def language_name(text: str | None) -> str | None:
+    """The language a code ("de", "zh-CN") or name ("german") stands for, or None."""
+    t = (text or "").strip()
+    if t.lower().split("-")[0].split("_")[0] in LANGUAGES:
+        return LANGUAGES[t.lower().split("-")[0].split("_")[0]]
+    return next((name for name in LANGUAGES.values() if name.lower() == t.lower()), None)
+
+
+def read_translation(path, target: str | None = None, target_lang: str | None = None,
                      source_lang: str | None = None) -> list[TaskItem]:
-    """Pairs from a TSV (source<TAB>target per line, no header) or two line-aligned files."""
+    """Pairs from a TSV (source<TAB>target per line) or two line-aligned files.
+
+    The languages come from the flags, else from the data: a TSV's first row may name them (codes
+    or names, e.g. `en<TAB>de`), two aligned files their suffixes (`test.en`, `test.de`). Where
+    neither says the language to translate into, it is an error, not a guess."""
     path = Path(path)
     if target:
         src, tgt = read_lines(path), read_lines(target)
         if len(src) != len(tgt):
             raise LlamaforgeError(f"{path} has {len(src)} lines but {target} has {len(tgt)}: they must be aligned")
         pairs = [(f"{path}:{i + 1}", s, t) for i, (s, t) in enumerate(zip(src, tgt, strict=True))]
+        named = (language_name(path.suffix[1:]), language_name(Path(target).suffix[1:]))
     else:
-        pairs = []
+        pairs, named = [], (None, None)
         for i, line in enumerate(read_lines(path)):
             if not line.strip():
                 continue
@@ -98,7 +119,15 @@ def read_translation(path, target: str | None = None, target_lang: str = "Englis
             if len(cols) != 2:
                 raise LlamaforgeError(f"{path}:{i + 1}: expected source<TAB>target, found {len(cols)} column(s) "
                                       f"(for two aligned files give --target FILE)")
+            header = [language_name(c) for c in cols]
+            if not pairs and named == (None, None) and all(header):
+                named = tuple(header)   # a header row naming the languages
+                continue
             pairs.append((f"{path}:{i + 1}", cols[0], cols[1]))
+    source_lang, target_lang = source_lang or named[0], target_lang or named[1]
+    if not target_lang:
+        raise LlamaforgeError(f"{path}: the data does not say which language to translate into: give --target-lang, "
+                              f"or begin the TSV with a row of the two languages (e.g. en<TAB>de)")
     items = []
     for where, s, t in pairs:
         if not s.strip() or not t.strip():

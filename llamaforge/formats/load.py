@@ -116,6 +116,9 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
     """
     if quantize not in (None, "none", "auto", "int8", "int4"):
         raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8, int4 or auto")
+    if quantize in ("int8", "int4") and dtype is not None and parse_dtype(dtype) != torch.bfloat16:
+        raise LlamaforgeError(f"--quantize {quantize} computes in bf16 (its kernels take bf16 activations), so it "
+                              f"cannot run in {dtype}: leave out --dtype, or use --quantize none")
     dt = torch.bfloat16 if quantize in ("int8", "int4") else parse_dtype(dtype)
     ckpt = load_checkpoint(model, dtype=dt)
     if quantize == "auto":

@@ -3,12 +3,14 @@ LoRA, prefix), and the run directory's life cycle (a new run refuses a non-empty
 resumed one reads its own saved settings)."""
 from __future__ import annotations
 
+import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LlamaforgeError
 from ..model.adapters import ALL_LINEARS, LoRAConfig
-from .runconfig import resolve_config
+from .runconfig import resolve_config, write_yaml
 from .trainer import TrainConfig
 
 
@@ -46,16 +48,57 @@ class FinetuneConfig(TrainConfig):
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
+# What a resumed run may change: how long it goes on and how often it is evaluated. Anything else
+# would make it another run than the one its checkpoint and metrics belong to.
+EXTENDABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "patience")
+
+
+def saved_config(cls, out: Path):
+    """The config a run in `out` was started with; it lives in `out` now, wherever it was made."""
+    if not (out / "config.yaml").exists():
+        raise LlamaforgeError(f"{out}: nothing to resume (no config.yaml)")
+    return dataclasses.replace(resolve_config(cls, out / "config.yaml"), out=str(out))
+
+
+def resume_config(cls, out: str | Path, given: dict):
+    """The saved config of the run in `out`, with the settings in `given` (what the user passed
+    besides --resume) that may change (EXTENDABLE) changed; any other that differs from the
+    saved one is an error naming its flag."""
+    saved = saved_config(cls, Path(out))
+    changes = {}
+    for key, value in given.items():
+        if value is None or key == "out":
+            continue
+        before = getattr(saved, key)
+        same = value == before or (key in PATH_FIELDS and Path(str(value)).resolve() == Path(str(before)).resolve())
+        if key in EXTENDABLE:
+            changes[key] = value
+        elif not same:
+            raise LlamaforgeError(f"--{key.replace('_', '-')} {value} differs from the run's {before} ({out}/config.yaml): "
+                                  f"a resumed run keeps its settings; it may change only "
+                                  + ", ".join("--" + k.replace("_", "-") for k in EXTENDABLE))
+    return dataclasses.replace(saved, **changes)
+
+
 def open_run(cfg, resume: bool, required: str = "train"):
     """(the run's config, its directory) for any recipe's config with an `out` field. Resuming
-    reads the settings saved with the run; a new run needs `required` and an empty directory."""
+    takes the settings saved with the run, with those of EXTENDABLE that `cfg` sets otherwise
+    than the saved ones and the defaults (more epochs, steps or minutes) written back; a new run
+    needs `required` and an empty directory."""
     if not cfg.out:
         raise LlamaforgeError("--out is required: the run directory")
     out = Path(cfg.out)
     if resume:
-        if not (out / "config.yaml").exists():
-            raise LlamaforgeError(f"{out}: nothing to resume (no config.yaml)")
-        return resolve_config(type(cfg), out / "config.yaml"), out
+        saved = saved_config(type(cfg), out)
+        defaults = type(cfg)(out=cfg.out)
+        changes = {k: getattr(cfg, k) for k in EXTENDABLE
+                   if getattr(cfg, k) != getattr(saved, k) and getattr(cfg, k) != getattr(defaults, k)}
+        if changes:
+            saved = dataclasses.replace(saved, **changes)
+            write_yaml(saved, out / "config.yaml")
+            print(f"llamaforge: {out}: resuming with " + ", ".join(f"{k} = {v}" for k, v in changes.items()),
+                  file=sys.stderr)
+        return saved, out
     if not getattr(cfg, required):
         raise LlamaforgeError(f"--{required} is required")
     if out.exists() and any(out.iterdir()):

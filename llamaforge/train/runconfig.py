@@ -102,15 +102,21 @@ def coerce(value, annotation, where: str):
         raise LlamaforgeError(f"{where}: expected {kind}, found {value!r}") from None
 
 
-def resolve_config(cls, yaml_path: str | Path | None = None, overrides: dict | None = None):
-    """cls(**(YAML values updated by overrides that are not None)); unknown keys are errors."""
-    values = read_yaml(yaml_path) if yaml_path else {}
-    names = {f.name for f in dataclasses.fields(cls)}
+def read_config_values(cls, yaml_path: str | Path) -> dict:
+    """The settings of a YAML file, each as its field's type; an unknown key is an error."""
+    values = read_yaml(yaml_path)
     types_ = _field_types(cls)
     for k in values:
-        if k not in names:
+        if k not in types_ or k not in {f.name for f in dataclasses.fields(cls)}:
             raise LlamaforgeError(f"{yaml_path}: unknown setting {k!r}")
         values[k] = coerce(values[k], types_[k], f"{yaml_path}: {k}")
+    return values
+
+
+def resolve_config(cls, yaml_path: str | Path | None = None, overrides: dict | None = None):
+    """cls(**(YAML values updated by overrides that are not None)); unknown keys are errors."""
+    values = read_config_values(cls, yaml_path) if yaml_path else {}
+    names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in names})
     try:
         return cls(**values)

@@ -42,7 +42,7 @@ PREFIX_INIT_TEXT = "You are a helpful assistant. Read the request carefully and 
 class SFTConfig(FinetuneConfig):
     format: str = "auto"                  # auto | chat | alpaca | completion
     task: str | None = None               # qa | translate | summarize: a task file turned into prompts
-    target_lang: str = "English"          # translate: the language to translate into
+    target_lang: str | None = None        # translate: the language to translate into (default: the data's)
     source_lang: str | None = None
     pack: bool = False                    # pack examples into rows of max_length tokens
     prefix_length: int = 16               # prefix-tuning: virtual tokens per layer

@@ -147,15 +147,19 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         torch.set_rng_state(saved["rng"])
         state = TrainState(**saved["state"])
         history = json.loads(saved["history"])
-        if state.stopped:
-            print(f"llamaforge: {run_dir}: the run already finished ({state.stopped})", file=sys.stderr)
-            return {**history, "state": asdict(state)}
     else:
         torch.manual_seed(cfg.seed)
 
     probe = task.train_batches(0, _epoch_generator(cfg.seed, 0))
     steps_per_epoch = max(1, math.ceil(len(probe) / cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if state.stopped:
+        if not _limits_raised(state, cfg, total):
+            print(f"llamaforge: {run_dir}: the run already finished ({state.stopped}); raise --epochs, --max-steps, "
+                  f"--max-minutes or --patience to go on", file=sys.stderr)
+            return {**history, "state": asdict(state)}
+        state.stopped = None   # it goes on where it stopped
+        state.bad_evals = 0 if cfg.patience is None else min(state.bad_evals, cfg.patience - 1)
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step if resume else None)
     # A run bounded only by time has no meaningful step total to show.
@@ -262,6 +266,17 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     bar.close()
     writer.close()
     return {**history, "state": asdict(state)}
+
+
+def _limits_raised(state: TrainState, cfg: TrainConfig, total: int) -> bool:
+    """Whether a finished run's limits, as resumed, leave it more to do than when it stopped."""
+    if state.step >= total:
+        return False
+    if state.stopped.startswith("time budget"):
+        return cfg.max_minutes is None or state.train_seconds < cfg.max_minutes * 60
+    if state.stopped.startswith("early stop"):
+        return cfg.patience is None or state.bad_evals < cfg.patience
+    return True   # "done": a total that has grown
 
 
 def write_metrics(run_dir: Path, history: dict, final: dict | None = None):

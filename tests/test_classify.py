@@ -157,6 +157,40 @@ def test_full_finetune_saves_a_transformers_classifier(tiny_model_dir, tmp_path)
         assert (clf(ids, lengths) - hf(ids).logits).abs().max() < 1e-4
 
 
+def transformers_probabilities(hf_dir, texts, tok):
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([tok.encode(t)])).logits.softmax(-1)[0].tolist() for t in texts], model
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_info_and_export_of_a_classifier_run(method, lora_run, tiny_model_dir, tmp_path, capsys):
+    """`info` describes a classifier run; `export --to hf` writes a LlamaForSequenceClassification
+    directory (LoRA folded in) that transformers loads to the probabilities `predict` gives."""
+    from llamaforge.formats.info import model_info
+    from llamaforge.train.classify import load_run
+    run = lora_run
+    if method == "full":
+        run = tmp_path / "full"
+        main(tiny_args(tiny_model_dir, run, "--method", "full", "--max-steps", "3", "--lr", "1e-3"))
+    info = model_info(str(run))
+    assert info["classifier"]["labels"] == ["negative", "positive"] and info["classifier"]["method"] == method
+    assert (info["adapter"] or {}).get("rank") == (4 if method == "lora" else None)
+    main(["info", str(run)])
+    assert "classifier       " + method in capsys.readouterr().out
+    texts = ["The soup was cold and bland.", "Wonderful service, we will come back!", "一般般吧"]
+    ours = predict_classifier(run, texts=texts, dtype="fp32")
+    main(["export", str(run), "--to", "hf", str(tmp_path / "hf")])
+    theirs, model = transformers_probabilities(tmp_path / "hf", texts, load_run(run)[1])
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    for o, t in zip(ours, theirs, strict=True):
+        assert [o["p_negative"], o["p_positive"]] == pytest.approx(t, abs=1e-4)
+    with pytest.raises(LlamaforgeError, match="score head has no place in a gguf file"):
+        main(["--debug", "export", str(run), "--to", "gguf", str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_yaml_config_and_flags(tiny_model_dir, tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("lr: 0.001\nmax_steps: 2\nlora_rank: 2\nbatch_size: 8\n")

@@ -44,3 +44,25 @@ def test_a_run_stands_for_its_best_model_and_an_adapter_for_its_config(tmp_path)
     (run / "best" / "adapter_config.json").write_text("{")
     with pytest.raises(LlamaforgeError, match=r"adapter_config\.json: not valid JSON"):
         adapter_config(run / "best")
+
+
+def test_headers_only_give_every_shape_and_read_no_weights(default_checkpoint, tiny_model_dir, tmp_path):
+    """weights=False (what `info` reads): the same tensors, shapes and config as a full load, as
+    meta tensors, for GGUF and HF directories (a .bin one too)."""
+    import torch
+
+    from llamaforge.formats.info import model_info
+    from llamaforge.formats.load import load_checkpoint
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            (bin_dir / f.name).write_bytes(f.read_bytes())
+    full_hf = load_checkpoint(tiny_model_dir)
+    torch.save({("model." + k if k != "lm_head.weight" else k): v for k, v in full_hf.state_dict.items()},
+               bin_dir / "pytorch_model.bin")
+    for source, full in (("default", default_checkpoint), (tiny_model_dir, full_hf), (bin_dir, full_hf)):
+        head = load_checkpoint(source, weights=False)
+        assert head.config == full.config and all(t.is_meta for t in head.state_dict.values())
+        assert {k: tuple(v.shape) for k, v in head.state_dict.items()} == {k: tuple(v.shape) for k, v in full.state_dict.items()}
+    assert model_info()["parameters"] == sum(t.numel() for t in default_checkpoint.state_dict.values())

@@ -209,7 +209,8 @@ def _our_name(gguf_name: str, path: Path) -> str:
     raise LlamaforgeError(f"{path}: unexpected tensor {gguf_name}")
 
 
-def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> Checkpoint:
+    """weights=False: the header only, tensors as shapes on the meta device (for `info`)."""
     meta, tensors, buf = read_gguf(path)
     cfg = config_from_metadata(meta, tensors, path)
     state = {}
@@ -222,6 +223,9 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
         ours = _our_name(name, path)
         if expected.get(ours, shape) != shape:   # before the Q/K permutation, which needs it
             raise LlamaforgeError(f"{path}: tensor {ours} has shape {shape}, expected {expected[ours]}")
+        if not weights:
+            state[ours] = torch.empty(shape, dtype=dtype or torch.float32, device="meta")
+            continue
         w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
         if ".q_proj." in ours:
             w = unpermute_qk(w, cfg.n_heads)

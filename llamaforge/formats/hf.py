@@ -67,20 +67,32 @@ def _from_hf_name(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_safetensors(files: list[Path], weights: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors files; weights=False: from their headers, as meta tensors."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     state = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            if weights:
+                state.update(load_file(str(f)))
+                continue
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    piece = st.get_slice(name)
+                    state[name] = torch.empty(piece.get_shape(), dtype=_SAFETENSORS_DTYPES.get(piece.get_dtype(),
+                                              torch.float32), device="meta")
         except (SafetensorError, OSError, ValueError) as e:
             raise LlamaforgeError(f"{f}: unreadable safetensors file ({str(e).splitlines()[0]})") from None
     return state
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, weights: bool = True) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -90,27 +102,30 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         missing = [s for s in shards if not (path / s).exists()]
         if missing:
             raise LlamaforgeError(f"{path / missing[0]}: shard listed in {index.name} is missing")
-        return _read_safetensors([path / s for s in shards])
+        return _read_safetensors([path / s for s in shards], weights)
     files = sorted(path.glob("*.safetensors"))
     if files:
-        return _read_safetensors(files)
+        return _read_safetensors(files, weights)
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         state = {}
         for f in bins:
             try:
-                # weights_only: never unpickle arbitrary objects from a file we did not write.
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
+                # weights_only: never unpickle arbitrary objects from a file we did not write. mmap:
+                # without weights only the shapes are wanted, and nothing is read but the pickle.
+                loaded = torch.load(f, map_location="cpu", weights_only=True, mmap=not weights)
+                state.update(loaded if weights else {k: torch.empty_like(v, device="meta") for k, v in loaded.items()})
             except Exception as e:
                 raise LlamaforgeError(f"{f}: unreadable PyTorch weights ({str(e).splitlines()[0]})") from None
         return state
     raise LlamaforgeError(f"{path}: no *.safetensors or pytorch_model.bin weights")
 
 
-def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> Checkpoint:
+    """weights=False: config, tokenizer and tensor shapes only (meta tensors, for `info`)."""
     raw = read_json(path / "config.json")
     config = config_from_hf(raw, path)
-    state = read_weights(path)
+    state = read_weights(path, weights)
     state = {_from_hf_name(k): state.pop(k).to(dtype) if dtype is not None else state.pop(k) for k in list(state)}
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
@@ -131,11 +146,12 @@ def _card_license(path: Path) -> dict | None:
     return {"license": str(lic)} if lic else None
 
 
-def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
+def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None, writer=None):
     """Write an HF directory that transformers' LlamaForCausalLM loads to the same logits; it
-    appears whole or not at all. extra(tmp_dir): writes more files into it (a model card)."""
+    appears whole or not at all. extra(tmp_dir): writes more files into it (a model card);
+    writer(ckpt, dir, dtype): writes the model's files instead of `write` (a classifier)."""
     with atomic_output_dir(out_dir) as tmp:
-        write(ckpt, tmp, dtype)
+        (writer or write)(ckpt, tmp, dtype)
         if extra is not None:
             extra(tmp)
 
@@ -143,6 +159,30 @@ def save(ckpt, out_dir, dtype: torch.dtype | None = None, extra=None):
 def write_model(llama, tokenizer, out_dir: Path):
     """A trained `model.llama.Llama` (unfused, HF parameter names) as an HF directory's files."""
     write(Checkpoint(llama.config, llama.state_dict(), tokenizer), out_dir)
+
+
+def write_classifier(ckpt, score: torch.Tensor, labels: list[str], out_dir: Path, dtype: torch.dtype | None = None):
+    """The files of an HF `LlamaForSequenceClassification` directory (a classifier's Llama, its
+    `score` head and labels), into an existing directory; transformers loads it as it is."""
+    from safetensors.torch import save_file
+    state = {"model." + k: v for k, v in ckpt.state_dict.items() if k != "lm_head.weight"} | {"score.weight": score}
+    state = {k: (v.to(dtype) if dtype else v).detach().contiguous() for k, v in state.items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    tok = ckpt.tokenizer
+    cfg = config_to_hf(ckpt.config, tok)
+    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels), pad_token_id=tok.pad_id,
+               id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
+               torch_dtype=str(state["score.weight"].dtype).replace("torch.", ""))
+    write_json(out_dir / "config.json", cfg)
+    tok.save_hf(out_dir)
+
+
+def classifier_head(path: Path) -> torch.Tensor:
+    """The `score` weight of an HF LlamaForSequenceClassification directory."""
+    head = {k: v for k, v in read_weights(path).items() if k == "score.weight"}
+    if not head:
+        raise LlamaforgeError(f"{path}: no score.weight: not a sequence classification model")
+    return head["score.weight"]
 
 
 def write(ckpt, out_dir: Path, dtype: torch.dtype | None = None):

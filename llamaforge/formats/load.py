@@ -11,17 +11,18 @@ import torch
 import torch.nn as nn
 
 from ..errors import LlamaforgeError
-from ..model.adapters import load_prefix, merge_lora_into_state, read_prefix
+from ..model.adapters import load_prefix, merge_lora_into_state, read_prefix, saved_modules
 from ..model.llama import Llama
 from ..text.tokenizer import Tokenizer
 from . import gguf, hf, meta
 from .checkpoint import Checkpoint, check_state_dict
-from .paths import adapter_config, model_kind, resolve_model_path, run_model_path
+from .paths import adapter_config, classifier_labels, model_kind, resolve_model_path, run_model_path
 
 
-def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_adapter(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> Checkpoint:
     """The base model named by a LoRA or prefix adapter, with the adapter applied: LoRA folded
-    into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`."""
+    into the weights (in fp32, then cast), a prefix attached as `Checkpoint.prefix`. weights=False:
+    the base's header only, and the adapter named in the metadata but not applied."""
     kind, config_file, raw = adapter_config(path)
     is_lora = kind == "lora"
     base = raw.get("base_model_name_or_path")
@@ -32,36 +33,67 @@ def load_adapter(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
                               f"`llamaforge predict` / `evaluate` on its run directory")
     if base != "default" and not Path(base).exists():
         raise LlamaforgeError(f"{config_file}: base model {base} not found")
-    ckpt = load_checkpoint(base, dtype=torch.float32 if is_lora else dtype)
-    if is_lora:
+    ckpt = load_checkpoint(base, dtype=torch.float32 if is_lora and weights else dtype, weights=weights)
+    if is_lora and weights:
         merge_lora_into_state(ckpt.state_dict, path)
         # The merged weights are no longer what the file stored (e.g. Q4_1 blocks): quantising
         # them again as if they were would round the fine-tuning away.
         ckpt.metadata.pop("linear_weight_type", None)
         if dtype is not None:
             ckpt.state_dict = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
-    else:
+    elif weights:
         ckpt.prefix = read_prefix(path)
     ckpt.metadata.update(adapter=str(path), adapter_type="lora" if is_lora else "prefix")
     return ckpt
 
 
-def load_checkpoint(model: str | os.PathLike | None = "default", dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(model: str | os.PathLike | None = "default", dtype: torch.dtype | None = None,
+                    weights: bool = True) -> Checkpoint:
     """Read any supported checkpoint (GGUF file, HF directory, Meta directory) into a Checkpoint.
 
     dtype: cast each tensor as it is read, so peak memory is one copy of the model in that dtype
     (plus one tensor) rather than a full fp32 copy as well. None keeps what the reader produces.
+    weights=False: everything but the weights, whose tensors are shapes on the meta device (the
+    headers are read, not the data: `info` on a 7B model takes no memory and no time).
     """
     path = run_model_path(resolve_model_path(model))
     fmt = model_kind(path)
     if fmt == "adapter":
-        return load_adapter(path, dtype)
+        return load_adapter(path, dtype, weights)
     reader = {"gguf": gguf.load, "hf": hf.load, "meta": meta.load}[fmt]
-    ckpt = reader(path, dtype)
+    ckpt = reader(path, dtype, weights)
     ckpt.metadata.setdefault("format", fmt)
     ckpt.metadata.setdefault("path", str(path))
     check_state_dict(ckpt, path)
     return ckpt
+
+
+def load_classifier(run: Path, dtype: torch.dtype | None = None) -> tuple[Checkpoint, torch.Tensor, list[str]]:
+    """A classification run's model as one: (the Llama, its LoRA folded in or its full weights;
+    the `score` head; the labels). For export to HF; `predict` keeps LoRA unmerged in bf16."""
+    labels = classifier_labels(run)
+    if labels is None:
+        raise LlamaforgeError(f"{run}: not a classification run (no label_map.json)")
+    best = run_model_path(run)
+    method = "lora" if model_kind(best) == "adapter" else "full"
+    if method == "lora":
+        kind, config_file, raw = adapter_config(best)
+        base = raw.get("base_model_name_or_path")
+        if kind != "lora" or not base:
+            raise LlamaforgeError(f"{config_file}: not a classifier's LoRA adapter with its base model")
+        ckpt = load_checkpoint(base, dtype=torch.float32)
+        merge_lora_into_state(ckpt.state_dict, best)
+        score = saved_modules(best).get("score.weight")
+        if score is None:
+            raise LlamaforgeError(f"{best / 'adapter_model.safetensors'}: no score head (modules_to_save)")
+        ckpt.metadata.pop("linear_weight_type", None)   # merged: no longer the file's own blocks
+    else:
+        ckpt, score = hf.load(best), hf.classifier_head(best)
+    if dtype is not None:
+        ckpt.state_dict = {k: v.to(dtype) for k, v in ckpt.state_dict.items()}
+        score = score.to(dtype)
+    ckpt.metadata.update(path=str(run), classifier={"labels": labels, "method": method})
+    return ckpt, score, labels
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

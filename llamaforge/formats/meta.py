@@ -52,7 +52,8 @@ def family_context(params: dict) -> int:
     return 4096 if eps >= 1e-5 else 2048
 
 
-def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> Checkpoint:
+    """weights=False: params, tokenizer and tensor shapes only (meta tensors, for `info`)."""
     params = read_json(path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -73,7 +74,7 @@ def load(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
             if name.startswith("rope.freqs"):
                 continue  # Llama 1 checkpoints store the RoPE table; we compute it
             raise LlamaforgeError(f"{shards[0]}: unexpected tensor {name}")
-        tensors = [p[name] for p in parts]
+        tensors = [p[name] if weights else p[name].to("meta") for p in parts]   # mmap: shapes read only
         # Llama 1/2 split the embedding along its columns; Llama 3 along its rows.
         if ours == "embed_tokens.weight" and len(parts) > 1 and tensors[0].shape[1] == params.get("dim"):
             dim = 0

@@ -74,6 +74,18 @@ def adapter_config(path: Path) -> tuple[str, Path, dict]:
     raise LlamaforgeError(f"{path}: not an adapter directory (no {' or '.join(ADAPTER_CONFIGS)})")
 
 
+def classifier_labels(run: Path) -> list[str] | None:
+    """The label names, by id, of a classification run (its label_map.json: {"id2label": {"0":
+    name, ...}}); None for any other path."""
+    path = run / "label_map.json"
+    if not (run.is_dir() and model_kind(run) == "run" and path.exists()):
+        return None
+    id2label = read_json(path).get("id2label")
+    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(len(id2label))}:
+        raise LlamaforgeError(f"{path}: expected {{\"id2label\": {{\"0\": label, \"1\": label, ...}}}}")
+    return [str(id2label[str(i)]) for i in range(len(id2label))]
+
+
 def run_model_path(path: Path) -> Path:
     """The model a path stands for: a training run directory stands for the model it kept (best/)."""
     if path.is_dir() and model_kind(path) == "run":

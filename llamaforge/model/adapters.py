@@ -156,6 +156,13 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, hf_prefix: str 
             params[name].copy_(t)
 
 
+def saved_modules(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The modules a PEFT adapter saves whole (`modules_to_save`, e.g. a classifier's `score`),
+    by their parameter names without PEFT's prefix: {"score.weight": ...}."""
+    _, tensors = _read_adapter_tensors(adapter_dir)
+    return {k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if ".lora_" not in k}
+
+
 def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
     """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
     `model.`) into a state dict in `model.llama.Llama`'s names, in fp32, in place. Heads saved whole

@@ -24,10 +24,11 @@ from ..data.batching import length_bucketed_batches, pad_right
 from ..data.labelled import LabelledText, check_truncation_side, encode_texts, label_ids, label_names, read_labelled
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import classification_report, format_report, plot_confusion_matrix
-from ..files import atomic_write_text, read_json, write_json
-from ..formats.hf import config_to_hf
+from ..files import atomic_write_text, write_json
+from ..formats import hf
+from ..formats.checkpoint import Checkpoint
 from ..formats.load import load
-from ..formats.paths import model_kind, run_model_path
+from ..formats.paths import classifier_labels, run_model_path
 from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
@@ -72,36 +73,20 @@ def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyCon
         save_peft_adapter(clf, out_dir, cfg.lora(), "SEQ_CLS", modules_to_save=["score"],
                           base_model=base_model_reference(cfg.model))
         return
-    from safetensors.torch import save_file
-    state = {k: v.detach().contiguous() for k, v in clf.state_dict_hf().items()}
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    hf = config_to_hf(clf.model.config, tok)
-    hf.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels), pad_token_id=tok.pad_id,
-              id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
-              torch_dtype=str(clf.score.weight.dtype).replace("torch.", ""))
-    write_json(out_dir / "config.json", hf)
-    tok.save_hf(out_dir)
-
-
-def read_label_map(path: Path) -> list[str]:
-    """The label names of a run, by id, from its label_map.json ({"id2label": {"0": name, ...}})."""
-    id2label = read_json(path).get("id2label")
-    if not isinstance(id2label, dict) or set(id2label) != {str(i) for i in range(len(id2label))}:
-        raise LlamaforgeError(f"{path}: expected {{\"id2label\": {{\"0\": label, \"1\": label, ...}}}}")
-    return [str(id2label[str(i)]) for i in range(len(id2label))]
+    hf.write_classifier(Checkpoint(clf.model.config, clf.model.state_dict(), tok), clf.score.weight, labels, out_dir)
 
 
 def load_run(run_dir: str | Path, dtype: str | None = None):
     """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
     run_dir = Path(run_dir)
-    if not (run_dir / "label_map.json").exists() or model_kind(run_dir) != "run":
+    labels = classifier_labels(run_dir) if run_dir.is_dir() else None
+    if labels is None:
         raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml and label_map.json); "
                               f"to score a language model give --task")
     best = run_model_path(run_dir)
     cfg = resolve_config(ClassifyConfig, run_dir / "config.yaml")
     if dtype:
         cfg.dtype = dtype
-    labels = read_label_map(run_dir / "label_map.json")
     if cfg.method == "lora":
         clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
         load_peft_adapter(clf, best)
@@ -110,10 +95,9 @@ def load_run(run_dir: str | Path, dtype: str | None = None):
             # bf16 loses much of a small update, and the predictions would drift from training's.
             merge_lora(clf.model)
     else:
-        from safetensors.torch import load_file
         clf, tok = build_classifier(cfg, len(labels), model=best)
         with torch.no_grad():
-            clf.score.weight.copy_(load_file(str(best / "model.safetensors"))["score.weight"])
+            clf.score.weight.copy_(hf.classifier_head(best))
     return clf.eval(), tok, labels, cfg
 
 

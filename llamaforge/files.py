@@ -142,6 +142,10 @@ def atomic_output_dir(out_dir: str | os.PathLike, replace: bool = False):
     tmp.chmod(0o777 & ~umask)   # mkdtemp makes it owner-only; the result should be like any new directory
     try:
         yield tmp
+        # Files as the user's umask makes any new file: safetensors writes its own 0600.
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                f.chmod(0o666 & ~umask)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

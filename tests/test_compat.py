@@ -39,3 +39,29 @@ def test_an_old_generative_run_scores_as_it_did(old_runs, run):
     expected = EXPECTED[f"{run}_perplexity"]
     assert scores["n"] == expected["n"]
     assert scores["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
+
+
+def test_inputs_are_checked_before_a_model_loads(old_runs, tmp_path, monkeypatch):
+    """A missing file, a missing column or a bad output name is reported at once, not after a
+    model has loaded (18 s for a large one)."""
+    import llamaforge.evaluate.scoring as scoring
+    import llamaforge.train.classify as classify
+    from llamaforge.errors import LlamaforgeError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+    monkeypatch.setattr(classify, "load", no_model)
+    monkeypatch.setattr(scoring, "load", no_model)
+    run = old_runs / "classify"
+    (tmp_path / "d.csv").write_text("sentence,label\nok,positive\n")
+    for call, message in [
+        (lambda: classify.evaluate_classifier(run, tmp_path / "test.csv"), r"test\.csv: no such file"),
+        (lambda: classify.evaluate_classifier(run, tmp_path / "d.csv"), r"d\.csv:1: no column 'text'"),
+        (lambda: classify.predict_classifier(run, texts=["x"], out=tmp_path / "p.txt"), r"p\.txt: write predictions"),
+        (lambda: classify.predict_classifier(run, data=tmp_path / "none.csv"), r"none\.csv: no such file"),
+        (lambda: scoring.evaluate_model("default", "qa", tmp_path / "qa.json"), r"qa\.json: no such file"),
+        (lambda: scoring.evaluate_model("default", "perplexity", tmp_path / "t.txt"), r"t\.txt: no such file"),
+        (lambda: scoring.evaluate_model("default", "sft", tmp_path / "d.csv"), r"d\.csv:2: cannot tell the format"),
+    ]:
+        with pytest.raises(LlamaforgeError, match=message):
+            call()

@@ -52,3 +52,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
     atomic_write_text(target, "new")
     assert target.read_text() == "new"
+
+
+def test_a_written_directory_has_the_modes_of_any_new_file(tmp_path):
+    """safetensors writes its files 0600; an export is for others to read too (umask 022: 0644)."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from llamaforge.files import atomic_output_dir
+    umask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as d:
+            save_file({"w": torch.zeros(2)}, str(d / "model.safetensors"))
+            (d / "config.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "out").iterdir()} == {
+        "model.safetensors": "0o644", "config.json": "0o644"}
+    assert oct((tmp_path / "out").stat().st_mode & 0o777) == "0o755"

@@ -34,3 +34,15 @@ def test_main_command_runs(tmp_path):
 def test_test_command_is_what_ci_runs():
     test_cmd = code_blocks()[1].strip()
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_files_the_readme_names_exist():
+    """Every file of this repository that a README command names is there (the 'Use' section
+    once named a test.csv that no one had)."""
+    named = set()
+    for block in code_blocks():
+        named |= {t for t in re.split(r"[\s=]+", block) if re.match(r"(llamaforge|benchmarks|scripts)/[\w./-]+\.\w+$", t)}
+    named |= set(re.findall(r"`((?:llamaforge|benchmarks|scripts)/[\w./-]+\.\w+)`", (ROOT / "README.md").read_text()))
+    assert named, "the README names no files?"
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing

@@ -51,9 +51,18 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
     """The task's metrics for a model or run directory on a data file."""
     if task not in TASKS:
         raise LlamaforgeError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if limit is not None and limit < 1:
+        raise LlamaforgeError(f"--limit must be at least 1, got {limit}")
+    # The data first: a missing file or a bad row is reported before a model loads.
+    if task == "perplexity":
+        text = read_text(data)
+    elif task == "sft":
+        examples = read_examples(data, fmt)[:limit]
+    else:
+        items = read_task(data, task, target, target_lang, source_lang)[:limit]
     net, tok = load(model, dtype=dtype)
     if task == "perplexity":
-        ids = tok.encode(read_text(data), add_special_tokens=False)
+        ids = tok.encode(text, add_special_tokens=False)
         if len(ids) < 2:
             raise LlamaforgeError(f"{data}: too little text to score (needs at least 2 tokens)")
         window = window or min(net.config.max_seq_len, 1024)
@@ -61,15 +70,9 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
             raise LlamaforgeError(f"--window must be between 2 and the model's context ({net.config.max_seq_len}), got {window}")
         return perplexity(net, ids, window, batch_size=batch_size, progress=True)
     if task == "sft":
-        examples = read_examples(data, fmt)[:limit]
-        if not examples:
-            raise LlamaforgeError(f"{data}: nothing to score (--limit {limit})")
         pairs = encode_examples(tok, examples, net.config.max_seq_len, net.config.max_seq_len, name=str(data))
         loss, n = mean_loss(net, pairs, tok.pad_id, batch_size, progress=True)
         return {"perplexity": math.exp(loss), "loss": loss, "n": n}
-    items = read_task(data, task, target, target_lang, source_lang)[:limit]
-    if not items:
-        raise LlamaforgeError(f"{data}: nothing to score (--limit {limit})")
     predictions = answer(net, tok, items, max_new_tokens or GENERATION_TASKS[task].max_new_tokens, batch_size, progress=True)
     if predictions_out:
         atomic_write_text(predictions_out, "".join(json.dumps({"source": it.source, "prediction": p, "references": it.references},

@@ -76,17 +76,25 @@ def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyCon
     hf.write_classifier(Checkpoint(clf.model.config, clf.model.state_dict(), tok), clf.score.weight, labels, out_dir)
 
 
-def load_run(run_dir: str | Path, dtype: str | None = None):
-    """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
+def run_settings(run_dir: str | Path, dtype: str | None = None) -> tuple[ClassifyConfig, list[str]]:
+    """(config, labels) of a classification run, read from its files alone (no model), so that
+    what a command is given can be checked before a model loads."""
     run_dir = Path(run_dir)
     labels = classifier_labels(run_dir) if run_dir.is_dir() else None
     if labels is None:
         raise LlamaforgeError(f"{run_dir}: not a classification run directory (no config.yaml and label_map.json); "
                               f"to score a language model give --task")
-    best = run_model_path(run_dir)
+    run_model_path(run_dir)   # it has a trained model
     cfg = resolve_config(ClassifyConfig, run_dir / "config.yaml")
     if dtype:
         cfg.dtype = dtype
+    return cfg, labels
+
+
+def load_run(run_dir: str | Path, dtype: str | None = None):
+    """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
+    cfg, labels = run_settings(run_dir, dtype)
+    best = run_model_path(Path(run_dir))
     if cfg.method == "lora":
         clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
         load_peft_adapter(clf, best)
@@ -202,12 +210,13 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
 def evaluate_classifier(run_dir: str | Path, data: str | Path, text_column: str | None = None,
                         label_column: str | None = None, text_pair_column: str | None = None,
                         batch_size: int = 64, dtype: str | None = None) -> dict:
-    clf, tok, labels, cfg = load_run(run_dir, dtype)
+    cfg, labels = run_settings(run_dir, dtype)
     cfg.text_column = text_column or cfg.text_column
     cfg.label_column = label_column or cfg.label_column
     cfg.text_pair_column = text_pair_column or cfg.text_pair_column
-    examples = read_split(data, cfg)
+    examples = read_split(data, cfg)   # the data, its columns and labels before the model loads
     y = label_ids(examples, labels)
+    clf, tok, _, _ = load_run(run_dir, dtype)
     seqs = encode_texts(tok, examples, cfg.max_length, name=str(data), truncation_side=cfg.truncation_side)
     probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=True)
     return classification_report(y, probs.argmax(-1).tolist(), labels)
@@ -217,7 +226,9 @@ def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data
                        out: str | Path | None = None, text_column: str | None = None,
                        batch_size: int = 64, dtype: str | None = None) -> list[dict]:
     """Label and class probabilities per text, written to `out` (.csv or .jsonl) when given."""
-    clf, tok, labels, cfg = load_run(run_dir, dtype)
+    cfg, labels = run_settings(run_dir, dtype)
+    if out and Path(out).suffix.lower() not in PREDICTION_FORMATS:
+        raise LlamaforgeError(f"{out}: write predictions to a .csv, .tsv or .jsonl file")
     if data is not None:
         cfg.text_column = text_column or cfg.text_column
         examples = read_split(data, cfg, labelled=False)
@@ -225,6 +236,7 @@ def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data
         examples = [LabelledText(t, None, None, f"argument {i + 1}") for i, t in enumerate(texts)]
     else:
         raise LlamaforgeError("give a TEXT or --data FILE to predict")
+    clf, tok, _, _ = load_run(run_dir, dtype)   # once the input is known good
     seqs = encode_texts(tok, examples, cfg.max_length, name=str(data or "input"),
                         truncation_side=cfg.truncation_side)
     probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=len(seqs) > batch_size)
@@ -233,6 +245,9 @@ def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data
     if out:
         write_predictions(rows, Path(out))
     return rows
+
+
+PREDICTION_FORMATS = (".csv", ".tsv", ".jsonl")
 
 
 def write_predictions(rows: list[dict], path: Path):

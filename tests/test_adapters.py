@@ -91,3 +91,19 @@ def test_we_load_a_peft_adapter_to_the_same_logits(tiny_model_dir, tmp_path):
     ids, lengths = batch(tok)
     with torch.no_grad():
         assert (clf(ids, lengths) - hf.eval()(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"r": None}, r"adapter_config\.json: needs r \(a positive integer\)"),
+    ({"lora_alpha": "big"}, r"adapter_config\.json: needs r .*lora_alpha='big'"),
+    ({"target_modules": [1, 2]}, r"adapter_config\.json: target_modules must be a list of module names"),
+])
+def test_a_damaged_adapter_config_is_named(tmp_path, change, message):
+    import json
+
+    from llamaforge.errors import LlamaforgeError
+    from llamaforge.model.adapters import read_peft_config
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(LlamaforgeError, match=message):
+        read_peft_config(tmp_path)

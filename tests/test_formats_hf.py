@@ -134,6 +134,18 @@ def test_config_not_json(exported):
     expect_error(exported, "config.json: not valid JSON")
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("config.json", "[1, 2]", r"config\.json: expected a JSON object, found list"),
+    ("tokenizer_config.json", '{"chat_template": 5}', r"tokenizer_config\.json: chat_template must be"),
+    ("tokenizer_config.json", '{"eos_token": [1]}', r"tokenizer_config\.json: eos_token: expected a token"),
+    ("generation_config.json", '{"eos_token_id": "x"}', r"generation_config\.json: eos_token_id must be"),
+])
+def test_damaged_json_files_are_named(exported, name, content, message):
+    """JSON of the wrong shape is a one-line error naming the file, not a traceback."""
+    (exported / name).write_text(content)
+    expect_error(exported, message)
+
+
 def test_wrong_shape(exported):
     edit_config(exported, intermediate_size=128)
     expect_error(exported, r"mlp\.(gate|up|down)_proj\.weight has shape \((160, 64|64, 160)\), expected \((128, 64|64, 128)\)")

@@ -128,8 +128,13 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
     targets = raw.get("target_modules") or []
     if isinstance(targets, str):
         raise LlamaforgeError(f"{path}: target_modules as a regular expression is not supported; list the names")
-    return LoRAConfig(rank=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
-                      targets=[t.split(".")[-1] for t in targets])
+    rank, alpha, dropout = raw.get("r"), raw.get("lora_alpha"), raw.get("lora_dropout") or 0.0
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)) or not isinstance(dropout, (int, float)):
+        raise LlamaforgeError(f"{path}: needs r (a positive integer), lora_alpha and lora_dropout (numbers); "
+                              f"found r={rank!r}, lora_alpha={alpha!r}, lora_dropout={dropout!r}")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise LlamaforgeError(f"{path}: target_modules must be a list of module names, not {targets!r}")
+    return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=[t.split(".")[-1] for t in targets])
 
 
 def _read_adapter_tensors(adapter_dir: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:

@@ -21,10 +21,12 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 
 
 
-def _token_text(tok) -> str | None:
+def _token_text(tok, where: str) -> str | None:
     if tok is None or isinstance(tok, str):
         return tok
-    return tok.get("content")  # tokenizer_config.json may spell tokens as AddedToken dicts
+    if isinstance(tok, dict) and isinstance(tok.get("content"), str):
+        return tok["content"]   # tokenizer_config.json may spell tokens as AddedToken dicts
+    raise LlamaforgeError(f"{where}: expected a token (a string or {{\"content\": ...}}), found {tok!r}")
 
 
 def from_hf_dir(path: Path) -> Tokenizer:
@@ -44,10 +46,13 @@ def from_hf_dir(path: Path) -> Tokenizer:
         raise LlamaforgeError(f"{path}: no tokenizer.json or tokenizer.model")
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         if name in cfg:
-            setattr(tok, name, _token_text(cfg[name]))
+            setattr(tok, name, _token_text(cfg[name], f"{cfg_path}: {name}"))
     template = cfg.get("chat_template")
     if isinstance(template, list):  # named templates: use "default"
-        template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if template is not None and not isinstance(template, str):
+        raise LlamaforgeError(f"{cfg_path}: chat_template must be a template or a list of named ones")
     if (path / "chat_template.jinja").exists():
         template = read_text(path / "chat_template.jinja", allow_empty=True)
     elif (path / "chat_template.json").exists():
@@ -60,7 +65,10 @@ def from_hf_dir(path: Path) -> Tokenizer:
     gen_path = path / "generation_config.json"
     if gen_path.exists():
         eos = read_json(gen_path).get("eos_token_id")
-        tok.extra_eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = [eos] if isinstance(eos, int) else eos or []
+        if not isinstance(eos, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+            raise LlamaforgeError(f"{gen_path}: eos_token_id must be a token id or a list of them")
+        tok.extra_eos_ids = eos
     tok._set_bos_post_processor()
     return tok
 

@@ -150,6 +150,28 @@ def test_chinese_output(capsys):
     assert json.loads(capsys.readouterr().out)["summary"].startswith("开源")
 
 
+@pytest.mark.parametrize("model", ["default", "meta-llama/Llama-2-7b-hf", "google/gemma-2b"])
+def test_chinese_output_translates_terms_reasons_and_aligns(model, tmp_path):
+    """Clause details, kinds, component names, OSAID reasons and verdicts in Chinese; the value
+    column starts at one display column whatever the label's width; no empty "(-)"."""
+    from llamaforge.provenance.openness import format_report, width
+    path = "default" if model == "default" else str(hf_dir(tmp_path / "m", model))
+    r = report(path, lang="zh")
+    text = format_report(r, "zh")
+    english = report(path)
+    for x, en in zip(r["restrictions"], english["restrictions"], strict=True):
+        assert x["detail"] in text and not x["detail"].isascii() and en["detail"] not in text
+    assert not any(c in text for c in ("weights yes", "inference code", "use is restricted", "not published", "(-)"))
+    if r["osaid"]["meets"] == "fails":
+        assert all(not reason.isascii() for reason in r["osaid"]["reasons"]), r["osaid"]["reasons"]
+    starts = set()
+    for line in text.splitlines()[:4]:   # verdict, family, licence, access: "label<pad>value"
+        label = line.split(" ")[0]
+        starts.add(width(line[:len(label)]) + len(line[len(label):]) - len(line[len(label):].lstrip(" ")))
+    assert starts == {12}, text
+    assert report(path)["osaid"]["reasons"] == [] or report(path)["osaid"]["reasons"][0].isascii()   # English by default
+
+
 def test_every_fact_has_a_source_and_a_date():
     kb = knowledge()
     for lid, lic in kb["licences"].items():

@@ -202,7 +202,7 @@ def cmd_info(args):
 
 def cmd_openness(args):
     from ..provenance.openness import format_report, report, sentence
-    r = report(args.model)
+    r = report(args.model, lang=args.lang)
     if args.format == "json":
         print(json.dumps({**r, "summary": sentence(r, args.lang)}, indent=2, ensure_ascii=False))
     else:

@@ -158,23 +158,23 @@ def mof_class(licence: dict | None, published: dict) -> str:
     return reached
 
 
-def osaid(licence: dict | None, published: dict) -> dict:
+def osaid(licence: dict | None, published: dict, lang: str = "en") -> dict:
     reasons, unknown = [], []
     if licence is None:
-        unknown.append("no licence identified")
+        unknown.append(say("no licence identified", lang))
     else:
         if not (licence.get("osi_approved") or licence.get("open_content")):
-            reasons.append(f"{licence['name']} is not an OSI-approved (or open content) licence")
+            reasons.append(say("not OSI-approved", lang, licence=licence["name"]))
         limits = sorted({r["kind"] for r in licence.get("restrictions", []) if r["kind"] in USE_LIMITS})
         if limits:
-            reasons.append("use is restricted: " + ", ".join(k.replace("_", " ") for k in limits))
+            reasons.append(say("use is restricted", lang, limits=LIST_SEP[lang].join(kind_name(k, lang) for k in limits)))
     for part, need in (("weights", "parameters"), ("training_code", "complete training code"),
                        ("inference_code", "inference code"), ("data_recipe", "data information")):
         state = published.get(part, "unknown")
         if state is False:
-            reasons.append(f"{need} not published")
+            reasons.append(say("not published", lang, need=say(need, lang)))
         elif state == "unknown":
-            unknown.append(f"{need}: unknown")
+            unknown.append(say("unknown whether published", lang, need=say(need, lang)))
     meets = "fails" if reasons else "unknown" if unknown else "meets"
     return {"meets": meets, "reasons": reasons or unknown}
 
@@ -187,8 +187,9 @@ def restrictiveness(lid: str) -> tuple:
     return (lic.get("commercial_use") is False, not (lic.get("osi_approved") or lic.get("open_content")), limits)
 
 
-def report(model: str = "default", base_depth: int = 0) -> dict:
-    """The openness report of a model file or directory (see the module docstring)."""
+def report(model: str = "default", base_depth: int = 0, lang: str = "en") -> dict:
+    """The openness report of a model file or directory (see the module docstring); its reasons in
+    `lang` (en, zh); its notes and conflicts are in English."""
     path = resolve_model_path(model)
     found = gather(path)
     notes = list(found["notes"])
@@ -196,17 +197,18 @@ def report(model: str = "default", base_depth: int = 0) -> dict:
         # A fine-tuned run or adapter inherits its base model's licence and obligations.
         base_ref = found["base"]
         if base_ref == "default" or Path(base_ref).exists():
-            base = report(base_ref, base_depth + 1)
+            base = report(base_ref, base_depth + 1, lang)
         else:   # e.g. a Hub id in an adapter's config: judge the base by its name alone
             base = judge(Path(base_ref), "unresolved", {"names": [base_ref], "licences": [],
-                                                          "notes": [f"base model {base_ref} is not here; judged by its name"]})
+                                                          "notes": [f"base model {base_ref} is not here; judged by its name"]},
+                         lang)
         base.update(model=str(path), format=found["format"], derived_from=base_ref)
         base["notes"] = notes + base["notes"] + [f"derived from {base_ref}: the base model's licence and duties apply to it"]
         return base
-    return judge(path, found["format"], found)
+    return judge(path, found["format"], found, lang)
 
 
-def judge(path: Path, fmt: str, found: dict) -> dict:
+def judge(path: Path, fmt: str, found: dict, lang: str = "en") -> dict:
     """The report from what was found: licence claims, names, notes."""
     kb = knowledge()
     notes, conflicts = list(found["notes"]), []
@@ -238,44 +240,51 @@ def judge(path: Path, fmt: str, found: dict) -> dict:
     found_in = [w for l, w in found_ids if l == lid] or (["knowledge base (model family)"] if lic else [])
     result = {
         "model": str(path), "format": fmt, "derived_from": None,
-        "family": {"id": fid, "name": family["name"], "sources": family["sources"], "checked": str(family["checked"])}
+        "family": {"id": fid, "name": family["name"], "sources": family["sources"], **checked(family)}
         if family else None,
         "license": {"id": lid, "name": lic["name"], "found_in": found_in, "osi_approved": lic.get("osi_approved"),
-                    "url": lic.get("url"), "checked": str(lic["checked"]),
-                    "acceptable_use_policy": lic.get("aup_url")} if lic else
+                    "url": lic.get("url"), **checked(lic), "acceptable_use_policy": lic.get("aup_url")} if lic else
                    {"id": None, "name": unknown_claims[0][1][:80] if unknown_claims else None,
                     "found_in": [unknown_claims[0][0]] if unknown_claims else [], "osi_approved": None, "url": None,
-                    "checked": None},
+                    "checked": None, "verified": False},
         "commercial_use": lic.get("commercial_use") if lic else None,
-        "restrictions": [dict(r) for r in lic.get("restrictions", [])] if lic else [],
+        "restrictions": [{"kind": r["kind"], "clause": r["clause"], "detail": r.get(f"detail_{lang}", r["detail"])}
+                         for r in lic.get("restrictions", [])] if lic else [],
         "access": (family or {}).get("access", "unknown"),
         "published": published,
         "mof_class": mof_class(lic, published) if family else (
             "none" if lic and not (lic.get("osi_approved") or lic.get("open_content")) else "unknown"),
-        "osaid": osaid(lic, published),
+        "osaid": osaid(lic, published, lang),
         "conflicts": conflicts,
         "notes": notes,
     }
-    result["verdict"], result["reasons"] = verdict(result)
+    result["verdict"], result["reasons"] = verdict(result, lang)
     return result
 
 
-def verdict(r: dict) -> tuple[str, list[str]]:
+def checked(entry: dict) -> dict:
+    """When a knowledge-base entry was compared with the source it names ({"checked": None,
+    "verified": False} for one stated from memory of the publisher's text, to verify)."""
+    date = entry.get("checked")
+    return {"checked": str(date) if date else None, "verified": bool(date)}
+
+
+def verdict(r: dict, lang: str = "en") -> tuple[str, list[str]]:
     lic, reasons = r["license"], []
     if lic["id"] is None and r["family"] is None:
-        return "unknown", ["no licence found that this knowledge base knows, and the model family is unknown"]
+        return "unknown", [say("nothing known", lang)]
     if r["access"] == "request":
-        reasons.append("weights only on request")
+        reasons.append(say("weights only on request", lang))
     if r["commercial_use"] is False:
-        reasons.append("no commercial use")
+        reasons.append(say("no commercial use", lang))
     if reasons:
         return "not-open", reasons
     if r["osaid"]["meets"] == "meets":
-        return "open-source", [f"{lic['name']}, with weights, code and data information published"]
+        return "open-source", [say("all published", lang, licence=lic["name"])]
     # Weights in hand: the family publishes them, or this very file or directory holds them.
     has_weights = r["published"]["weights"] is True or r["format"] in ("gguf", "hf", "meta", "run", "adapter")
     if r["osaid"]["meets"] == "fails" and has_weights:
-        gated = ["weights gated behind accepting the licence"] if r["access"] == "gated" else []
+        gated = [say("gated", lang)] if r["access"] == "gated" else []
         return "open-weights-restricted", gated + r["osaid"]["reasons"]
     if r["osaid"]["meets"] == "fails":
         return "not-open", r["osaid"]["reasons"]
@@ -292,6 +301,8 @@ TEXT = {
            "licence": "licence", "found in": "found in", "restrictions": "restrictions", "published": "published",
            "mof": "Model Openness Framework", "osaid": "OSI Open Source AI Definition", "verdict": "verdict",
            "none found": "none found", "conflicts": "conflicts", "notes": "notes", "family": "family", "access": "access",
+           "OSI-approved": "OSI-approved", "checked": "checked {date}", "unverified": "unverified (to check against "
+           "its source)", "aup": "acceptable use policy", "derived from": "derived from",
            True: "yes", False: "no", "not known": "unknown"},
     "zh": {"open-source": "开源：{model} 可以出于任何目的使用、研究、修改和分享。",
            "open-weights-restricted": "开放权重但有限制：{model} 可以下载和运行，但{reasons}。",
@@ -300,11 +311,74 @@ TEXT = {
            "licence": "许可证", "found in": "出处", "restrictions": "限制条款", "published": "已公开的内容",
            "mof": "模型开放框架（MOF）", "osaid": "OSI 开源人工智能定义", "verdict": "结论",
            "none found": "未找到", "conflicts": "冲突", "notes": "说明", "family": "模型系列", "access": "获取方式",
+           "OSI-approved": "OSI 批准", "checked": "核对于 {date}", "unverified": "未核实（待与来源核对）",
+           "aup": "可接受使用政策", "derived from": "派生自",
            True: "是", False: "否", "not known": "未知"},
 }
-KIND_ZH = {"commercial_use": "商业使用", "user_cap": "用户数上限", "acceptable_use": "可接受使用政策",
-           "output_training": "禁止用输出训练其他模型", "naming_attribution": "命名与署名义务",
-           "field_of_use": "使用领域限制", "redistribution": "再分发条件"}
+# Words of the report that come from the knowledge base's vocabulary, by language.
+WORDS_ZH = {
+    # verdicts, OSAID results, access
+    "open-source": "开源", "open-weights-restricted": "开放权重（有限制）", "not-open": "不开放", "unknown": "未知",
+    "meets": "符合", "fails": "不符合", "open": "公开", "gated": "须接受条款", "request": "须申请",
+    "none": "无", "Class I": "I 类（开放科学）", "Class II": "II 类（开放工具）", "Class III": "III 类（开放模型）",
+    # components
+    "weights": "权重", "inference_code": "推理代码", "training_code": "训练代码", "training_data": "训练数据",
+    "data_recipe": "数据配方", "tokenizer": "分词器", "evaluation": "评测", "technical_report": "技术报告",
+    "intermediate_checkpoints": "中间检查点",
+    # restriction kinds
+    "commercial_use": "商业使用", "user_cap": "用户数上限", "acceptable_use": "可接受使用政策",
+    "output_training": "禁止用输出训练其他模型", "naming_attribution": "命名与署名义务",
+    "field_of_use": "使用领域限制", "redistribution": "再分发条件",
+}
+# The report's reasons, by message: English, Chinese.
+MESSAGES = {
+    "no licence identified": ("no licence identified", "未识别出许可证"),
+    "not OSI-approved": ("{licence} is not an OSI-approved (or open content) licence",
+                         "{licence} 不是 OSI 批准的（或开放内容）许可证"),
+    "use is restricted": ("use is restricted: {limits}", "使用受限：{limits}"),
+    "not published": ("{need} not published", "未公开{need}"),
+    "unknown whether published": ("{need}: unknown", "{need}：未知"),
+    "parameters": ("parameters", "参数（权重）"),
+    "complete training code": ("complete training code", "完整的训练代码"),
+    "inference code": ("inference code", "推理代码"),
+    "data information": ("data information", "数据信息"),
+    "nothing known": ("no licence found that this knowledge base knows, and the model family is unknown",
+                      "未找到知识库认识的许可证，模型系列也未知"),
+    "weights only on request": ("weights only on request", "权重仅应申请提供"),
+    "no commercial use": ("no commercial use", "不允许商业使用"),
+    "all published": ("{licence}, with weights, code and data information published",
+                      "{licence}，权重、代码和数据信息均已公开"),
+    "gated": ("weights gated behind accepting the licence", "须接受许可证方可获取权重"),
+}
+LIST_SEP = {"en": ", ", "zh": "、"}
+LANGS = ("en", "zh")
+
+
+def say(key: str, lang: str, **values) -> str:
+    return MESSAGES[key][LANGS.index(lang)].format(**values)
+
+
+def kind_name(kind: str, lang: str) -> str:
+    return WORDS_ZH.get(kind, kind) if lang == "zh" else kind.replace("_", " ")
+
+
+def word(value, lang: str) -> str:
+    """A value of the report (verdict, access, component state, MOF class) in `lang`."""
+    if value in (True, False):
+        return TEXT[lang][value]
+    if value is None or value == "unknown":
+        return TEXT[lang]["not known"]
+    return WORDS_ZH.get(value, str(value)) if lang == "zh" else str(value)
+
+
+def width(text: str) -> int:
+    """Columns a terminal gives `text`: CJK and other wide characters take two."""
+    import unicodedata
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(label: str, columns: int = 12) -> str:
+    return label + " " * max(1, columns - width(label))
 
 
 def sentence(r: dict, lang: str = "en") -> str:
@@ -315,30 +389,35 @@ def sentence(r: dict, lang: str = "en") -> str:
 
 
 def format_report(r: dict, lang: str = "en") -> str:
+    """The report as text: labels padded to one column (by display width, so Chinese aligns)."""
     t = TEXT[lang]
     lic = r["license"]
-    lines = [f"{t['verdict']:<12} {r['verdict']}: {sentence(r, lang)}"]
+
+    def when(entry):
+        return t["checked"].format(date=entry["checked"]) if entry.get("verified") else t["unverified"]
+
+    lines = [f"{pad(t['verdict'])}{word(r['verdict'], lang)}: {sentence(r, lang)}"]
     if r["family"]:
-        lines.append(f"{t['family']:<12} {r['family']['name']} ({'; '.join(r['family']['sources'])}; "
-                     f"checked {r['family']['checked']})")
-    lines.append(f"{t['licence']:<12} " + (f"{lic['name']} [{lic['id']}], OSI-approved: {t[bool(lic['osi_approved'])]}; "
-                                           f"{t['found in']}: {', '.join(lic['found_in'])}; {lic['url']}"
-                                           if lic["id"] else t["none found"]))
+        lines.append(f"{pad(t['family'])}{r['family']['name']} ({'; '.join(r['family']['sources'])}; "
+                     f"{when(r['family'])})")
+    lines.append(pad(t["licence"]) + (f"{lic['name']} [{lic['id']}], {t['OSI-approved']}: {t[bool(lic['osi_approved'])]}; "
+                                       f"{t['found in']}: {', '.join(lic['found_in'])}; {lic['url']}; {when(lic)}"
+                                       if lic["id"] else t["none found"]))
     if lic.get("acceptable_use_policy"):
-        lines.append(f"{'':<12} acceptable use policy: {lic['acceptable_use_policy']}")
+        lines.append(f"{pad('')}{t['aup']}: {lic['acceptable_use_policy']}")
     if r["derived_from"]:
-        lines.append(f"{'':<12} derived from {r['derived_from']}")
-    lines.append(f"{t['access']:<12} {r['access']}")
+        lines.append(f"{pad('')}{t['derived from']} {r['derived_from']}")
+    lines.append(f"{pad(t['access'])}{word(r['access'], lang)}")
     lines.append(f"{t['restrictions']}:")
     for x in r["restrictions"]:
-        kind = KIND_ZH.get(x["kind"], x["kind"]) if lang == "zh" else x["kind"].replace("_", " ")
-        lines.append(f"  - {kind} ({x['clause']}): {x['detail']}")
+        lines.append(f"  - {kind_name(x['kind'], lang)} ({x['clause']}): {x['detail']}")
     if not r["restrictions"]:
         lines.append(f"  - {t['none found']}")
-    lines.append(f"{t['published']}: " + ", ".join(f"{c.replace('_', ' ')} {t[v] if v in (True, False) else t['not known']}"
-                                                    for c, v in r["published"].items()))
-    lines.append(f"{t['mof']}: {r['mof_class']}")
-    lines.append(f"{t['osaid']}: {r['osaid']['meets']} ({'; '.join(r['osaid']['reasons']) or '-'})")
+    lines.append(f"{t['published']}: " + LIST_SEP[lang].join(
+        f"{word(c, lang) if lang == 'zh' else c.replace('_', ' ')} {word(v, lang)}" for c, v in r["published"].items()))
+    lines.append(f"{t['mof']}: {word(r['mof_class'], lang)}")
+    reasons = ("; " if lang == "en" else "；").join(r["osaid"]["reasons"])
+    lines.append(f"{t['osaid']}: {word(r['osaid']['meets'], lang)}" + (f" ({reasons})" if reasons else ""))
     for key in ("conflicts", "notes"):
         for x in r[key]:
             lines.append(f"{t[key]}: {x}")

@@ -173,13 +173,18 @@ def test_chinese_output_translates_terms_reasons_and_aligns(model, tmp_path):
 
 
 def test_every_fact_has_a_source_and_a_date():
+    """A licence names the text it was compared with and when; an entry not yet compared says so
+    (checked: null) rather than carrying a date."""
+    import datetime
     kb = knowledge()
+    for entry in [*kb["licences"].values(), *kb["families"].values()]:
+        assert entry["checked"] is None or isinstance(entry["checked"], datetime.date), entry["name"]
     for lid, lic in kb["licences"].items():
-        assert lic["url"].startswith("https://") and lic["checked"], lid
+        assert lic["url"].startswith("https://") and lic["source"] and "checked" in lic, lid
         assert all(r["kind"] in ("commercial_use", "user_cap", "acceptable_use", "output_training",
                                  "naming_attribution", "field_of_use", "redistribution") for r in lic["restrictions"])
     for fid, fam in kb["families"].items():
-        assert fam["licence"] in kb["licences"] and fam["sources"] and fam["checked"], fid
+        assert fam["licence"] in kb["licences"] and fam["sources"] and "checked" in fam, fid
         assert set(fam["published"]) == set(COMPONENTS), fid
 
 
@@ -214,3 +219,19 @@ def test_an_adapter_of_a_hub_model_is_judged_by_the_base_name(tmp_path):
     r = report(str(tmp_path))
     assert r["license"]["id"] == "llama-3.2" and r["verdict"] == "open-weights-restricted"
     assert "weights gated behind accepting the licence" in r["reasons"]
+
+
+def test_an_entry_not_compared_with_its_source_is_called_unverified(tmp_path, capsys):
+    from llamaforge.provenance.openness import format_report
+    r = report(str(hf_dir(tmp_path / "m", "huggyllama/llama-7b")))
+    assert r["family"]["id"] == "llama-1" and r["family"]["checked"] is None and r["family"]["verified"] is False
+    assert r["license"]["verified"] is True and r["license"]["checked"] == "2026-12-02"
+    assert "unverified" in format_report(r) and "未核实" in format_report(report(str(tmp_path / "m"), lang="zh"), "zh")
+
+
+def test_the_tongyi_qianwen_licences_are_told_apart():
+    from llamaforge.provenance.openness import identify_licence
+    assert identify_licence("Tongyi Qianwen RESEARCH LICENSE AGREEMENT ... FOR NON-COMMERCIAL PURPOSES ONLY") == "qwen-research"
+    assert identify_licence("Tongyi Qianwen LICENSE AGREEMENT") == "tongyi-qianwen"
+    kinds = {r["kind"] for r in knowledge()["licences"]["tongyi-qianwen"]["restrictions"]}
+    assert "output_training" in kinds and knowledge()["licences"]["qwen-research"]["commercial_use"] is False

@@ -57,6 +57,20 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--system", default=None, help="system message")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (and a playground page) for one or more models")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="default | FILE.gguf | HF dir | Meta dir | adapter | "
+                   "run dir (a classifier run answers /v1/classify); LoRA adapters of one base share its weights")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or $LLAMAFORGE_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (slots in the KV cache)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 429")
+    p.add_argument("--ctx", type=int, default=None, help="context length of each slot (default: the model's, at most 4096)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto")
+    p.add_argument("--compile", action="store_true", help="needs a C++ compiler; see README")
+    p.add_argument("--name", action="append", default=[], metavar="ALIAS=MODEL", help="serve MODEL as ALIAS (repeatable)")
+
     p = sub.add_parser("info", help="architecture, size, quantisation, tokenizer, licence")
     p.add_argument("model", nargs="?", default="default", metavar="MODEL")
     p.add_argument("--format", choices=["text", "json"], default="text")
@@ -290,7 +304,14 @@ def cmd_predict(args):
             print(json.dumps(r, ensure_ascii=False))
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,
+def cmd_serve(args):
+    from ..serve.server import serve
+    serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue, ctx=args.ctx, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
+          names=args.name)
+
+
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,
             "reproduce": cmd_reproduce,
             "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "pretrain": cmd_pretrain,
             "tokenizer": cmd_tokenizer}

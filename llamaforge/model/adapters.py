@@ -87,6 +87,78 @@ def merge_lora(llama: nn.Module) -> nn.Module:
     return llama.replace_linears(LoRALinear.merged, kind=LoRALinear)
 
 
+# --- several adapters on one model, for serving ----------------------------------------------------
+
+class AdapterRows:
+    """Which adapter each row of the next batch uses (0: none), shared by every MultiLoRALinear of
+    a model: a server sets it once per forward."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen inference layer (dense, int4, int8 or kernel-backed) with any number of LoRA
+    adapters beside it: the base runs once for the whole batch, then each adapter adds its update
+    to the rows that use it (vLLM's and LoRAX's multi-LoRA serving). Ten adapters of one base cost
+    ten adapters of memory, not ten models. A stacked q/k/v or gate/up layer holds each target's
+    update as a slice of its output: `deltas[adapter] = [(A, B, scaling, start, end), ...]`."""
+
+    def __init__(self, base: nn.Module, rows: AdapterRows):
+        super().__init__()
+        self.base, self.rows_of = base, rows
+        self.deltas: dict[int, list[tuple[torch.Tensor, torch.Tensor, float, int, int]]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.rows_of.rows
+        if rows is None or not self.deltas:
+            return y
+        for adapter, parts in self.deltas.items():
+            idx = (rows == adapter).nonzero().flatten()
+            if idx.numel() == 0:
+                continue
+            xs = x[idx].to(parts[0][0].dtype)
+            for a, b, scaling, start, end in parts:
+                y[idx, ..., start:end] += ((xs @ a.t()) @ b.t() * scaling).to(y.dtype)
+        return y
+
+
+def add_served_adapter(llama: nn.Module, adapter_dir: str | Path, index: int, rows: AdapterRows):
+    """Attach the PEFT LoRA adapter in `adapter_dir` to an inference model (stacked projections
+    and quantised or kernel-backed layers welcome) as adapter number `index` (>= 1)."""
+    cfg = read_peft_config(adapter_dir)
+    path, tensors = _read_adapter_tensors(adapter_dir)
+    dtype, c = llama.embed_tokens.weight.dtype, llama.config
+    q, kv, ff = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size
+    width = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": c.dim, "gate_proj": ff, "up_proj": ff, "down_proj": c.dim}
+    for i, block in enumerate(llama.layers):
+        attn, mlp = block.self_attn, block.mlp
+        # Where each target's output lies: (module, its attribute, first output column).
+        places = {"o_proj": (attn, "o_proj", 0), "down_proj": (mlp, "down_proj", 0)}
+        if attn.qkv_proj is not None:
+            places.update(q_proj=(attn, "qkv_proj", 0), k_proj=(attn, "qkv_proj", q), v_proj=(attn, "qkv_proj", q + kv))
+        else:
+            places.update({n: (attn, n, 0) for n in ("q_proj", "k_proj", "v_proj")})
+        if mlp.gate_up_proj is not None:
+            places.update(gate_proj=(mlp, "gate_up_proj", 0), up_proj=(mlp, "gate_up_proj", ff))
+        else:
+            places.update({n: (mlp, n, 0) for n in ("gate_proj", "up_proj")})
+        for name, (parent, attr, start) in places.items():
+            key = f"{PEFT_PREFIX}model.layers.{i}.{'self_attn' if parent is attn else 'mlp'}.{name}"
+            if f"{key}.lora_A.weight" not in tensors:
+                continue
+            a, b = tensors[f"{key}.lora_A.weight"].to(dtype), tensors.get(f"{key}.lora_B.weight")
+            if b is None or b.shape != (width[name], a.shape[0]):
+                raise LlamaforgeError(f"{path}: {key} does not fit the base model")
+            holder = getattr(parent, attr)
+            if not isinstance(holder, MultiLoRALinear):
+                holder = MultiLoRALinear(holder, rows)
+                setattr(parent, attr, holder)
+            holder.deltas.setdefault(index, []).append((a, b.to(dtype), cfg.alpha / cfg.rank, start, start + width[name]))
+    return llama
+
+
 # --- PEFT layout ---------------------------------------------------------------------------------
 # PEFT wraps the HF model as `base_model.model.<HF name>`; LoRA tensors are `<module>.lora_A.weight`,
 # and a fully trained module (`modules_to_save`, e.g. a classification head) is saved whole.

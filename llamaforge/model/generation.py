@@ -26,6 +26,8 @@ class SamplingConfig:
     top_p: float | None = 0.9
     min_p: float | None = None
     repetition_penalty: float = 1.0   # > 1 discourages tokens already in prompt or output
+    presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of a token already generated,
+    frequency_penalty: float = 0.0    # and this times the number of times it was
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
@@ -36,23 +38,35 @@ class SamplingConfig:
                   (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
                   (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (self.min_p is None or 0 <= self.min_p < 1, "min_p must be in [0, 1)"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]")]
         for ok, message in checks:
             if not ok:
                 raise LlamaforgeError(message)
 
 
 def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (B,) from last-position logits (B, V). Same order of operations as HF's
-    processors: repetition penalty, temperature, top-k, top-p, min-p."""
+    processors: repetition penalty, temperature, top-k, top-p, min-p; OpenAI's presence and
+    frequency penalties first, from `counts` (B, V), how often each token was generated."""
+    return sample_from(process_logits(logits, cfg, seen, counts), cfg, generator)
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None,
+                   counts: torch.Tensor | None = None) -> torch.Tensor:
+    """The penalised, tempered and truncated fp32 logits (B, V) that tokens are drawn from; -inf
+    marks what top-k, top-p and min-p left out. Greedy (temperature 0) skips the truncation."""
     logits = logits.float()
+    if counts is not None and (cfg.presence_penalty or cfg.frequency_penalty):
+        logits = logits - cfg.presence_penalty * (counts > 0) - cfg.frequency_penalty * counts
     if cfg.repetition_penalty != 1.0 and seen is not None:
         picked = logits.gather(1, seen)
         picked = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
         logits = logits.scatter(1, seen, picked)
     if not cfg.temperature or cfg.temperature <= 0:
-        return logits.argmax(dim=-1)
+        return logits
     logits = logits / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[:, -1:]
@@ -66,6 +80,13 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None 
     if cfg.min_p:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < cfg.min_p * probs.max(-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample_from(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tokens (B,) from `process_logits`' output: the best, or a draw at the temperature."""
+    if not cfg.temperature or cfg.temperature <= 0:
+        return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
@@ -207,29 +228,58 @@ def generate_from_ids(model: Llama, tokenizer: Tokenizer, ids: list[list[int]], 
     return [_cut_at_stop(tokenizer.decode(o, skip_special_tokens=True), cfg.stop)[0] for o in outputs]
 
 
+class TextStream:
+    """The text of one generation as tokens arrive: printable pieces, with stop strings honoured
+    (text that might begin a stop string is held back until it is clear that it does not).
+
+    push(token) -> the text it releases; `stopped` once a stop string appeared (the text before it
+    is released, the rest never is); finish() -> what was held back, at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]):
+        self.decoder, self.stop = StreamDecoder(tokenizer), [s for s in stop if s]
+        self.pending, self.stopped = "", False
+
+    def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.push(token)
+        return self._release()
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.pending += self.decoder.flush()
+        text, self.pending = _cut_at_stop(self.pending, self.stop)[0], ""
+        return text
+
+    def _release(self) -> str:
+        self.pending, hit = _cut_at_stop(self.pending, self.stop)
+        if hit:
+            self.stopped = True
+            text, self.pending = self.pending, ""
+            return text
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        text = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(text):]
+        return text
+
+
 def stream(model: Llama, tokenizer: Tokenizer, prompt_ids: list[int], cfg: SamplingConfig,
            compile: bool = False, reuse_cache: bool = False) -> Iterator[str]:
-    """Text pieces of one generation as they become printable, honouring stop strings (text that
-    might begin a stop string is held back until it is clear that it does not)."""
-    decoder = StreamDecoder(tokenizer)
-    pending = ""
+    """Text pieces of one generation as they become printable, honouring stop strings."""
+    text = TextStream(tokenizer, cfg.stop)
     stop_ids = tokenizer.stop_ids
     for token in generate_tokens(model, [prompt_ids], cfg, stop_ids, compile=compile, reuse_cache=reuse_cache):
         t = int(token[0])
         if t in stop_ids and not cfg.ignore_eos:
             break
-        pending += decoder.push(t)
-        pending, hit = _cut_at_stop(pending, cfg.stop)
-        if hit:
-            break
-        keep = max((k for s in cfg.stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-        if len(pending) > keep:
-            yield pending[:len(pending) - keep]
-            pending = pending[len(pending) - keep:]
-    pending += decoder.flush()
-    pending, _ = _cut_at_stop(pending, cfg.stop)
-    if pending:
-        yield pending
+        piece = text.push(t)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    rest = text.finish()
+    if rest:
+        yield rest
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: bool = False) -> list[int]:

@@ -307,11 +307,13 @@ class Llama(nn.Module):
         """Final normalised hidden states (B, T, dim).
 
         position_ids: (B, T), default cache_pos + arange(T). mask: boolean (B|1, 1, T, S), default
-        causal. cache_pos: write keys/values to the KV cache from this slot (needs `setup_cache`).
+        causal. cache_pos: write keys/values to the KV cache from this slot (needs `setup_cache`),
+        or, for one token per row, a (B,) tensor of each row's own slot (a server's cache, whose
+        `update` takes it: the model hands cache_pos to the cache as it is).
         """
         B, T = input_ids.shape
-        start = cache_pos or 0
         if position_ids is None:
+            start = cache_pos or 0
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed_tokens(input_ids)                                    # (B, T, dim)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as Backend
 from ..errors import LlamaforgeError
 from ..files import read_json, read_lines, read_text
 from .pretokenizers import pre_tokenizer_for
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, byte_alphabet
 
 # GGUF token types (llama.cpp's llama_token_type).
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -170,14 +170,6 @@ def is_tiktoken_file(path: Path) -> bool:
     with open(path, "rb") as f:
         first = f.readline(400).split()
     return len(first) == 2 and first[1].isdigit()
-
-
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> character map, in which byte-level BPE vocabularies spell their tokens:
-    printable bytes stand for themselves, the other 68 for the characters from U+0100 up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
 def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

@@ -60,6 +60,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each token id stands for in the output (None: a special token, which is
+        text of no output), for constrained decoding. Computed once."""
+        if getattr(self, "_token_bytes", None) is None:
+            special = {a.content for a in self.backend.get_added_tokens_decoder().values() if a.special}
+            to_byte = {c: b for b, c in byte_alphabet().items()}
+            table = []
+            for i in range(self.vocab_size):
+                piece = self.backend.id_to_token(i)
+                if piece is None or piece in special:
+                    table.append(None)
+                elif self.kind == "bpe":
+                    table.append(bytes(to_byte[c] for c in piece) if all(c in to_byte for c in piece)
+                                 else piece.encode())   # an added token spelt as text
+                elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+                    table.append(bytes([int(piece[3:5], 16)]))
+                else:
+                    table.append(piece.replace("\u2581", " ").encode())
+            self._token_bytes = table
+        return self._token_bytes
+
     # --- text <-> ids ----------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -139,3 +160,11 @@ class StreamDecoder:
         new = self._new_text()
         self.prefix = self.read = len(self.ids)
         return new
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character map, in which byte-level BPE vocabularies spell their tokens:
+    printable bytes stand for themselves, the other 68 for the characters from U+0100 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}

@@ -1,0 +1,351 @@
+"""The serving engine: one scheduler thread owns a model and runs every request on it.
+
+Continuous batching: requests join and leave the running batch at every step. A step is a chunk
+of one waiting prompt's prefill (at most `chunk` tokens, so a long prompt never freezes the
+streams of the others) followed by one decode step of every running sequence, each at its own
+position. Keys and values live in `SlotCache`: a row (slot) per sequence; a slot keeps its tokens
+when its request ends, and a new prompt that shares a prefix with them (the same system prompt,
+a chat's next turn) starts after it.
+
+Requests talk to the world through a callback, called from this thread with events: a text piece
+(with its token and log-probabilities), then the end (finish reason, or an error).
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..model.adapters import AdapterRows
+from ..model.constrained import JSONConstraint
+from ..model.generation import SamplingConfig, TextStream, process_logits, sample_from
+
+
+class QueueFull(Exception):
+    """More requests wait than --max-queue allows."""
+
+
+@dataclass
+class Event:
+    text: str = ""
+    token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    finish: str | None = None          # "stop" | "length" | "error"
+    error: str | None = None
+    status: int = 500                  # of an error: 503 when the server is shutting down
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    sampling: SamplingConfig
+    emit: Callable[[Event], None]
+    min_tokens: int = 0
+    logprobs: int | None = None        # None: none; 0: the chosen token's; k: and the k best
+    constraint: JSONConstraint | None = None
+    adapter: int = 0                   # 0: the base model; i: its i-th LoRA adapter
+    # The engine's bookkeeping.
+    id: int = field(default_factory=itertools.count().__next__)
+    slot: int = -1
+    cached: int = 0                    # tokens whose keys and values are in the slot
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    text: TextStream | None = None             # its detokenizer, stop strings included
+    generator: torch.Generator | None = None   # seeded draws
+
+
+class SlotCache:
+    """Keys and values of up to `slots` sequences, one tensor per layer and kind,
+    (slots, n_kv_heads, max_len, head_dim). A forward sees some rows of it (`attach`)."""
+
+    def __init__(self, model, slots: int, max_len: int):
+        c, p = model.config, model.embed_tokens.weight
+        shape = (slots, c.n_kv_heads, max_len, c.head_dim)
+        self.k = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
+        self.v = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
+        self.max_len = max_len
+
+    def attach(self, model, rows: slice, active: torch.Tensor | None = None, length: int | None = None):
+        """Give every attention layer a view of `rows` for the next forward. For a decode step,
+        `active` (rows,) says which rows write their new key (the others are idle or mid-prefill)
+        and `length` how many positions attention reads."""
+        for layer, k, v in zip(model.layers, self.k, self.v, strict=True):
+            layer.self_attn.kv_cache = _Rows(k[rows], v[rows], active, length)
+
+    @staticmethod
+    def detach(model):
+        for layer in model.layers:
+            layer.self_attn.kv_cache = None
+
+
+def _lazy_zeros(shape, dtype, device) -> torch.Tensor:
+    """Zeros whose memory is taken from the OS page by page as it is first written, so a cache of
+    16 slots of 4096 positions (1.5 GB for SmolLM2) costs what its sequences use. On a CPU, an
+    anonymous mmap: its untouched pages are the kernel's zero page (torch.zeros writes every byte,
+    and numpy's calloc asks for 2 MB huge pages, which a slot's first write fills whole)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import mmap
+    size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8).view(dtype).view(shape)
+
+
+class _Rows:
+    """What `Attention` calls `kv_cache.update(cache_pos, k, v)` on: rows of a SlotCache. An int
+    cache_pos writes a chunk at that position of every row (a prefill); a tensor writes each
+    active row's one new key at its own position (a decode step)."""
+
+    def __init__(self, k, v, active, length):
+        self.k, self.v, self.active, self.length = k, v, active, length
+
+    def update(self, start, k, v):
+        if isinstance(start, int):
+            end = start + k.shape[2]
+            self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+            return self.k[:, :, :end], self.v[:, :, :end]
+        rows = self.active.nonzero().flatten()
+        self.k[rows, :, start[rows]] = k[rows, :, 0]
+        self.v[rows, :, start[rows]] = v[rows, :, 0]
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+@dataclass
+class Slot:
+    tokens: list[int] = field(default_factory=list)   # what its keys and values hold
+    adapter: int = 0                                  # which adapter computed them
+    request: Request | None = None
+
+
+class Engine:
+    """The scheduler of one model (with its LoRA adapters): submit() from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None,
+                 chunk: int = 256, adapter_rows: AdapterRows | None = None, on_step: Callable | None = None):
+        self.model, self.tok = model, tokenizer
+        # Every slot holds a whole context: 4096 by default, not SmolLM2's 8192 or Llama 3.1's 128k.
+        self.ctx = min(ctx or 4096, model.config.max_seq_len)
+        self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
+        self.cache = SlotCache(model, max_batch, self.ctx)
+        self.slots = [Slot() for _ in range(max_batch)]
+        self.waiting: list[Request] = []
+        self.adapter_rows = adapter_rows or AdapterRows()
+        self.on_step = on_step               # metrics: called with (batch size, queue depth)
+        self.stop_ids = tokenizer.stop_ids
+        self.vocab = model.config.vocab_size
+        self.jobs: list[tuple[Callable, Callable]] = []   # (work, done) run between steps
+        self._wake = threading.Condition()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="llamaforge-engine", daemon=True)
+        self._thread.start()
+
+    # --- from other threads ---------------------------------------------------------------------
+    def submit(self, request: Request):
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def run_job(self, work: Callable, done: Callable):
+        """Run work() on the engine's thread between two steps (the model is never shared between
+        threads), then done(result, error)."""
+        with self._wake:
+            self.jobs.append((work, done))
+            self._wake.notify()
+
+    def shutdown(self, reason: str = "the server is shutting down"):
+        with self._wake:
+            self._running = False
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        for r in [s.request for s in self.slots if s.request] + self.waiting:
+            r.emit(Event(finish="error", error=reason, status=503))
+
+    @property
+    def running(self) -> int:
+        return sum(s.request is not None for s in self.slots)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def _loop(self):
+        while True:
+            with self._wake:
+                while self._running and not self.waiting and not self.jobs and not self.running:
+                    self._wake.wait()
+                if not self._running:
+                    return
+                jobs, self.jobs = self.jobs, []
+                self._admit()
+            for work, done in jobs:
+                try:
+                    result, error = work(), None
+                except Exception as e:   # reported to the caller; the engine goes on
+                    result, error = None, e
+                done(result, error)
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:   # a failed step fails its requests, not the server
+                for slot in self.slots:
+                    if slot.request:
+                        self._finish(slot, "error", f"{type(e).__name__}: {e}")
+            finally:
+                SlotCache.detach(self.model)
+            if self.on_step:
+                self.on_step(self.running, len(self.waiting))
+
+    def _admit(self):
+        """Waiting requests into free slots; each takes the free slot whose tokens share the
+        longest prefix with its prompt, and starts after that prefix."""
+        self.waiting = [r for r in self.waiting if not r.cancelled]
+        while self.waiting:
+            free = [i for i, s in enumerate(self.slots) if s.request is None]
+            if not free:
+                return
+            r = self.waiting.pop(0)
+            best, neg = max((_shared(self.slots[i], r), -i) for i in free)
+            r.slot, r.cached = -neg, min(best, len(r.prompt) - 1)   # the last prompt token makes the logits
+            r.text = TextStream(self.tok, r.sampling.stop)
+            if r.sampling.seed is not None:
+                r.generator = torch.Generator().manual_seed(r.sampling.seed)
+            slot = self.slots[r.slot]
+            slot.request, slot.tokens, slot.adapter = r, r.prompt[:r.cached], r.adapter
+
+    def _step(self):
+        for slot in self.slots:   # a client that went away frees its slot now
+            if slot.request and slot.request.cancelled:
+                self._finish(slot, None)
+        prefilling = [s for s in self.slots if s.request and s.request.cached < len(s.request.prompt)]
+        if prefilling:
+            self._prefill(min(prefilling, key=lambda s: s.request.arrived))
+        decoding = [i for i, s in enumerate(self.slots) if s.request and s.request.cached >= len(s.request.prompt)
+                    and s.request.generated]
+        if decoding:
+            self._decode(decoding)
+
+    def _prefill(self, slot: Slot):
+        """The next chunk of one prompt; at its end, the first token."""
+        r = slot.request
+        piece = r.prompt[r.cached:r.cached + self.chunk]
+        self.adapter_rows.rows = torch.tensor([r.adapter])
+        self.cache.attach(self.model, slice(r.slot, r.slot + 1))
+        ids = torch.tensor([piece], device=self.model.embed_tokens.weight.device)
+        logits = self.model(ids, cache_pos=r.cached, last_only=True, fp32_logits=True)[:, -1]
+        r.cached += len(piece)
+        slot.tokens = r.prompt[:r.cached]
+        if r.cached == len(r.prompt):
+            self._accept(slot, logits)
+
+    def _decode(self, rows: list[int]):
+        """One token for every decoding sequence, each at its own position."""
+        width = max(rows) + 1
+        device = self.model.embed_tokens.weight.device
+        tokens = torch.zeros(width, 1, dtype=torch.long, device=device)
+        pos = torch.zeros(width, dtype=torch.long, device=device)
+        active = torch.zeros(width, dtype=torch.bool, device=device)
+        adapters = torch.zeros(width, dtype=torch.long)
+        for i in rows:
+            r = self.slots[i].request
+            tokens[i, 0], pos[i], active[i], adapters[i] = r.generated[-1], r.cached, True, r.adapter
+        length = int(pos.max()) + 1
+        keys = torch.arange(length, device=device)
+        mask = torch.where(active[:, None], keys[None] <= pos[:, None], keys[None] == 0)[:, None, None]
+        self.adapter_rows.rows = adapters
+        self.cache.attach(self.model, slice(0, width), active, length)
+        logits = self.model(tokens, pos[:, None], mask, cache_pos=pos, fp32_logits=True)[:, -1]
+        for i in rows:
+            slot = self.slots[i]
+            slot.request.cached += 1
+            slot.tokens.append(slot.request.generated[-1])
+            self._accept(slot, logits[i:i + 1])
+
+    # --- one token of one request ---------------------------------------------------------------
+    def _accept(self, slot: Slot, logits: torch.Tensor):
+        r = slot.request
+        token = self._choose(r, logits)
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        logprob, top = None, []
+        if r.logprobs is not None:
+            logp = torch.log_softmax(logits[0].float(), -1)
+            logprob = float(logp[token])
+            if r.logprobs:
+                values, ids = logp.topk(r.logprobs)
+                top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        stream = r.text
+        if token in self.stop_ids and not r.sampling.ignore_eos and len(r.generated) >= r.min_tokens:
+            return self._finish(slot, "stop", tail=stream.finish())
+        r.generated.append(token)
+        if r.constraint is not None:
+            r.constraint.advance(self.tok.token_bytes()[token] or b"")
+        text = stream.push(token)
+        r.emit(Event(text=text, token=token, logprob=logprob, top_logprobs=top))
+        if stream.stopped or r.constraint is not None and r.constraint.complete:
+            return self._finish(slot, "stop", tail=stream.finish() if not stream.stopped else "")
+        if len(r.generated) >= r.sampling.max_new_tokens or r.cached >= self.ctx:
+            return self._finish(slot, "length", tail=stream.finish())
+
+    def _choose(self, r: Request, logits: torch.Tensor) -> int:
+        cfg = r.sampling
+        if len(r.generated) < r.min_tokens and not cfg.ignore_eos:   # no end before min_tokens
+            logits = logits.clone()
+            logits[0, list(self.stop_ids)] = float("-inf")
+        counts = None
+        if cfg.presence_penalty or cfg.frequency_penalty:
+            counts = torch.bincount(torch.tensor(r.generated, dtype=torch.long), minlength=self.vocab)[None].float() \
+                if r.generated else torch.zeros(1, self.vocab)
+        seen = torch.tensor([r.prompt + r.generated]) if cfg.repetition_penalty != 1.0 else None
+        processed = process_logits(logits, cfg, seen, counts)
+        if r.constraint is None:
+            return int(sample_from(processed, cfg, r.generator)[0])
+        return self._choose_constrained(r, processed)
+
+    def _choose_constrained(self, r: Request, processed: torch.Tensor) -> int:
+        """A token the constraint accepts: drawn as usual, a rejected one masked and the draw
+        repeated (the same as drawing from the accepted tokens alone); greedy takes the best
+                accepted; the value ends the generation as soon as it is complete. A generation about to
+        run out of tokens writes the shortest ending instead (one token per byte at worst), so that
+        what it returns always parses."""
+        table = self.tok.token_bytes()
+        left = min(r.sampling.max_new_tokens - len(r.generated), self.ctx - r.cached)
+        tail = r.constraint.completion()
+        if len(tail) >= left:   # out of room: write the shortest ending, a value that parses
+            return max((t for t, b in enumerate(table) if b and tail.startswith(b)), key=lambda t: len(table[t]))
+        logits = processed[0].clone()
+        greedy = not r.sampling.temperature or r.sampling.temperature <= 0
+        for _ in range(64 if not greedy else 0):
+            t = int(sample_from(logits[None], r.sampling, r.generator)[0])
+            if table[t] and r.constraint.accepts(table[t]):
+                return t
+            logits[t] = float("-inf")
+            if torch.isinf(logits).all():
+                break
+        for t in torch.argsort(processed[0], descending=True).tolist():   # best first
+            if table[t] and r.constraint.accepts(table[t]):
+                return t
+        return max((t for t, b in enumerate(table) if b and tail.startswith(b)), key=lambda t: len(table[t]))
+
+    def _finish(self, slot: Slot, reason: str | None, error: str | None = None, tail: str = ""):
+        r = slot.request
+        slot.request = None
+        if r and reason:
+            r.emit(Event(text=tail, finish=reason, error=error))
+
+
+def _shared(slot: Slot, r: Request) -> int:
+    """How many leading tokens a free slot's keys and values share with a request's prompt (only
+    those the same adapter computed)."""
+    if slot.adapter != r.adapter:
+        return 0
+    n = 0
+    for a, b in zip(slot.tokens, r.prompt, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n

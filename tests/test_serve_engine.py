@@ -1,0 +1,245 @@
+"""The serving engine on a tiny random model, in-process: continuous batching gives each request
+the tokens it gets alone, long prompts are prefilled in chunks between decode steps, a shared
+prefix is not computed twice, a batch may mix LoRA adapters, the queue is bounded, a cancelled
+request frees its slot, and constrained output always parses and matches its schema."""
+import json
+import threading
+import time
+
+import jsonschema
+import pytest
+import torch
+
+from llamaforge.formats.load import build_model
+from llamaforge.model.adapters import (
+    AdapterRows,
+    LoRAConfig,
+    add_lora,
+    add_served_adapter,
+    merge_lora,
+    save_peft_adapter,
+)
+from llamaforge.model.constrained import JSONConstraint
+from llamaforge.model.generation import SamplingConfig, generate_tokens
+from llamaforge.serve.engine import Engine, QueueFull, Request
+
+from conftest import random_model, randomize_parameters
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bpe):
+    ckpt, _ = random_model("tiny-llama3", tiny_bpe, seed=3)
+    return ckpt, tiny_bpe
+
+
+def inference_model(ckpt):
+    model = build_model(ckpt, "fp32").eval()
+    model.fuse_projections()
+    return model
+
+
+class Outputs:
+    """What a request receives, event by event."""
+
+    def __init__(self):
+        self.tokens, self.text, self.finish, self.error = [], "", None, None
+        self.done = threading.Event()
+        self.at: list[float] = []
+
+    def __call__(self, event):
+        if event.token is not None:
+            self.tokens.append(event.token)
+            self.at.append(time.perf_counter())
+        self.text += event.text
+        if event.finish:
+            self.finish, self.error = event.finish, event.error
+            self.done.set()
+
+
+def submit(engine, prompt, n, **kw) -> Outputs:
+    out = Outputs()
+    sampling = SamplingConfig(max_new_tokens=n, temperature=kw.pop("temperature", 0), ignore_eos=kw.pop("ignore_eos", True),
+                              seed=kw.pop("seed", None))
+    engine.submit(Request(list(prompt), sampling, out, **kw))
+    return out
+
+
+def wait(outputs, timeout=60):
+    for o in outputs:
+        assert o.done.wait(timeout), "a request did not finish"
+
+
+def alone(model, prompt, n):
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
+    with torch.inference_mode():
+        return [int(t[0]) for t in generate_tokens(model, [prompt], cfg)]
+
+
+PROMPTS = [[5, 17, 300, 42, 9], [7, 8], list(range(100, 150)), [11] * 3, list(range(200, 237)), [400, 401]]
+
+
+def test_continuous_batching_gives_each_request_its_tokens_alone(tiny):
+    ckpt, tok = tiny
+    model = inference_model(ckpt)
+    engine = Engine(model, tok, max_batch=4, chunk=16)
+    try:
+        first = [submit(engine, p, 12) for p in PROMPTS[:3]]
+        time.sleep(0.05)   # the rest join a running batch, and wait for slots
+        rest = [submit(engine, p, 9 + i) for i, p in enumerate(PROMPTS[3:])]
+        wait(first + rest)
+    finally:
+        engine.shutdown()
+    for p, o, n in zip(PROMPTS, first + rest, [12, 12, 12, 9, 10, 11], strict=True):
+        assert o.finish == "length" and o.tokens == alone(model, p, n)
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(tiny):
+    ckpt, tok = tiny
+    model = inference_model(ckpt)
+    engine = Engine(model, tok, max_batch=2, chunk=8)
+    try:
+        short = submit(engine, [5, 6, 7], 40)
+        while len(short.tokens) < 2:
+            time.sleep(0.001)
+        long = submit(engine, list(range(10, 130)), 4)   # 15 chunks of 8
+        wait([short, long])
+    finally:
+        engine.shutdown()
+    during = [t for t in short.at if t < long.at[0]]
+    assert len(during) >= 2 + 14, "the short stream stalled while the long prompt was prefilled"
+    assert long.tokens == alone(model, list(range(10, 130)), 4)
+
+
+def test_a_shared_prefix_is_not_computed_again(tiny, monkeypatch):
+    ckpt, tok = tiny
+    model = inference_model(ckpt)
+    fed = []
+    forward = type(model).forward
+
+    def counting(self, tokens, *args, **kw):
+        fed.append(tokens.shape[1] if tokens.shape[0] == 1 else 0)
+        return forward(self, tokens, *args, **kw)
+    monkeypatch.setattr(type(model), "forward", counting)
+    engine = Engine(model, tok, max_batch=2, chunk=64)
+    system = list(range(100, 140))
+    try:
+        wait([submit(engine, system + [7, 8], 3)])
+        fed.clear()
+        second = submit(engine, system + [9, 10, 11], 5)
+        wait([second])
+    finally:
+        engine.shutdown()
+    assert fed[0] == 3, f"the second prompt's prefill fed {fed[0]} tokens, not only the 3 after the shared 40"
+    assert second.tokens == alone(model, system + [9, 10, 11], 5)
+
+
+def test_one_batch_mixes_lora_adapters(tiny, tmp_path):
+    ckpt, tok = tiny
+    merged = []
+    for seed in (1, 2):   # two adapters, saved as PEFT writes them, and each merged into a model
+        model = build_model(ckpt, "fp32")
+        cfg = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "gate_proj", "down_proj"])
+        add_lora(model, cfg)
+        randomize_parameters(model, 0.3, ("lora_B",), seed)
+        (tmp_path / f"a{seed}").mkdir()
+        save_peft_adapter(model, tmp_path / f"a{seed}", cfg, "CAUSAL_LM", hf_prefix="model.")
+        merged.append(merge_lora(model).eval())
+    base = inference_model(ckpt)
+    rows = AdapterRows()
+    for i in (1, 2):
+        add_served_adapter(base, tmp_path / f"a{i}", i, rows)
+    engine = Engine(base, tok, max_batch=4, adapter_rows=rows)
+    try:
+        outs = [submit(engine, PROMPTS[0], 10, adapter=a) for a in (0, 1, 2, 1)]
+        wait(outs)
+    finally:
+        engine.shutdown()
+    expected = [alone(inference_model(ckpt), PROMPTS[0], 10)] + [alone(m, PROMPTS[0], 10) for m in merged]
+    assert expected[1] != expected[0] != expected[2], "the adapters should change the output"
+    assert [o.tokens for o in outs] == [expected[0], expected[1], expected[2], expected[1]]
+
+
+def hold(engine) -> threading.Event:
+    """Stop the engine's loop between two steps until the returned event is set."""
+    held, release = threading.Event(), threading.Event()
+    engine.run_job(lambda: (held.set(), release.wait(30)), lambda result, error: None)
+    assert held.wait(30)
+    return release
+
+
+def test_the_queue_is_bounded_and_a_cancelled_request_frees_its_slot(tiny):
+    ckpt, tok = tiny
+    engine = Engine(inference_model(ckpt), tok, max_batch=1, max_queue=1)
+    try:
+        running = submit(engine, [5, 6], 250)
+        while not running.tokens:
+            time.sleep(0.001)
+        release = hold(engine)
+        queued = submit(engine, [7, 8], 3)
+        with pytest.raises(QueueFull):
+            submit(engine, [9], 3)
+        running_slot = engine.slots[0].request
+        running_slot.cancelled = True   # what the server does when a client goes away
+        release.set()
+        wait([queued])
+    finally:
+        engine.shutdown()
+    assert queued.finish == "length" and len(running.tokens) < 250 and not running.done.is_set()
+
+
+def test_shutdown_ends_every_request_with_an_error(tiny):
+    ckpt, tok = tiny
+    engine = Engine(inference_model(ckpt), tok, max_batch=1, max_queue=4)
+    outs = [submit(engine, [5, 6], 10_000) for _ in range(3)]
+    while not outs[0].tokens:
+        time.sleep(0.001)
+    engine.shutdown("bye")
+    assert all(o.finish == "error" and o.error == "bye" for o in outs)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "mood": {"enum": ["happy", "sad", None, 3]},
+        "tags": {"type": "array", "items": {"$ref": "#/$defs/tag"}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+        "extra": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 4}]},
+    },
+    "required": ["name", "mood", "ok"],
+    "$defs": {"tag": {"type": "string", "maxLength": 5}},
+}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_constrained_output_from_a_random_model_parses_and_matches(tiny, seed):
+    """A random model left to itself writes noise; constrained, every sample is a valid object."""
+    ckpt, tok = tiny
+    engine = Engine(inference_model(ckpt), tok, max_batch=2)
+    try:
+        out = submit(engine, [5, 17, 300], 400, temperature=1.0, seed=seed, ignore_eos=False,
+                     constraint=JSONConstraint(SCHEMA))
+        wait([out])
+    finally:
+        engine.shutdown()
+    assert out.finish == "stop"
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+@pytest.mark.parametrize("budget", [14, 30])
+def test_constrained_output_short_of_tokens_still_parses(tiny, budget):
+    """Near its max_tokens a generation writes the shortest ending: a random model sampling
+    freely inside open strings still returns a whole object."""
+    ckpt, tok = tiny
+    schema = {"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "array", "items": {"type": "string"}}},
+              "required": ["a", "b"]}
+    engine = Engine(inference_model(ckpt), tok, max_batch=1)
+    try:
+        outs = [submit(engine, [5, 17, 300], budget, temperature=1.0, seed=seed, ignore_eos=False,
+                       constraint=JSONConstraint(schema)) for seed in range(3)]
+        wait(outs)
+    finally:
+        engine.shutdown()
+    for out in outs:
+        assert len(out.tokens) <= budget and out.finish == "stop"
+        jsonschema.validate(json.loads(out.text), schema)

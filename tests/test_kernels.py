@@ -51,3 +51,20 @@ def test_the_kernels_are_built_once_and_reused(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "loading the CPU decode kernels" in r.stderr and "building" not in r.stderr
     assert built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 32])
+def test_the_kernels_take_several_rows_and_read_each_weight_once(rows):
+    """A batch's decode step: (M, K) activations, each weight row applied to all of them, in fp32.
+    Odd sizes and a K that is not a multiple of 16 take the blocks' and the tail's paths."""
+    from llamaforge.model.kernels import gemv_bf16, gemv_int8
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses PyTorch's kernels")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 200, generator=g).bfloat16()
+    x = torch.randn(rows, 200, generator=g)
+    torch.testing.assert_close(gemv_bf16(w, x), x @ w.float().t(), atol=1e-4, rtol=1e-4)
+    q = torch.randint(-128, 128, (70, 200), generator=g, dtype=torch.int8)
+    scales = torch.rand(70, generator=g)
+    torch.testing.assert_close(gemv_int8(q, scales, x), (x @ q.float().t()) * scales, atol=1e-3, rtol=1e-4)
+    assert gemv_bf16(w, x[0]).shape == (70,)

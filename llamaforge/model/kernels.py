@@ -28,65 +28,87 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 
-// y = W x for bf16 W (N, K) and one bf16 row x (K,), accumulated in fp32; rows of W split
-// across threads. bf16 -> fp32 is a 16-bit left shift.
-torch::Tensor gemv_bf16(torch::Tensor w, torch::Tensor x) {
-  const int64_t N = w.size(0), K = w.size(1);
-  auto y = torch::empty({N}, torch::dtype(torch::kFloat32));
-  auto xs = x.to(torch::kFloat32).contiguous();
-  const float* X = xs.data_ptr<float>();
-  const uint16_t* W = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint16_t* row = W + n * K;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
-        __m512 wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-        acc = _mm512_fmadd_ps(wf, _mm512_loadu_ps(X + k), acc);
-      }
-      float s = _mm512_reduce_add_ps(acc);
-      for (; k < K; ++k) {
-        uint32_t b = static_cast<uint32_t>(row[k]) << 16;
-        float f;
-        std::memcpy(&f, &b, 4);
-        s += f * X[k];
-      }
-      Y[n] = s;
-    }
-  });
-  return y;
+// Y (M, N) = X (M, K) W^T * scales for a few rows of activations X (a decode step of a batch; M = 1
+// when decoding one sequence), summed in fp32. Each row of W is read once for all rows of X:
+// decoding is memory-bound, so a batch of 16 costs little more than one row. Rows of W are split
+// across threads; rows of X go in blocks of up to 8, whose accumulators stay in registers.
+struct Bf16Rows {   // bf16 -> fp32 is a 16-bit left shift
+  const uint16_t* w; int64_t K;
+  __m512 load(int64_t n, int64_t k) const {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + k));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  float at(int64_t n, int64_t k) const {
+    uint32_t b = static_cast<uint32_t>(w[n * K + k]) << 16; float f; std::memcpy(&f, &b, 4); return f;
+  }
+};
+struct Int8Rows {
+  const int8_t* w; int64_t K;
+  __m512 load(int64_t n, int64_t k) const {
+    __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+  float at(int64_t n, int64_t k) const { return static_cast<float>(w[n * K + k]); }
+};
+
+template <int MB, typename W>
+static inline void row_block(const W& w, int64_t n, int64_t K, int64_t N, const float* X, float* Y, float scale) {
+  __m512 acc[MB];
+  for (int i = 0; i < MB; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wf = w.load(n, k);
+    for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(X + i * K + k), acc[i]);
+  }
+  for (int i = 0; i < MB; ++i) {
+    float s = _mm512_reduce_add_ps(acc[i]);
+    for (int64_t kk = k; kk < K; ++kk) s += w.at(n, kk) * X[i * K + kk];
+    Y[i * N + n] = s * scale;
+  }
 }
 
-// y = (W x) * scales for int8 W (N, K), fp32 scales (N,) and one row x (K,), all summed in fp32.
-torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) {
-  const int64_t N = w.size(0), K = w.size(1);
-  auto y = torch::empty({N}, torch::dtype(torch::kFloat32));
-  auto xs = x.to(torch::kFloat32).contiguous();
-  auto ss = scales.to(torch::kFloat32).contiguous();
-  const float* X = xs.data_ptr<float>();
-  const float* S = ss.data_ptr<float>();
-  const int8_t* W = w.data_ptr<int8_t>();
+template <typename W>
+static torch::Tensor rows_times(const W& w, int64_t N, int64_t K, torch::Tensor x, const float* S) {
+  auto x2 = x.to(torch::kFloat32).contiguous().view({-1, K});
+  const int64_t M = x2.size(0);
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  const float* X = x2.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row = W + n * K;
-      __m512 acc = _mm512_setzero_ps();
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k));
-        __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-        acc = _mm512_fmadd_ps(wf, _mm512_loadu_ps(X + k), acc);
+      const float scale = S ? S[n] : 1.0f;
+      for (int64_t m = 0; m < M; m += 8) {   // the weight row stays in L1 across the blocks
+        const float* Xm = X + m * K;
+        float* Ym = Y + m * N;
+        switch (std::min<int64_t>(8, M - m)) {
+          case 1: row_block<1>(w, n, K, N, Xm, Ym, scale); break;
+          case 2: row_block<2>(w, n, K, N, Xm, Ym, scale); break;
+          case 3: row_block<3>(w, n, K, N, Xm, Ym, scale); break;
+          case 4: row_block<4>(w, n, K, N, Xm, Ym, scale); break;
+          case 5: row_block<5>(w, n, K, N, Xm, Ym, scale); break;
+          case 6: row_block<6>(w, n, K, N, Xm, Ym, scale); break;
+          case 7: row_block<7>(w, n, K, N, Xm, Ym, scale); break;
+          default: row_block<8>(w, n, K, N, Xm, Ym, scale); break;
+        }
       }
-      float s = _mm512_reduce_add_ps(acc);
-      for (; k < K; ++k) s += static_cast<float>(row[k]) * X[k];
-      Y[n] = s * S[n];
     }
   });
-  return y;
+  return x.dim() == 1 ? y.view({N}) : y;
+}
+
+// bf16 W (N, K); x (K,) or (M, K) in any float dtype -> (N,) or (M, N) fp32.
+torch::Tensor gemv_bf16(torch::Tensor w, torch::Tensor x) {
+  Bf16Rows rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), w.size(1)};
+  return rows_times(rows, w.size(0), w.size(1), x, nullptr);
+}
+
+// int8 W (N, K) with fp32 scales (N,): (W x) * scales.
+torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) {
+  auto ss = scales.to(torch::kFloat32).contiguous();
+  Int8Rows rows{w.data_ptr<int8_t>(), w.size(1)};
+  return rows_times(rows, w.size(0), w.size(1), x, ss.data_ptr<float>());
 }
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8"]
@@ -152,24 +174,25 @@ def _build_directory() -> Path:
 
 @torch.library.custom_op("llamaforge::gemv_bf16", mutates_args=())
 def gemv_bf16(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N,) fp32 = w (N, K) bf16 @ x (K,) bf16. An opaque op to torch.compile."""
+    """(N,) or (M, N) fp32 = w (N, K) bf16 @ x (K,) or (M, K). An opaque op to torch.compile."""
     return gemv_extension().gemv_bf16(w, x)
 
 
 @gemv_bf16.register_fake
 def _(w, x):
-    return w.new_empty((w.shape[0],), dtype=torch.float32)
+    return w.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("llamaforge::gemv_int8", mutates_args=())
 def gemv_int8(w: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(N,) fp32 = (w (N, K) int8 @ x (K,)) * scales (N,). An opaque op to torch.compile."""
+    """(N,) or (M, N) fp32 = (w (N, K) int8 @ x (K,) or (M, K)) * scales (N,). An opaque op to
+    torch.compile."""
     return gemv_extension().gemv_int8(w, scales, x)
 
 
 @gemv_int8.register_fake
 def _(w, scales, x):
-    return w.new_empty((w.shape[0],), dtype=torch.float32)
+    return w.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
 
 
 class GemvLinear(nn.Module):
@@ -185,12 +208,10 @@ class GemvLinear(nn.Module):
         """In x's dtype: bf16, or fp32 (logits: the kernel sums in fp32 anyway)."""
         rows = x.numel() // self.in_features
         if rows > 1 and (x.dtype == torch.bfloat16 or rows > 16):
-            # PyTorch's matmul is the fast one for several rows of bf16; fp32 rows (logits of a
-            # batch) would need the weight cast, so up to 16 of them take the kernel row by row.
+            # PyTorch's matmul is the fast one for several rows of bf16; fp32 rows (the logits of
+            # a batch's decode step) would need the weight cast, so up to 16 take the kernel.
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if rows > 1:
-            return torch.stack([self(row) for row in x.reshape(rows, -1)]).view(*x.shape[:-1], self.out_features)
-        y = gemv_bf16(self.weight, x.reshape(-1).contiguous()).to(x.dtype)
+        y = gemv_bf16(self.weight, x.reshape(rows, -1)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

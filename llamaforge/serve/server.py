@@ -27,16 +27,16 @@ def parse_names(names: list[str]) -> list[tuple[str, str]]:
 def build(models: list[str], names: list[str] = (), api_key: str | None = None, max_batch: int = 16,
           max_queue: int = 64, ctx: int | None = None, dtype: str = "bf16", quantize: str = "auto",
           compile: bool = False):
-    """(the FastAPI app, its served models): what `serve` runs, for tests to run in-process too."""
+    """(the FastAPI app, the scheduler that runs its models): what `serve` runs."""
     specs = [(None, m) for m in models] + parse_names(list(names))
     if not specs:
         specs = [(None, "default")]
     if max_batch < 1 or max_queue < 0:
         raise LlamaforgeError("--max-batch must be at least 1 and --max-queue at least 0")
     metrics = Metrics()
-    served = load_models(specs, dtype=dtype, quantize=quantize, ctx=ctx, max_batch=max_batch, max_queue=max_queue,
-                         compile=compile, on_step=metrics.step)
-    return create_app(served, api_key=api_key, metrics=metrics), served
+    served, scheduler = load_models(specs, dtype=dtype, quantize=quantize, ctx=ctx, max_batch=max_batch,
+                                    max_queue=max_queue, compile=compile, on_step=metrics.step)
+    return create_app(served, api_key=api_key, metrics=metrics), scheduler
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -45,7 +45,8 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key:
     import uvicorn
     started = time.perf_counter()
     api_key = api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
-    app, served = build(models, names, api_key, max_batch, max_queue, ctx, dtype, quantize, compile)
+    app, scheduler = build(models, names, api_key, max_batch, max_queue, ctx, dtype, quantize, compile)
+    served = app.state.models
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -58,8 +59,7 @@ def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key:
                 print(f"http://{host}:{port}/v1", flush=True)
 
         def handle_exit(self, sig, frame):
-            for runner in {id(m.runner): m.runner for m in served.values()}.values():
-                runner.shutdown("the server is shutting down")
+            scheduler.shutdown("the server is shutting down")
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,368 @@
+"""Serving: `llamaforge serve` against llama.cpp's `llama-server`, llama-cpp-python's server and a
+transformers baseline, in one run, on the default SmolLM2, with streaming clients at several
+concurrencies.
+
+    .venv/bin/python benchmarks/bench_serve.py --llama-server /path/to/llama-server \\
+        [--concurrency 1,4,16,32] [--requests 2] [--new-tokens 128] [--peers ours,llama-server,...]
+
+Each server runs alone (one at a time: two on 2 cores would slow each other) as a subprocess on
+a free local port. Clients are threads that each send --requests streaming /v1/completions one
+after another; prompts are 64-512 tokens of TinyStories (../shared/data; the shipped stories
+without it), every request makes exactly --new-tokens tokens (the end of text is ignored). Per
+server and concurrency: aggregate output tokens/s (all tokens over the wall time), p50/p95 time
+to first token, p50/p95 time between tokens. Also `llamaforge generate`'s single-stream decode
+tokens/s, measured here in-process, for the "no worse than generate" check.
+
+Peers (each skipped, with a note, when it is not there):
+- llama-server: llama.cpp's own server, built from llama.cpp's source with cmake (the path of the
+  binary is --llama-server; benchmarks/build_llama_cpp.sh builds it), --parallel slots and
+  continuous batching, on the Q4_1 GGUF as stored;
+- llama-cpp-python: `python -m llama_cpp.server` (one request at a time), on the same file;
+- transformers: one `generate` per request (TextIteratorStreamer) behind the same HTTP shape, bf16.
+llamaforge serves the same file in bf16 with --quantize auto (its Q4_1 weights as int4).
+
+Writes benchmarks/results/serve.json and benchmarks/results/serve.png.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_val_head.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_logits import cpu_name  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts(n: int, seed: int = 0) -> list[str]:
+    """n prompts of 64-512 tokens (SmolLM2's tokenizer), cut from real stories."""
+    from llamaforge.formats.load import load_checkpoint
+    tok = load_checkpoint("default", weights=False).tokenizer
+    if STORIES.exists():
+        text = STORIES.read_text(encoding="utf-8")
+    else:
+        text = "\n\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "llamaforge" / "datasets").rglob("*.txt")))
+    ids = tok.encode(text, add_special_tokens=False)
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(64, 512)
+        start = rng.randrange(0, len(ids) - length)
+        out.append(tok.decode(ids[start:start + length]))
+    return out
+
+
+# --- the servers ----------------------------------------------------------------------------------
+
+class Served:
+    """A server subprocess on a free port; ready when its /health (or /v1/models) answers."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, extra: dict, env: dict | None = None, ready_timeout=600):
+        self.name, self.port, self.extra = name, port, extra
+        self.log = open(RESULTS / f"serve-{name}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: see {self.log.name}")
+            for path in ("/health", "/v1/models"):
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", path)
+                    if c.getresponse().status == 200:
+                        return
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not start in {ready_timeout} s")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def start(name: str, args, max_clients: int) -> Served:
+    from llamaforge.formats.paths import default_model_path
+    gguf = str(default_model_path())
+    port = free_port()
+    threads = str(args.threads)
+    ctx_per_slot = 512 + args.new_tokens + 64
+    if name == "ours":
+        cmd = [str(ROOT / ".venv" / "bin" / "llamaforge"), "serve", "--port", str(port), "--max-batch", str(max_clients),
+               "--max-queue", "256", "--dtype", "bf16", "--quantize", "auto"]
+        return Served(name, cmd, port, {"ignore_eos": True}, env={"OMP_NUM_THREADS": threads})
+    if name == "llama-server":
+        cmd = [args.llama_server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", threads, "-tb", threads,
+               "--parallel", str(max_clients), "-c", str(ctx_per_slot * max_clients), "--cont-batching",
+               "--no-webui"]
+        return Served(name, cmd, port, {"ignore_eos": True})
+    if name == "llama-cpp-python":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
+               "--n_ctx", str(ctx_per_slot), "--n_threads", threads, "--n_threads_batch", threads]
+        # Built by build_llama_cpp.sh without llama.cpp of its own: it loads llama-server's libraries.
+        env = {"LLAMA_CPP_LIB_PATH": str(Path(args.llama_server).parent)} if args.llama_server else {}
+        return Served(name, cmd, port, {"logit_bias": {"0": -100, "2": -100}}, env=env)
+    if name == "transformers":
+        cmd = [sys.executable, str(Path(__file__)), "--transformers-server", str(port), "--threads", threads]
+        return Served(name, cmd, port, {})
+    raise ValueError(name)
+
+
+def transformers_server(port: int, threads: int):
+    """The baseline: one `generate` per request, one request at a time, streamed through
+    TextIteratorStreamer in the OpenAI completions shape."""
+    import asyncio
+
+    import torch
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
+
+    from llamaforge.formats.paths import default_model_path
+    torch.set_num_threads(threads)
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    lock = threading.Lock()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        ids = tok(body["prompt"], return_tensors="pt").input_ids
+        n = body.get("max_tokens", 16)
+        streamer = TextIteratorStreamer(tok, skip_prompt=True)
+
+        def run():
+            with lock, torch.inference_mode():
+                model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, streamer=streamer,
+                               pad_token_id=tok.eos_token_id)
+        threading.Thread(target=run, daemon=True).start()
+
+        async def events():
+            loop = asyncio.get_running_loop()
+            it = iter(streamer)
+            while True:
+                piece = await loop.run_in_executor(None, next, it, None)
+                if piece is None:
+                    break
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': piece}]})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# --- the clients ----------------------------------------------------------------------------------
+
+def one_request(port: int, prompt: str, n: int, extra: dict) -> dict:
+    """Stream one completion; the times of its first and every following text chunk."""
+    body = {"model": "default", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, **extra}
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    sent = time.perf_counter()
+    c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = c.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:300]!r}")
+    times = []
+    for line in response:
+        line = line.strip()
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"])
+        if chunk.get("choices") and chunk["choices"][0].get("text") is not None and \
+                chunk["choices"][0].get("finish_reason") is None:
+            times.append(time.perf_counter())
+    c.close()
+    return {"sent": sent, "times": times}
+
+
+def run_level(server: Served, texts: list[str], clients: int, requests: int, n: int) -> dict:
+    results, errors = [], []
+    queue = list(texts[:clients * requests])
+    lock = threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                prompt = queue.pop(0)
+            try:
+                r = one_request(server.port, prompt, n, server.extra)
+                with lock:
+                    results.append(r)
+            except Exception as e:   # counted and reported
+                errors.append(str(e))
+                return
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r["times"][0] - r["sent"] for r in results if r["times"])
+    gaps = sorted(b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False))
+    tokens = sum(len(r["times"]) for r in results)
+    return {"clients": clients, "requests": len(results), "errors": errors[:3], "tokens": tokens,
+            "tokens_per_s": tokens / wall, "wall_s": wall,
+            "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "tbt_p50": pct(gaps, 50), "tbt_p95": pct(gaps, 95)}
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def generate_decode_rate(n: int, runs: int = 3) -> float:
+    """`llamaforge generate`'s single-stream decode tokens/s on the same model settings (median)."""
+    import torch
+
+    from llamaforge.formats.load import load
+    from llamaforge.model.generation import SamplingConfig, generate_tokens
+    model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
+    prompt = tok.encode("Once upon a time, in a small village, there lived")
+    cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
+    rates = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):
+            times = [time.perf_counter() for _ in generate_tokens(model, [prompt], cfg)]
+            rates.append((len(times) - 1) / (times[-1] - times[0]))
+    return statistics.median(rates[1:])
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def report(all_results: dict, generate_rate: float, levels: list[int]):
+    print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores")
+    print(f"llamaforge generate, one stream: {generate_rate:.1f} tokens/s\n")
+    header = f"{'server':18} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'TBT p50':>8} {'p95':>7}  vs llama-server"
+    print(header)
+    print("-" * len(header))
+    ref = {r["clients"]: r for r in all_results.get("llama-server", [])}
+    for name, rows in all_results.items():
+        for r in rows:
+            ratio = f"{r['tokens_per_s'] / ref[r['clients']]['tokens_per_s']:.2f}x" if r["clients"] in ref else ""
+            note = f"  errors: {r['errors']}" if r["errors"] else ""
+            print(f"{name:18} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>6.2f}s "
+                  f"{r['tbt_p50'] * 1000:>6.0f}ms {r['tbt_p95'] * 1000:>5.0f}ms  {ratio}{note}")
+    ours = {r["clients"]: r for r in all_results.get("ours", [])}
+    if 16 in ours and 1 in ours:
+        single = 1 / ours[1]["tbt_p50"]
+        print(f"\nours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "
+              f"single-stream decode ({single:.1f} tok/s from the 1-client p50 time between tokens; generate: "
+              f"{generate_rate:.1f}); p95 time between tokens {ours[16]['tbt_p95'] * 1000:.0f} ms")
+        if 16 in ref:
+            print(f"ours / llama-server at 16 clients: {ours[16]['tokens_per_s'] / ref[16]['tokens_per_s']:.2f}x")
+
+
+def plot(all_results: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, rows in all_results.items():
+        c = [r["clients"] for r in rows]
+        axes[0].plot(c, [r["tokens_per_s"] for r in rows], "o-", label=name)
+        axes[1].plot(c, [r["ttft_p95"] for r in rows], "o-", label=name)
+        axes[2].plot(c, [r["tbt_p95"] * 1000 for r in rows], "o-", label=name)
+    for ax, title in zip(axes, ["aggregate output tokens/s", "p95 time to first token (s)",
+                                "p95 time between tokens (ms)"], strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[2].axhline(250, color="grey", linestyle=":", linewidth=1)
+    axes[0].legend()
+    fig.suptitle(f"Serving SmolLM2-135M (Q4_1 GGUF), {cpu_name()}, 2 threads")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="path of llama.cpp's llama-server")
+    p.add_argument("--peers", default="ours,llama-server,llama-cpp-python,transformers")
+    p.add_argument("--concurrency", default="1,4,16,32")
+    p.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--serial-max-clients", type=int, default=32,
+                   help="highest concurrency for the one-at-a-time servers (they queue; it only takes longer)")
+    p.add_argument("--transformers-server", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.transformers_server:
+        return transformers_server(args.transformers_server, args.threads)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    texts = prompts(max(levels) * args.requests)
+    results: dict[str, list] = {}
+    for name in args.peers.split(","):
+        if name == "llama-server" and not (args.llama_server and Path(args.llama_server).exists()):
+            print("llama-server: skipped (give --llama-server PATH; benchmarks/build_llama_cpp.sh builds it)")
+            continue
+        if name == "llama-cpp-python":
+            import importlib.util
+            if importlib.util.find_spec("llama_cpp") is None:
+                print("llama-cpp-python: skipped (not installed; benchmarks/build_llama_cpp.sh installs it)")
+                continue
+        server = start(name, args, max(levels))
+        try:
+            one_request(server.port, texts[0], 8, server.extra)   # warm up
+            results[name] = []
+            for clients in levels:
+                if name in ("llama-cpp-python", "transformers") and clients > args.serial_max_clients:
+                    continue
+                r = run_level(server, texts, clients, args.requests, args.new_tokens)
+                results[name].append(r)
+                print(f"{name:18} {clients:>3} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f} s, "
+                      f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
+        finally:
+            server.stop()
+    rate = generate_decode_rate(args.new_tokens)
+    report(results, rate, levels)
+    out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
+           "generate_tokens_per_s": rate, "results": results}
+    tmp = RESULTS / "serve.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1))
+    os.replace(tmp, RESULTS / "serve.json")
+    plot(results, RESULTS / "serve.png")
+    print(f"\nwrote {RESULTS / 'serve.json'} and {RESULTS / 'serve.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -68,3 +68,26 @@ def test_the_kernels_take_several_rows_and_read_each_weight_once(rows):
     scales = torch.rand(70, generator=g)
     torch.testing.assert_close(gemv_int8(q, scales, x), (x @ q.float().t()) * scales, atol=1e-3, rtol=1e-4)
     assert gemv_bf16(w, x[0]).shape == (70,)
+
+
+def test_decode_attention_matches_sdpa_with_each_rows_length():
+    """A server's decode step: each row attends to its own first lengths[b] positions of a slot
+    cache view (strided rows, longer than any length), as SDPA with the step's mask does."""
+    import torch.nn.functional as F
+
+    from llamaforge.model.kernels import decode_attention
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses SDPA with a mask")
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, G, D, max_len = 5, 3, 3, 64, 96
+    cache_k = torch.randn(B, Hkv, max_len, D, generator=g).bfloat16()
+    cache_v = torch.randn(B, Hkv, max_len, D, generator=g).bfloat16()
+    lengths = torch.tensor([1, 7, 40, 64, 33])
+    k, v = cache_k[:, :, :64], cache_v[:, :, :64]
+    q = torch.randn(B, Hkv * G, 1, D, generator=g).bfloat16()
+    mask = (torch.arange(64)[None] < lengths[:, None])[:, None, None]
+    ref = F.scaled_dot_product_attention(q.float().reshape(B, Hkv, G, D), k.float(), v.float(), attn_mask=mask)
+    out = decode_attention(q, k, v, lengths)
+    assert out.shape == (B, Hkv * G, 1, D)
+    torch.testing.assert_close(out.float(), ref.reshape(B, Hkv * G, 1, D), atol=1e-2, rtol=1e-2)
+    assert decode_attention(q.float(), k.float(), v.float(), lengths) is None   # fp32: SDPA's

@@ -93,3 +93,17 @@ def test_fusing_then_quantising_matches_quantising_alone(tiny_bpe):
             for n in (1, 20):   # the decode kernel path and the prefill path
                 a, b = alone(ids[:, :n]).float(), fused(ids[:, :n]).float()
                 assert (a - b).abs().max() <= 0.02 * a.abs().max()
+
+
+def test_int4_kept_dense_weights_are_the_int4_values():
+    """A server's int4 layers keep a dense copy for many-row inputs: it must hold the int4 values
+    (not the weights they came from), so a request computes the same batched or alone."""
+    from llamaforge.model.quantize import DENSE_MIN_ROWS, Int4Linear
+    w = torch.randn(64, 128) * 0.05
+    layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
+    assert not torch.equal(layer.dense, w.bfloat16()), "the dense copy should be the quantised values"
+    x = torch.randn(DENSE_MIN_ROWS, 128).bfloat16()
+    one_by_one = torch.cat([layer(row[None]) for row in x])      # the int4 kernel, a row at a time
+    torch.testing.assert_close(layer(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
+    plain = Int4Linear(w, None, torch.bfloat16)
+    assert plain.dense is None and torch.equal(plain(x), torch.cat([plain(row[None]) for row in x]))

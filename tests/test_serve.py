@@ -227,7 +227,8 @@ def test_chat_logprobs_n_and_seed(client):
 
 def test_streaming_ends_with_done_and_usage(server, client):
     prompt = "What is the capital of Italy?"
-    whole = chat(client, prompt, max_tokens=20, temperature=0).choices[0].message.content
+    reply = chat(client, prompt, max_tokens=20, temperature=0).choices[0]
+    whole = reply.message.content
     pieces = [c for c in chat(client, prompt, max_tokens=20, temperature=0, stream=True)]
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == whole
     chunks = sse(server, {"model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": 20,
@@ -235,7 +236,7 @@ def test_streaming_ends_with_done_and_usage(server, client):
     assert chunks[-1] == "[DONE]" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-2]["choices"] == [] and chunks[-2]["usage"]["completion_tokens"] == \
         chunks[-2]["usage"]["total_tokens"] - chunks[-2]["usage"]["prompt_tokens"] > 0
-    assert chunks[-3]["choices"][0]["finish_reason"] == "stop" and stream_text(chunks) == whole
+    assert chunks[-3]["choices"][0]["finish_reason"] == reply.finish_reason and stream_text(chunks) == whole
     assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
 
 

@@ -29,6 +29,8 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 // Y (M, N) = X (M, K) W^T * scales for a few rows of activations X (a decode step of a batch; M = 1
 // when decoding one sequence), summed in fp32. Each row of W is read once for all rows of X:
@@ -104,6 +106,73 @@ torch::Tensor gemv_bf16(torch::Tensor w, torch::Tensor x) {
   return rows_times(rows, w.size(0), w.size(1), x, nullptr);
 }
 
+// Decode attention of a server's batch: one new query per row, each row with keys of its own
+// length. q (B, Hkv, G, D) bf16 (the G query heads that share a key head), k, v (B, Hkv, >=L, D)
+// bf16 views of a slot cache (positions contiguous, any row and head strides), lengths (B,):
+// row b attends to its first lengths[b] positions. Returns (B, Hkv, G, D) bf16. Scores and the
+// softmax in fp32; memory-bound (each key and value is read once for its G queries).
+static inline __m512 load_bf16(const at::BFloat16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+              "decode_attention: unsupported layout");
+  auto qf = q.to(torch::kFloat32).contiguous();
+  auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kFloat32));
+  auto len = lengths.to(torch::kInt64).contiguous();
+  const int64_t* L = len.data_ptr<int64_t>();
+  const float* Q = qf.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const at::BFloat16* K = k.data_ptr<at::BFloat16>();
+  const at::BFloat16* V = v.data_ptr<at::BFloat16>();
+  const int64_t kb = k.stride(0), kh = k.stride(1), vb = v.stride(0), vh = v.stride(1);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H, n = L[b];
+      const at::BFloat16* kp = K + b * kb + h * kh;
+      const at::BFloat16* vp = V + b * vb + h * vh;
+      const float* qp = Q + bh * G * D;
+      scores.resize(G * n);
+      for (int64_t j = 0; j < n; ++j) {           // scores: each key read once for G queries
+        for (int64_t g = 0; g < G; ++g) {
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D; d += 16)
+            acc = _mm512_fmadd_ps(load_bf16(kp + j * D + d), _mm512_loadu_ps(qp + g * D + d), acc);
+          scores[g * n + j] = _mm512_reduce_add_ps(acc) * static_cast<float>(scale);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {           // softmax
+        float* s = scores.data() + g * n;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+        for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+      }
+      float* op = O + bh * G * D;                 // weighted values: each value read once
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t w = std::min<int64_t>(64, D - d0);
+        __m512 acc[16][4];
+        for (int64_t g = 0; g < G; ++g) for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+          __m512 vv[4];
+          for (int c = 0; c * 16 < w; ++c) vv[c] = load_bf16(vp + j * D + d0 + c * 16);
+          for (int64_t g = 0; g < G; ++g) {
+            __m512 p = _mm512_set1_ps(scores[g * n + j]);
+            for (int c = 0; c * 16 < w; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
+          }
+        }
+        for (int64_t g = 0; g < G; ++g)
+          for (int c = 0; c * 16 < w; ++c) _mm512_storeu_ps(op + g * D + d0 + c * 16, acc[g][c]);
+      }
+    }
+  });
+  return out.to(torch::kBFloat16);
+}
+
 // int8 W (N, K) with fp32 scales (N,): (W x) * scales.
 torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) {
   auto ss = scales.to(torch::kFloat32).contiguous();
@@ -111,7 +180,7 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
   return rows_times(rows, w.size(0), w.size(1), x, ss.data_ptr<float>());
 }
 """
-_FUNCTIONS = ["gemv_bf16", "gemv_int8"]
+_FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -193,6 +262,18 @@ def gemv_int8(w: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.T
 @gemv_int8.register_fake
 def _(w, scales, x):
     return w.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+    """Attention of one new query per row over keys of each row's own length (a server's decode
+    step): q (B, H, 1, D), k and v (B, Hkv, S, D) views of a slot cache, lengths (B,). None where
+    the kernel is unavailable or the tensors are not bf16 on a CPU (then SDPA with a mask)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or H // Hkv > 16 or gemv_extension() is None:
+        return None
+    out = gemv_extension().decode_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5)
+    return out.view(B, H, 1, D)
 
 
 class GemvLinear(nn.Module):

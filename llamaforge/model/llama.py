@@ -173,6 +173,11 @@ class Attention(nn.Module):
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
+            # A server's cache, whose rows have lengths of their own, attends itself (a kernel).
+            attend = getattr(self.kv_cache, "attend", None)
+            y = attend(q, k, v) if attend is not None and T == 1 and self.prefix is None else None
+            if y is not None:
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.prefix is not None:
             k, v, mask = self.with_prefix(k, v, mask, T)
         # Training attention also where a compiled training step reaches a layer whose q, k, v need no

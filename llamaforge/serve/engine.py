@@ -23,6 +23,7 @@ import torch
 from ..model.adapters import AdapterRows
 from ..model.constrained import JSONConstraint
 from ..model.generation import SamplingConfig, TextStream, process_logits, sample_from
+from ..model.kernels import decode_attention
 
 
 class QueueFull(Exception):
@@ -115,7 +116,15 @@ class _Rows:
         rows = self.active.nonzero().flatten()
         self.k[rows, :, start[rows]] = k[rows, :, 0]
         self.v[rows, :, start[rows]] = v[rows, :, 0]
+        self.lengths = torch.where(self.active, start + 1, 1)
         return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+    def attend(self, q, k, v):
+        """A decode step's attention, each row over its own length: the kernel, or None (the
+        model then uses SDPA with the step's mask)."""
+        if self.active is None:
+            return None
+        return decode_attention(q, k, v, self.lengths)
 
 
 @dataclass

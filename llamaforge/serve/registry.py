@@ -60,7 +60,8 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
     def engine_for(model: str):
         key = str(resolve_model_path(model).resolve())   # "default" and its file are one base
         if key not in engines:
-            net, tok = scheduler.call(lambda: load(model, dtype=dtype, quantize=quantize, inference=True))
+            net, tok = scheduler.call(lambda: load(model, dtype=dtype, quantize=quantize, inference=True,
+                                                   batched=True))
             engines[key] = (Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
                                    adapter_rows=AdapterRows(), scheduler=scheduler), tok)
         return engines[key]

@@ -118,8 +118,10 @@ def start(name: str, args, max_clients: int) -> Served:
                "--no-webui"]
         return Served(name, cmd, port, {"ignore_eos": True})
     if name == "llama-cpp-python":
+        # --interrupt_requests False: by default a new request cuts off the stream in progress.
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",
-               "--n_ctx", str(ctx_per_slot), "--n_threads", threads, "--n_threads_batch", threads]
+               "--n_ctx", str(ctx_per_slot), "--n_threads", threads, "--n_threads_batch", threads,
+               "--interrupt_requests", "False"]
         # Built by build_llama_cpp.sh without llama.cpp of its own: it loads llama-server's libraries.
         env = {"LLAMA_CPP_LIB_PATH": str(Path(args.llama_server).parent)} if args.llama_server else {}
         return Served(name, cmd, port, {"logit_bias": {"0": -100, "2": -100}}, env=env)
@@ -136,8 +138,9 @@ def transformers_server(port: int, threads: int):
 
     import torch
     import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
     from llamaforge.formats.paths import default_model_path
@@ -146,14 +149,11 @@ def transformers_server(port: int, threads: int):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16).eval()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     lock = threading.Lock()
-    app = FastAPI()
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
+    async def health(request):
+        return JSONResponse({"status": "ok"})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
+    async def completions(request):
         body = await request.json()
         ids = tok(body["prompt"], return_tensors="pt").input_ids
         n = body.get("max_tokens", 16)
@@ -176,6 +176,7 @@ def transformers_server(port: int, threads: int):
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    app = Starlette(routes=[Route("/health", health), Route("/v1/completions", completions, methods=["POST"])])
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
@@ -244,28 +245,32 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def generate_decode_rate(n: int, runs: int = 3) -> float:
-    """`llamaforge generate`'s single-stream decode tokens/s on the same model settings (median)."""
+def generate_rates(texts: list[str], n: int) -> tuple[float, float]:
+    """`llamaforge generate` on the same model settings and prompts, in this process, one stream:
+    (decode tokens/s after the first token, end-to-end tokens/s from the call to the last token),
+    medians over the prompts."""
     import torch
 
     from llamaforge.formats.load import load
     from llamaforge.model.generation import SamplingConfig, generate_tokens
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
-    prompt = tok.encode("Once upon a time, in a small village, there lived")
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
-    rates = []
+    decode, whole = [], []
     with torch.inference_mode():
-        for _ in range(runs + 1):
-            times = [time.perf_counter() for _ in generate_tokens(model, [prompt], cfg)]
-            rates.append((len(times) - 1) / (times[-1] - times[0]))
-    return statistics.median(rates[1:])
+        for text in [texts[0]] + texts:   # the first run warms up
+            start = time.perf_counter()
+            times = [time.perf_counter() for _ in generate_tokens(model, [tok.encode(text)], cfg)]
+            decode.append((len(times) - 1) / (times[-1] - times[0]))
+            whole.append(len(times) / (times[-1] - start))
+    return statistics.median(decode[1:]), statistics.median(whole[1:])
 
 
 # --- the report -----------------------------------------------------------------------------------
 
-def report(all_results: dict, generate_rate: float, levels: list[int]):
+def report(all_results: dict, generate: tuple[float, float], levels: list[int]):
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores")
-    print(f"llamaforge generate, one stream: {generate_rate:.1f} tokens/s\n")
+    print(f"llamaforge generate, one stream, same prompts: {generate[0]:.1f} tokens/s decoding, "
+          f"{generate[1]:.1f} tokens/s end to end (prefill included)\n")
     header = f"{'server':18} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'TBT p50':>8} {'p95':>7}  vs llama-server"
     print(header)
     print("-" * len(header))
@@ -277,11 +282,14 @@ def report(all_results: dict, generate_rate: float, levels: list[int]):
             print(f"{name:18} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>6.2f}s "
                   f"{r['tbt_p50'] * 1000:>6.0f}ms {r['tbt_p95'] * 1000:>5.0f}ms  {ratio}{note}")
     ours = {r["clients"]: r for r in all_results.get("ours", [])}
+    if 1 in ours:
+        print(f"\nours, one client: {ours[1]['tokens_per_s']:.1f} tok/s end to end = "
+              f"{ours[1]['tokens_per_s'] / generate[1]:.2f}x llamaforge generate's {generate[1]:.1f}")
     if 16 in ours and 1 in ours:
         single = 1 / ours[1]["tbt_p50"]
-        print(f"\nours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "
-              f"single-stream decode ({single:.1f} tok/s from the 1-client p50 time between tokens; generate: "
-              f"{generate_rate:.1f}); p95 time between tokens {ours[16]['tbt_p95'] * 1000:.0f} ms")
+        print(f"ours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "
+              f"single-stream decode ({single:.1f} tok/s from the 1-client p50 time between tokens); p95 time "
+              f"between tokens {ours[16]['tbt_p95'] * 1000:.0f} ms")
         if 16 in ref:
             print(f"ours / llama-server at 16 clients: {ours[16]['tokens_per_s'] / ref[16]['tokens_per_s']:.2f}x")
 
@@ -318,7 +326,7 @@ def main():
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"), help="path of llama.cpp's llama-server")
     p.add_argument("--peers", default="ours,llama-server,llama-cpp-python,transformers")
     p.add_argument("--concurrency", default="1,4,16,32")
-    p.add_argument("--requests", type=int, default=2, help="requests per client at each concurrency")
+    p.add_argument("--requests", type=int, default=1, help="requests per client at each concurrency")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--serial-max-clients", type=int, default=32,
@@ -342,7 +350,7 @@ def main():
                 continue
         server = start(name, args, max(levels))
         try:
-            one_request(server.port, texts[0], 8, server.extra)   # warm up
+            one_request(server.port, "Hello, world.", 8, server.extra)   # warm up (not a benchmark prompt: no cache)
             results[name] = []
             for clients in levels:
                 if name in ("llama-cpp-python", "transformers") and clients > args.serial_max_clients:
@@ -353,10 +361,10 @@ def main():
                       f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
         finally:
             server.stop()
-    rate = generate_decode_rate(args.new_tokens)
-    report(results, rate, levels)
+    rates = generate_rates(texts[:5], args.new_tokens)
+    report(results, rates, levels)
     out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
-           "generate_tokens_per_s": rate, "results": results}
+           "generate_decode_tokens_per_s": rates[0], "generate_end_to_end_tokens_per_s": rates[1], "results": results}
     tmp = RESULTS / "serve.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, RESULTS / "serve.json")

@@ -314,7 +314,7 @@ def plot(all_results: dict, path: Path):
     axes[2].set_yscale("log")
     axes[2].axhline(250, color="grey", linestyle=":", linewidth=1)
     axes[0].legend()
-    fig.suptitle(f"Serving SmolLM2-135M (Q4_1 GGUF), {cpu_name()}, 2 threads")
+    fig.suptitle(f"Serving SmolLM2-135M (Q4_1 GGUF) on {cpu_name()}; ours is llamaforge serve")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -43,6 +43,7 @@ def test_files_the_readme_names_exist():
     for block in code_blocks():
         named |= {t for t in re.split(r"[\s=]+", block) if re.match(r"(llamaforge|benchmarks|scripts)/[\w./-]+\.\w+$", t)}
     named |= set(re.findall(r"`((?:llamaforge|benchmarks|scripts)/[\w./-]+\.\w+)`", (ROOT / "README.md").read_text()))
+    named |= set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (ROOT / "README.md").read_text()))   # pictures
     assert named, "the README names no files?"
     missing = sorted(n for n in named if not (ROOT / n).exists())
     assert not missing, missing

@@ -243,3 +243,23 @@ def test_constrained_output_short_of_tokens_still_parses(tiny, budget):
     for out in outs:
         assert len(out.tokens) <= budget and out.finish == "stop"
         jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_compiled_single_sequence_step_gives_the_same_tokens(tiny):
+    """--compile: one sequence's decode step runs through torch.compile, compiled once by warm_up
+    (whichever slot it later decodes in), with the eager step's tokens."""
+    import shutil
+    if not shutil.which("g++"):
+        pytest.skip("no C++ compiler for torch.compile")
+    ckpt, tok = tiny
+    model = inference_model(ckpt)
+    engine = Engine(model, tok, max_batch=2, compile=True)
+    try:
+        engine.scheduler.call(engine.warm_up)
+        first = submit(engine, PROMPTS[0], 10)
+        wait([first])
+        short, long = submit(engine, PROMPTS[1], 2), submit(engine, PROMPTS[2], 12)   # long ends alone, in slot 1
+        wait([short, long])
+    finally:
+        engine.shutdown()
+    assert first.tokens == alone(model, PROMPTS[0], 10) and long.tokens == alone(model, PROMPTS[2], 12)

@@ -68,7 +68,8 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=None, help="context length of each slot (default: the model's, at most 4096)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default="auto")
-    p.add_argument("--compile", action="store_true", help="needs a C++ compiler; see README")
+    p.add_argument("--compile", action="store_true", help="a single sequence's decode step through torch.compile "
+                   "(compiled in about 40 s after start-up, before the first request; then ~1.4x faster; needs g++)")
     p.add_argument("--name", action="append", default=[], metavar="ALIAS=MODEL", help="serve MODEL as ALIAS (repeatable)")
 
     p = sub.add_parser("info", help="architecture, size, quantisation, tokenizer, licence")

@@ -63,7 +63,7 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
             net, tok = scheduler.call(lambda: load(model, dtype=dtype, quantize=quantize, inference=True,
                                                    batched=True))
             engines[key] = (Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
-                                   adapter_rows=AdapterRows(), scheduler=scheduler), tok)
+                                   adapter_rows=AdapterRows(), scheduler=scheduler, compile=compile), tok)
         return engines[key]
 
     try:
@@ -91,4 +91,8 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
     except BaseException:
         scheduler.shutdown("loading failed")
         raise
+    # The CPU kernels load (about a second), and --compile compiles (about 40 s), after the server
+    # is up and before its first request is served.
+    for engine, _ in engines.values():
+        scheduler.run_job(engine.warm_up, lambda result, error: None)
     return served, scheduler

@@ -161,6 +161,28 @@ def alone_tokens(client, content, n, model="default") -> list[tuple[str, float]]
     return [(t.token, t.top_logprobs[0].logprob - t.top_logprobs[1].logprob) for t in r.choices[0].logprobs.content]
 
 
+def test_adapters_of_one_base_share_its_weights(adapter_dir):
+    """Ten adapters cost ten adapters, not ten models: every adapter of a base runs on the base's
+    engine, whose quantised layers exist once; each adds only its own low-rank tensors."""
+    from llamaforge.model.adapters import MultiLoRALinear
+    from llamaforge.model.quantize import Int4Linear
+    from llamaforge.serve.registry import load_models
+    specs = [(None, "default")] + [(f"a{i}", str(adapter_dir)) for i in range(1, 4)]
+    served, scheduler = load_models(specs, max_batch=2)
+    try:
+        engine = served["default"].runner
+        assert all(served[f"a{i}"].runner is engine and served[f"a{i}"].adapter == i for i in range(1, 4))
+        model = engine.model
+        assert sum(isinstance(m, Int4Linear) for m in model.modules()) == 30 * 4   # one base
+        added = sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                    for m in model.modules() if isinstance(m, MultiLoRALinear)
+                    for parts in m.deltas.values() for a, b, *_ in parts)
+        adapter_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
+        assert added <= 3 * adapter_bytes, (added, adapter_bytes)
+    finally:
+        scheduler.shutdown()
+
+
 # --- the API, with the official client ------------------------------------------------------------
 
 def test_models_and_health(server, client):

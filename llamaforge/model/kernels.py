@@ -116,9 +116,29 @@ static inline __m512 load_bf16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+static inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+// e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) as 2^n * 2^f with f in
+// [-1/2, 1/2] and 2^f by its Taylor series to f^6 (relative error ~1e-7).
+static inline __m512 exp512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5403530e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
-  TORCH_CHECK(D % 16 == 0 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
               "decode_attention: unsupported layout");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kFloat32));
@@ -137,20 +157,36 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       const at::BFloat16* vp = V + b * vb + h * vh;
       const float* qp = Q + bh * G * D;
       scores.resize(G * n);
-      for (int64_t j = 0; j < n; ++j) {           // scores: each key read once for G queries
+      const float sc = static_cast<float>(scale);
+      for (int64_t j = 0; j < n; ++j) {           // scores: each key read (and widened) once for G queries
+        __m512 kv[16];
+        for (int64_t c = 0; c < D / 16; ++c) kv[c & 15] = load_bf16(kp + j * D + c * 16);
         for (int64_t g = 0; g < G; ++g) {
           __m512 acc = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D; d += 16)
-            acc = _mm512_fmadd_ps(load_bf16(kp + j * D + d), _mm512_loadu_ps(qp + g * D + d), acc);
-          scores[g * n + j] = _mm512_reduce_add_ps(acc) * static_cast<float>(scale);
+          for (int64_t c = 0; c < D / 16; ++c) acc = _mm512_fmadd_ps(kv[c & 15], _mm512_loadu_ps(qp + g * D + c * 16), acc);
+          scores[g * n + j] = _mm512_reduce_add_ps(acc) * sc;
         }
       }
-      for (int64_t g = 0; g < G; ++g) {           // softmax
+      for (int64_t g = 0; g < G; ++g) {           // softmax, 16 scores at a time
         float* s = scores.data() + g * n;
-        float m = -INFINITY, sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-        for (int64_t j = 0; j < n; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
-        for (int64_t j = 0; j < n; ++j) s[j] /= sum;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 live = tail_mask(n - j);
+          mx = _mm512_mask_max_ps(mx, live, mx, _mm512_maskz_loadu_ps(live, s + j));
+        }
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 live = tail_mask(n - j);
+          __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + j), m));
+          _mm512_mask_storeu_ps(s + j, live, e);
+          sum = _mm512_mask_add_ps(sum, live, sum, e);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+        for (int64_t j = 0; j < n; j += 16) {
+          const __mmask16 live = tail_mask(n - j);
+          _mm512_mask_storeu_ps(s + j, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), inv));
+        }
       }
       float* op = O + bh * G * D;                 // weighted values: each value read once
       for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -270,7 +306,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     the kernel is unavailable or the tensors are not bf16 on a CPU (then SDPA with a mask)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or H // Hkv > 16 or gemv_extension() is None:
+    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or D > 256 or H // Hkv > 16 \
+            or gemv_extension() is None:
         return None
     out = gemv_extension().decode_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5)
     return out.view(B, H, 1, D)

@@ -80,14 +80,14 @@ class SlotCache:
         self.v = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
         self.max_len = max_len
 
-    def attach(self, model, rows: slice, active: torch.Tensor | None = None, length: int | None = None):
-        """Give every attention layer a view of `rows` for the next forward. For a decode step,
-        `active` (rows,) says which rows write their new key (the others are idle or mid-prefill)
-        and `length` how many positions attention reads."""
+    def attach(self, model, rows: slice, step: DecodeStep | None = None):
+        """Give every attention layer a view of `rows` for the next forward: a prefill's (a chunk
+        at one position of every row), or a decode step's (one key per active row, each at its
+        own position)."""
         for layer, k, v in zip(model.layers, self.k, self.v, strict=True):
             if isinstance(layer.self_attn.kv_cache, torch.nn.Module):
                 del layer.self_attn.kv_cache   # generate()'s cache, a submodule: ours is a plain object
-            layer.self_attn.kv_cache = _Rows(k[rows], v[rows], active, length)
+            layer.self_attn.kv_cache = _Rows(k[rows], v[rows], step)
 
     @staticmethod
     def detach(model):
@@ -107,31 +107,42 @@ def _lazy_zeros(shape, dtype, device) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8).view(dtype).view(shape)
 
 
+@dataclass
+class DecodeStep:
+    """What every layer of a decode step shares: the rows that decode, where each writes its new
+    key, how far each reads, and how many positions the widest reads (computed once a step)."""
+    active: torch.Tensor       # (rows,) bool
+    pos: torch.Tensor          # (rows,) the position of each row's new token
+
+    def __post_init__(self):
+        self.rows = self.active.nonzero().flatten()
+        self.at = self.pos[self.rows]
+        self.lengths = torch.where(self.active, self.pos + 1, 1)
+        self.length = int(self.pos.max()) + 1
+
+
 class _Rows:
     """What `Attention` calls `kv_cache.update(cache_pos, k, v)` on: rows of a SlotCache. An int
-    cache_pos writes a chunk at that position of every row (a prefill); a tensor writes each
-    active row's one new key at its own position (a decode step)."""
+    cache_pos writes a chunk at that position of every row (a prefill); in a decode step each
+    active row writes its one new key at its own position."""
 
-    def __init__(self, k, v, active, length):
-        self.k, self.v, self.active, self.length = k, v, active, length
+    def __init__(self, k, v, step: DecodeStep | None):
+        self.k, self.v, self.step = k, v, step
 
     def update(self, start, k, v):
-        if isinstance(start, int):
+        step = self.step
+        if step is None:
             end = start + k.shape[2]
             self.k[:, :, start:end], self.v[:, :, start:end] = k, v
             return self.k[:, :, :end], self.v[:, :, :end]
-        rows = self.active.nonzero().flatten()
-        self.k[rows, :, start[rows]] = k[rows, :, 0]
-        self.v[rows, :, start[rows]] = v[rows, :, 0]
-        self.lengths = torch.where(self.active, start + 1, 1)
-        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+        self.k[step.rows, :, step.at] = k[step.rows, :, 0]
+        self.v[step.rows, :, step.at] = v[step.rows, :, 0]
+        return self.k[:, :, :step.length], self.v[:, :, :step.length]
 
     def attend(self, q, k, v):
         """A decode step's attention, each row over its own length: the kernel, or None (the
         model then uses SDPA with the step's mask)."""
-        if self.active is None:
-            return None
-        return decode_attention(q, k, v, self.lengths)
+        return None if self.step is None else decode_attention(q, k, v, self.step.lengths)
 
 
 @dataclass
@@ -343,11 +354,11 @@ class Engine:
         for i in rows:
             r = self.slots[i].request
             tokens[i, 0], pos[i], active[i], adapters[i] = r.generated[-1], r.cached, True, r.adapter
-        length = int(pos.max()) + 1
-        keys = torch.arange(length, device=device)
+        step = DecodeStep(active, pos)
+        keys = torch.arange(step.length, device=device)
         mask = torch.where(active[:, None], keys[None] <= pos[:, None], keys[None] == 0)[:, None, None]
         self.adapter_rows.rows = adapters
-        self.cache.attach(self.model, slice(0, width), active, length)
+        self.cache.attach(self.model, slice(0, width), step)
         logits = self.model(tokens, pos[:, None], mask, cache_pos=pos, fp32_logits=True)[:, -1]
         # Plain greedy rows take their tokens in one argmax (per-row sampling costs ~50 us a row).
         plain = [i for i in rows if _plain_greedy(self.slots[i].request)]

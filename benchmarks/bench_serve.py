@@ -207,11 +207,20 @@ def one_request(port: int, prompt: str, n: int, extra: dict) -> dict:
     return {"sent": sent, "times": times}
 
 
-def run_level(server: Served, texts: list[str], clients: int, requests: int, n: int) -> dict:
+def level_prompts(texts: list[str], levels: list[int], requests: int) -> dict[int, list[str]]:
+    """The prompts of each concurrency, none shared between levels: a server that caches prompts
+    (llama-server's slots, our prefix reuse) must not find a later level's prompts computed. One
+    client sends several requests in turn, so that one prompt does not decide."""
+    out, at = {}, 0
+    for clients in levels:
+        n = max(requests, SINGLE_STREAM_REQUESTS) if clients == 1 else clients * requests
+        out[clients], at = texts[at:at + n], at + n
+    return out
+
+
+def run_level(server: Served, prompts: list[str], clients: int, n: int) -> dict:
     results, errors = [], []
-    queue = list(texts[:clients * requests])
-    if clients == 1:   # one stream: several requests in turn, so that one prompt does not decide
-        queue = list(texts[:max(requests, SINGLE_STREAM_REQUESTS)])
+    queue = list(prompts)
     lock = threading.Lock()
 
     def client():
@@ -340,7 +349,9 @@ def main():
         return transformers_server(args.transformers_server, args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     levels = [int(x) for x in args.concurrency.split(",")]
-    texts = prompts(max(levels) * args.requests)
+    per_level = level_prompts(prompts(sum(max(c * args.requests, SINGLE_STREAM_REQUESTS) for c in levels)), levels,
+                              args.requests)
+    single = per_level.get(1) or next(iter(per_level.values()))
     results: dict[str, list] = {}
     rates = (float("nan"), float("nan"))
     for name in args.peers.split(","):
@@ -359,14 +370,14 @@ def main():
             for clients in levels:
                 if name in ("llama-cpp-python", "transformers") and clients > args.serial_max_clients:
                     continue
-                r = run_level(server, texts, clients, args.requests, args.new_tokens)
+                r = run_level(server, per_level[clients], clients, args.new_tokens)
                 results[name].append(r)
                 print(f"{name:18} {clients:>3} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f} s, "
                       f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
         finally:
             server.stop()
         if name == "ours":   # right after our server, on its one-stream prompts: the machine drifts
-            rates = generate_rates(texts[:SINGLE_STREAM_REQUESTS], args.new_tokens)
+            rates = generate_rates(single[:SINGLE_STREAM_REQUESTS], args.new_tokens)
     report(results, rates, levels)
     out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
            "generate_decode_tokens_per_s": rates[0], "generate_end_to_end_tokens_per_s": rates[1], "results": results}

@@ -138,7 +138,11 @@ def chat(client, content, model="default", **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], **kw)
 
 
-NEAR_TIE = 0.1   # log-probability; bf16 rounding differs between a batch of 16 and one row by less
+# Log-probability. A batch's rows run other kernels than one row alone (the dense bf16 matmul
+# from 8 rows, the int4 kernel for one), and a prefix reused from another request is prefilled in
+# other chunks: their bf16 roundings differ, by up to ~0.3 after a dozen tokens (seen once in
+# CI). As elsewhere in the tests, a parting is allowed only where the best two were within 0.5.
+NEAR_TIE = 0.5
 
 
 def assert_same_greedy(ours: list[str] | str, alone: list[tuple[str, float]], what=""):
@@ -356,11 +360,13 @@ def test_sixteen_concurrent_streams(server, client):
     for t in threads:
         t.join(timeout=300)
     assert not errors and len(results) == 16
+    compared = []
     for prompt, chunks in results.items():
         assert chunks[-1] == "[DONE]", f"{prompt!r}: the stream did not complete"
         tokens = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in chunks
                   if isinstance(c, dict) and c["choices"] and c["choices"][0].get("logprobs")]
-        assert_same_greedy(tokens, alone[prompt], prompt)
+        compared.append(assert_same_greedy(tokens, alone[prompt], prompt))
+    assert sum(compared) >= 16 * 8, f"too few tokens compared before near ties: {compared}"
     assert server.rss_mb() - rss_before < 400, "serving 16 streams should not grow memory without bound"
     metrics = http(server, "/metrics", key=None)[1]
 

@@ -31,6 +31,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser):
                         "bf16. auto (default): int4 for a Q4_1 GGUF in bf16, whose precision it keeps")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: faster per token after a ~40 s first call")
+    _add_device_flag(p)
+
+
+def _add_device_flag(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs (auto: the first CUDA device when there is one, else the CPU)")
 
 
 def _sampling_config(args):
@@ -71,6 +77,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="a single sequence's decode step through torch.compile "
                    "(compiled in about 40 s after start-up, before the first request; then ~1.4x faster; needs g++)")
     p.add_argument("--name", action="append", default=[], metavar="ALIAS=MODEL", help="serve MODEL as ALIAS (repeatable)")
+    _add_device_flag(p)
 
     p = sub.add_parser("info", help="architecture, size, quantisation, tokenizer, licence")
     p.add_argument("model", nargs="?", default="default", metavar="MODEL")
@@ -145,6 +152,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (classify), 8 (tasks)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's, or bf16")
     p.add_argument("--format", choices=["text", "json"], default="text")
+    _add_device_flag(p)
 
     p = sub.add_parser("predict", help="labels and class probabilities from a fine-tuned classifier")
     p.add_argument("run", metavar="RUN_DIR")
@@ -154,6 +162,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help=".csv, .tsv or .jsonl file (default: JSON lines on stdout)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: the run's")
+    _add_device_flag(p)
     return parser
 
 
@@ -191,7 +200,7 @@ def cmd_generate(args):
     from ..model.generation import encode_prompt, stream
 
     cfg = _sampling_config(args)   # bad sampling options fail before the model is loaded
-    model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize, inference=True)
+    model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize, inference=True, device=args.device)
     ids = encode_prompt(tok, args.prompt, chat=args.chat)
     pieces = stream(model, tok, ids, cfg, compile=args.compile)
     if args.no_stream:
@@ -206,7 +215,7 @@ def cmd_generate(args):
 def cmd_chat(args):
     from .chat import chat_loop
     chat_loop(args.model, _sampling_config(args), dtype=args.dtype or "bf16", system=args.system,
-              quantize=args.quantize, compile=args.compile)
+              quantize=args.quantize, compile=args.compile, device=args.device)
 
 
 def cmd_info(args):
@@ -268,14 +277,14 @@ def cmd_evaluate(args):
         scores = evaluate_model(args.run, args.task, args.data, target=args.target, target_lang=args.target_lang,
                                 source_lang=args.source_lang, dtype=args.dtype or "bf16", batch_size=args.batch_size or 8,
                                 window=args.window, max_new_tokens=args.max_new_tokens, limit=args.limit,
-                                predictions_out=args.predictions)
+                                predictions_out=args.predictions, device=args.device)
         print(json.dumps(scores, ensure_ascii=False) if args.format == "json" else format_scores(scores))
         return
     from ..evaluate.metrics import format_report
     from ..train.classify import evaluate_classifier
     report = evaluate_classifier(args.run, args.data, text_column=args.text_column, label_column=args.label_column,
                                  text_pair_column=args.text_pair_column, batch_size=args.batch_size or 64,
-                                 dtype=args.dtype)
+                                 dtype=args.dtype, device=args.device)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.format == "json" else format_report(report))
 
 
@@ -297,7 +306,8 @@ def cmd_predict(args):
     if bool(args.text) == bool(args.data):
         raise LlamaforgeError("give either TEXT arguments or --data FILE")
     rows = predict_classifier(args.run, texts=args.text or None, data=args.data, out=args.out,
-                              text_column=args.text_column, batch_size=args.batch_size, dtype=args.dtype)
+                              text_column=args.text_column, batch_size=args.batch_size, dtype=args.dtype,
+                              device=args.device)
     if args.out:
         print(f"llamaforge: wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
     else:
@@ -309,7 +319,7 @@ def cmd_serve(args):
     from ..serve.server import serve
     serve(args.models, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_queue=args.max_queue, ctx=args.ctx, dtype=args.dtype, quantize=args.quantize, compile=args.compile,
-          names=args.name)
+          names=args.name, device=args.device)
 
 
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,

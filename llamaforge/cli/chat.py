@@ -12,9 +12,9 @@ HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D)"
 
 
 def chat_loop(model_path: str, cfg: SamplingConfig, dtype: str = "bf16", system: str | None = None,
-              stdin=None, stdout=None, quantize: str | None = None, compile: bool = False):
+              stdin=None, stdout=None, quantize: str | None = None, compile: bool = False, device: str = "auto"):
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, tok = load(model_path, dtype=dtype, quantize=quantize, inference=True)
+    model, tok = load(model_path, dtype=dtype, quantize=quantize, inference=True, device=device)
     interactive = stdin.isatty()
     print(f"chatting with {model_path}; {HELP}", file=sys.stderr)
     history = [{"role": "system", "content": system}] if system else []

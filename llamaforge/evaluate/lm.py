@@ -18,6 +18,10 @@ def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction:
     Logits are computed only where a label is scored: on chat data most positions are prompt,
     and (B, T, vocab) fp32 logits of a 49k vocabulary would cost more than the model.
     """
+    device = model.embed_tokens.weight.device   # batches are built on the CPU
+    ids, labels = ids.to(device), labels.to(device)
+    position_ids = None if position_ids is None else position_ids.to(device)
+    mask = None if mask is None else mask.to(device)
     h = model.hidden_states(ids, position_ids, mask)
     target = labels[:, 1:]
     keep = target != IGNORE

@@ -47,7 +47,7 @@ def answer(model, tok, items: list[TaskItem], max_new_tokens: int, batch_size: i
 def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str | None = None,
                    target_lang: str | None = None, source_lang: str | None = None, dtype: str = "bf16",
                    batch_size: int = 8, window: int | None = None, max_new_tokens: int | None = None,
-                   limit: int | None = None, predictions_out: str | None = None) -> dict:
+                   limit: int | None = None, predictions_out: str | None = None, device: str = "auto") -> dict:
     """The task's metrics for a model or run directory on a data file."""
     if task not in TASKS:
         raise LlamaforgeError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
@@ -60,7 +60,7 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
         examples = read_examples(data, fmt)[:limit]
     else:
         items = read_task(data, task, target, target_lang, source_lang)[:limit]
-    net, tok = load(model, dtype=dtype)
+    net, tok = load(model, dtype=dtype, device=device)
     if task == "perplexity":
         ids = tok.encode(text, add_special_tokens=False)
         if len(ids) < 2:

@@ -151,6 +151,11 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
     """
     if quantize not in (None, "none", "auto", "int8", "int4"):
         raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8, int4 or auto")
+    from ..model.device import resolve_device
+    device = str(resolve_device(device))
+    if quantize == "int4" and device != "cpu":
+        raise LlamaforgeError(f"--quantize int4 is CPU-only (PyTorch's int4 pack for the CPU); on {device} use "
+                              f"--quantize int8 or none")
     if quantize in ("int8", "int4") and dtype is not None and parse_dtype(dtype) != torch.bfloat16:
         raise LlamaforgeError(f"--quantize {quantize} computes in bf16 (its kernels take bf16 activations), so it "
                               f"cannot run in {dtype}: leave out --dtype, or use --quantize none")

@@ -47,9 +47,11 @@ def lora_of(path: Path) -> tuple[Path, str] | None:
 
 def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quantize: str = "auto",
                 ctx: int | None = None, max_batch: int = 16, max_queue: int = 64, compile: bool = False,
-                on_step: Callable | None = None) -> tuple[dict[str, Served], Scheduler]:
+                on_step: Callable | None = None, device: str = "auto") -> tuple[dict[str, Served], Scheduler]:
     """specs: (alias or None, MODEL). Bases of LoRA adapters are loaded once. Loading runs on the
     scheduler's thread too: no other thread ever runs a torch operation (see Scheduler)."""
+    from ..model.device import resolve_device
+    device = str(resolve_device(device))   # a CUDA device that is not there fails before anything loads
     served: dict[str, Served] = {}
     engines: dict[str, tuple[Engine, object]] = {}   # resolved base path -> (engine, tokenizer)
     scheduler = Scheduler(on_step)
@@ -61,7 +63,7 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
         key = str(resolve_model_path(model).resolve())   # "default" and its file are one base
         if key not in engines:
             net, tok = scheduler.call(lambda: load(model, dtype=dtype, quantize=quantize, inference=True,
-                                                   batched=True))
+                                                   batched=True, device=device))
             engines[key] = (Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
                                    adapter_rows=AdapterRows(), scheduler=scheduler, compile=compile), tok)
         return engines[key]
@@ -75,7 +77,7 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
             labels = classifier_labels(path) if path.is_dir() else None
             if labels is not None:
                 from ..train.classify import load_run
-                clf, tok, labels, cfg = scheduler.call(lambda path=path: load_run(path, dtype))
+                clf, tok, labels, cfg = scheduler.call(lambda path=path: load_run(path, dtype, device))
                 served[name] = Served(name, str(path), "classifier", tok, scheduler, classifier=(clf, labels, cfg))
                 continue
             lora = lora_of(path) if path.is_dir() else None

@@ -30,6 +30,7 @@ from ..formats.checkpoint import Checkpoint
 from ..formats.load import load
 from ..formats.paths import classifier_labels, run_model_path
 from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
+from ..model.device import resolve_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
 from .base import FinetuneConfig, base_model_reference, open_run
@@ -91,8 +92,8 @@ def run_settings(run_dir: str | Path, dtype: str | None = None) -> tuple[Classif
     return cfg, labels
 
 
-def load_run(run_dir: str | Path, dtype: str | None = None):
-    """(classifier ready for inference, tokenizer, labels, config) from a run directory."""
+def load_run(run_dir: str | Path, dtype: str | None = None, device: str = "cpu"):
+    """(classifier ready for inference on `device`, tokenizer, labels, config) from a run directory."""
     cfg, labels = run_settings(run_dir, dtype)
     best = run_model_path(Path(run_dir))
     if cfg.method == "lora":
@@ -106,7 +107,7 @@ def load_run(run_dir: str | Path, dtype: str | None = None):
         clf, tok = build_classifier(cfg, len(labels), model=best)
         with torch.no_grad():
             clf.score.weight.copy_(hf.classifier_head(best))
-    return clf.eval(), tok, labels, cfg
+    return clf.to(resolve_device(device)).eval(), tok, labels, cfg
 
 
 # --- data and loss -----------------------------------------------------------------------------
@@ -123,7 +124,8 @@ def predict_proba(clf, seqs: list[list[int]], pad_id: int, batch_size: int = 64,
     batches = length_bucketed_batches([len(s) for s in seqs], batch_size)
     for idx in tqdm(batches, desc="predict", unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True):
         ids, lengths = pad_right([seqs[i] for i in idx], pad_id)
-        out[idx] = clf(ids, lengths).softmax(-1)
+        device = clf.score.weight.device
+        out[idx] = clf(ids.to(device), lengths.to(device)).softmax(-1).float().cpu()
     return out
 
 
@@ -209,14 +211,14 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
 
 def evaluate_classifier(run_dir: str | Path, data: str | Path, text_column: str | None = None,
                         label_column: str | None = None, text_pair_column: str | None = None,
-                        batch_size: int = 64, dtype: str | None = None) -> dict:
+                        batch_size: int = 64, dtype: str | None = None, device: str = "auto") -> dict:
     cfg, labels = run_settings(run_dir, dtype)
     cfg.text_column = text_column or cfg.text_column
     cfg.label_column = label_column or cfg.label_column
     cfg.text_pair_column = text_pair_column or cfg.text_pair_column
     examples = read_split(data, cfg)   # the data, its columns and labels before the model loads
     y = label_ids(examples, labels)
-    clf, tok, _, _ = load_run(run_dir, dtype)
+    clf, tok, _, _ = load_run(run_dir, dtype, device)
     seqs = encode_texts(tok, examples, cfg.max_length, name=str(data), truncation_side=cfg.truncation_side)
     probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=True)
     return classification_report(y, probs.argmax(-1).tolist(), labels)
@@ -224,7 +226,7 @@ def evaluate_classifier(run_dir: str | Path, data: str | Path, text_column: str 
 
 def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data: str | Path | None = None,
                        out: str | Path | None = None, text_column: str | None = None,
-                       batch_size: int = 64, dtype: str | None = None) -> list[dict]:
+                       batch_size: int = 64, dtype: str | None = None, device: str = "auto") -> list[dict]:
     """Label and class probabilities per text, written to `out` (.csv or .jsonl) when given."""
     cfg, labels = run_settings(run_dir, dtype)
     if out and Path(out).suffix.lower() not in PREDICTION_FORMATS:
@@ -236,7 +238,7 @@ def predict_classifier(run_dir: str | Path, texts: list[str] | None = None, data
         examples = [LabelledText(t, None, None, f"argument {i + 1}") for i, t in enumerate(texts)]
     else:
         raise LlamaforgeError("give a TEXT or --data FILE to predict")
-    clf, tok, _, _ = load_run(run_dir, dtype)   # once the input is known good
+    clf, tok, _, _ = load_run(run_dir, dtype, device)   # once the input is known good
     seqs = encode_texts(tok, examples, cfg.max_length, name=str(data or "input"),
                         truncation_side=cfg.truncation_side)
     probs = predict_proba(clf, seqs, tok.pad_id, batch_size, progress=len(seqs) > batch_size)

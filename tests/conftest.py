@@ -157,15 +157,17 @@ def sentiment_file(split: str) -> Path:
 
 
 def run_until_first_checkpoint(cmd: list[str], ckpt: Path, env=None) -> int:
-    """Start a training command, SIGKILL it as soon as it has written `ckpt`; the step saved."""
+    """Start a training command, SIGKILL it as soon as it has written a checkpoint in the
+    directory `ckpt`; the step saved."""
     import os
     import signal
     import subprocess
     import time
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+    while not (ckpt / "latest").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    return torch.load(ckpt, weights_only=True)["state"]["step"]
+    from llamaforge.train.checkpoint import read_meta
+    return read_meta(ckpt)["state"]["step"]

@@ -10,6 +10,7 @@ import torch
 
 from llamaforge.cli import main
 from llamaforge.errors import LlamaforgeError
+from llamaforge.train.checkpoint import read_meta
 from llamaforge.train.classify import ClassifyConfig, evaluate_classifier, finetune_classify, predict_classifier
 from llamaforge.train.trainer import TrainConfig, lr_at
 
@@ -41,8 +42,8 @@ def test_run_directory(lora_run):
     assert json.loads((lora_run / "label_map.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
     for png in ("curves.png", "confusion_matrix.png"):
         assert (lora_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The checkpoint is plain tensors and numbers: loadable without unpickling objects.
-    state = torch.load(lora_run / "checkpoint" / "state.pt", weights_only=True)
+    # The checkpoint: DCP shards of tensors, and JSON (nothing to unpickle).
+    state = read_meta(lora_run / "checkpoint")
     assert state["state"]["step"] == 40 and state["state"]["stopped"] == "done"
 
 
@@ -264,7 +265,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tiny_model_dir, tmp_pat
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(cmd + tiny_args(tiny_model_dir, whole, *args), check=True, capture_output=True)
 
-    step = run_until_first_checkpoint(cmd + tiny_args(tiny_model_dir, killed, *args), killed / "checkpoint" / "state.pt")
+    step = run_until_first_checkpoint(cmd + tiny_args(tiny_model_dir, killed, *args), killed / "checkpoint")
     assert 0 < step < 120 and step % 40 != 0, "the run should die mid-epoch"
     if (killed / "metrics.json").exists():
         assert "final" not in json.loads((killed / "metrics.json").read_text()), "the run should not have finished"

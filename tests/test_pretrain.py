@@ -95,7 +95,7 @@ def test_pretraining_resumes_after_sigkill_to_the_same_losses(tmp_path):
     cmd = [sys.executable, "-m", "llamaforge", "pretrain"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(cmd + args + ["--out", str(whole)], check=True, capture_output=True, env=env)
-    step = run_until_first_checkpoint(cmd + args + ["--out", str(killed)], killed / "checkpoint" / "state.pt", env)
+    step = run_until_first_checkpoint(cmd + args + ["--out", str(killed)], killed / "checkpoint", env)
     assert 0 < step < 60
     r = subprocess.run(cmd + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

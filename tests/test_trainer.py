@@ -7,6 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
+from llamaforge.train import checkpoint
 from llamaforge.train.trainer import TrainConfig, fit, optimizer_groups
 
 
@@ -18,14 +19,17 @@ class Regression:
         self.data = [(torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)) for _ in range(n_batches)]
 
     def train_batches(self, epoch, generator):
-        return list(range(len(self.data)))
+        return [[i] for i in range(len(self.data))]   # one batch (of one item) a step
 
-    def loss(self, model, i):
-        x, y = self.data[i]
-        return ((model(x.to(model.weight.dtype)).float() - y) ** 2).mean(), x.shape[0]
+    def loss(self, model, items):
+        x, y = self.data[items[0]]
+        return ((model(x.to(model.weight.dtype)).float() - y) ** 2).sum(), x.shape[0]
 
-    def evaluate(self, model):
-        return {"loss": sum(float(self.loss(model, i)[0]) for i in range(len(self.data)))}
+    def units(self, items):
+        return self.data[items[0]][1].numel()   # the loss is a mean over them
+
+    def evaluate(self, model, world):
+        return {"loss": sum(float(self.loss(model, [i])[0]) / self.units([i]) for i in range(len(self.data)))}
 
     def save_model(self, model, out_dir):
         pass
@@ -36,7 +40,8 @@ def reference_adamw(model, task, steps, cfg):
     params = list(model.named_parameters())
     opt = torch.optim.AdamW(optimizer_groups(params, cfg.weight_decay), lr=cfg.lr, foreach=False)
     for i in range(steps):
-        task.loss(model, i % len(task.data))[0].backward()
+        items = [i % len(task.data)]
+        (task.loss(model, items)[0] / task.units(items)).backward()
         opt.step()
         opt.zero_grad()
     return model
@@ -76,6 +81,7 @@ def test_fit_steps_are_adamw_steps_in_fp32_and_bf16(tmp_path, monkeypatch):
     assert not any(p is bf16.weight for g in optimizers[-1].param_groups for p in g["params"])
     moved = (expected.weight - start.weight).abs().median()
     assert (bf16.weight.float() - expected.weight).abs().median() < 0.1 * moved
-    saved = torch.load(tmp_path / "bf16" / "checkpoint" / "state.pt", weights_only=True)["masters"]
-    assert saved["weight"].dtype == torch.float32
-    torch.testing.assert_close(saved["weight"].bfloat16(), bf16.weight, atol=0, rtol=0)
+    saved = [("weight", torch.zeros(3, 6)), ("bias", torch.zeros(3))]
+    checkpoint.load(tmp_path / "bf16" / "checkpoint", saved, torch.optim.AdamW([t for _, t in saved], fused=True))
+    assert saved[0][1].dtype == torch.float32
+    torch.testing.assert_close(saved[0][1].bfloat16(), bf16.weight, atol=0, rtol=0)

@@ -184,6 +184,12 @@ FINETUNE_HELP = {
     "task": f"{' | '.join(GENERATION_TASKS)}: train on a task file, with the prompts `evaluate --task` uses",
     "pack": "pack short examples into rows of --max-length tokens (no attention across examples)",
     "compile": COMPILE_HELP,
+    "batch_size": "examples per optimiser step, over all processes (each takes its share)",
+    "grad_accum": "micro-steps each process cuts its share of a batch into (less memory, same optimisation)",
+    "device": "auto | cpu | cuda | cuda:N (auto: CUDA when available; under torchrun each process its own GPU)",
+    "distributed": "under torchrun: ddp | fsdp | auto (DDP for lora and prefix, FSDP2 for full and pretrain)",
+    "nproc": "start torchrun with N processes on this machine (or run under torchrun yourself)",
+    "gradient_checkpointing": "recompute each block's activations in the backward pass: less memory, ~30%% more time",
 }
 
 
@@ -258,12 +264,22 @@ def _run_recipe(name: str, args):
         from ..train.runconfig import read_config_values
         given = (read_config_values(cls, args.config) if args.config else {}) | {
             k: v for k, v in overrides.items() if v is not None}
-        return run(resume_config(cls, args.out, given), resume=True)
-    return run(resolve_config(cls, args.config, overrides), resume=False)
+        cfg = resume_config(cls, args.out, given)
+    else:
+        cfg = resolve_config(cls, args.config, overrides)
+    from ..train.distributed import relaunch_under_torchrun, under_torchrun
+    if cfg.nproc > 1 and not under_torchrun():
+        relaunch_under_torchrun(cfg.nproc, _ARGV)   # does not return
+    if under_torchrun() and not args.resume:   # the run records how many processes it had
+        import os
+        cfg.nproc = int(os.environ["WORLD_SIZE"])
+    return run(cfg, resume=args.resume)
 
 
 def cmd_finetune(args):
     final = _run_recipe(args.recipe, args)
+    if final is None:   # a rank of a distributed run other than 0: rank 0 prints
+        return
     if args.recipe == "classify":
         from ..evaluate.metrics import format_report
         print("\n\n".join(format_report(r, title=f"{name} (best model)") for name, r in final.items()))
@@ -289,7 +305,9 @@ def cmd_evaluate(args):
 
 
 def cmd_pretrain(args):
-    print(json.dumps(_run_recipe("pretrain", args)))
+    final = _run_recipe("pretrain", args)
+    if final is not None:   # (None: a rank of a distributed run other than 0)
+        print(json.dumps(final))
 
 
 def cmd_tokenizer(args):
@@ -322,6 +340,8 @@ def cmd_serve(args):
           names=args.name, device=args.device)
 
 
+_ARGV: list[str] = []   # this command's arguments, for `--nproc` to start it again under torchrun
+
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "info": cmd_info, "export": cmd_export, "openness": cmd_openness,
             "reproduce": cmd_reproduce,
             "finetune": cmd_finetune, "evaluate": cmd_evaluate, "predict": cmd_predict, "pretrain": cmd_pretrain,
@@ -329,7 +349,9 @@ COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "chat": cmd_chat, "inf
 
 
 def main(argv=None):
+    global _ARGV
     argv = sys.argv[1:] if argv is None else list(argv)
+    _ARGV = argv
     from ..provenance.command import set_command_line
     set_command_line(argv)   # for the model cards of what this command writes
     command = next((a for a in argv if not a.startswith("-")), None)

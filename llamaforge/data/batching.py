@@ -29,6 +29,15 @@ def length_bucketed_batches(lengths: list[int], batch_size: int, generator: torc
     return [batches[i] for i in order]
 
 
+def share(items: list, k: int, n: int) -> list:
+    """The k-th of n contiguous, nearly equal parts of items: a rank's (and micro-step's) part of
+    a global batch, or a rank's part of the dev set. A batch is sorted by length, so a contiguous
+    part pads least."""
+    base, extra = divmod(len(items), n)
+    start = k * base + min(k, extra)
+    return items[start:start + base + (k < extra)]
+
+
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, T) padded on the right to the longest, lengths (B,))."""
     T = max(len(s) for s in seqs)

@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import length_bucketed_batches, pad_labelled
+from ..data.batching import length_bucketed_batches, pad_labelled, share
 from ..data.conversations import IGNORE
 
 
@@ -31,16 +31,21 @@ def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction:
 
 @torch.inference_mode()
 def mean_loss(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
-              progress: bool = False) -> tuple[float, int]:
-    """(mean loss over all scored tokens, their count) for encoded (ids, labels) pairs."""
+              progress: bool = False, world=None) -> tuple[float, int]:
+    """(mean loss over all scored tokens, their count) for encoded (ids, labels) pairs. With a
+    training run's `world`, each rank scores its share and the sums are added up."""
     from tqdm import tqdm
     total, n = 0.0, 0
+    if world is not None and world.distributed:
+        pairs = share(pairs, world.rank, world.size)
     batches = length_bucketed_batches([len(p[0]) for p in pairs], batch_size)
     for idx in tqdm(batches, desc="score", unit="batch", file=sys.stderr, disable=not progress, dynamic_ncols=True):
         ids, labels = pad_labelled([pairs[i] for i in idx], pad_id)
         loss, k = next_token_loss(model, ids, labels, reduction="sum")
         total, n = total + float(loss), n + k
-    return total / max(n, 1), n
+    if world is not None and world.distributed:
+        total, n = world.sum([total, n])
+    return total / max(n, 1), int(n)
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:

@@ -10,10 +10,12 @@ are in HF's "rotate half" layout, so an HF state dict loads with a prefix strip 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 
@@ -278,6 +280,7 @@ class Llama(nn.Module):
         # so that a next prompt sharing that prefix need not recompute it; None when unknown.
         self.cache_tokens: list[int] | None = None
         self._fp32_output = (None, None)   # (weight's identity and version, its fp32 copy): `logits`
+        self.checkpoint_blocks = False     # see gradient_checkpointing
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -325,11 +328,17 @@ class Llama(nn.Module):
         # A batch of one row or one position runs eager: the compiled graph's dynamic shapes would
         # be specialised to size 1 and compiled again, for one rare batch.
         compiled = torch.is_grad_enabled() and B > 1 and T > 1
+        # Only a training step has activations to drop; a KV cache being filled is inference.
+        checkpointed = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache_pos is None
         for layer in self.layers:
-            if compiled and layer.compile_training:
-                x = compiled_block_forward()(layer, x, cos, sin, mask, cache_pos)
+            block = partial(compiled_block_forward(), layer) if compiled and layer.compile_training else layer
+            if checkpointed:
+                # Non-reentrant: correct when x needs no gradient (LoRA on a frozen embedding) and
+                # with parameters the block reaches through its module; the RNG state is
+                # restored for the recomputation, so dropout draws the same masks.
+                x = checkpoint(block, x, cos, sin, mask, cache_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache_pos)
+                x = block(x, cos, sin, mask, cache_pos)
         return self.norm(x)
 
     def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False, fp32_logits=False):
@@ -399,6 +408,15 @@ class Llama(nn.Module):
             layer.compile_training = True
         return self
 
+    def gradient_checkpointing(self, enabled: bool = True):
+        """Trade compute for memory in training: each block keeps only its input and recomputes
+        its activations during the backward pass (one more forward of every block, about a third
+        more compute per step). Activation memory goes from all of every block's intermediates to
+        one (B, T, dim) input per block plus one block's intermediates at a time. Inference and
+        evaluation (no gradients, or eval mode) run as before."""
+        self.checkpoint_blocks = enabled
+        return self
+
     def replace_linears(self, make, names=None, kind=nn.Linear):
         """Swap each linear layer of the blocks (or those named in `names`, e.g. "q_proj") for
         make(layer): quantised or kernel-backed versions for inference, LoRA layers for
@@ -435,7 +453,7 @@ class LlamaForClassification(nn.Module):
         """Logits (B, num_labels) in fp32; lengths (B,) = real tokens per row (default: all)."""
         h = self.model.hidden_states(input_ids)                            # (B, T, dim)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
-        pooled = h[torch.arange(h.shape[0]), last.to(h.device)]            # (B, dim)
+        pooled = h[torch.arange(h.shape[0], device=h.device), last.to(h.device)]            # (B, dim)
         return self.score(pooled).float()
 
     def state_dict_hf(self) -> dict[str, torch.Tensor]:

@@ -48,9 +48,11 @@ class FinetuneConfig(TrainConfig):
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
 
-# What a resumed run may change: how long it goes on and how often it is evaluated. Anything else
-# would make it another run than the one its checkpoint and metrics belong to.
-EXTENDABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "patience")
+# What a resumed run may change: how long it goes on and how often it is evaluated, and where and
+# how it computes (device, processes, micro-steps: the global batch stays what it was). Anything
+# else would make it another run than the one its checkpoint and metrics belong to.
+EXTENDABLE = ("epochs", "max_steps", "max_minutes", "eval_every", "patience",
+              "device", "distributed", "nproc", "grad_accum", "gradient_checkpointing", "compile")
 
 
 def saved_config(cls, out: Path):

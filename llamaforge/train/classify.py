@@ -7,7 +7,7 @@ Run directory:
     metrics.json         every dev evaluation, then the final dev / test reports
     best/                LoRA: adapter_config.json + adapter_model.safetensors (PEFT layout);
                          full: an HF LlamaForSequenceClassification directory
-    checkpoint/state.pt  the last resumable checkpoint
+    checkpoint/          the last resumable checkpoint (see train/checkpoint.py)
     tensorboard/, curves.png, confusion_matrix.png
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import length_bucketed_batches, pad_right
+from ..data.batching import length_bucketed_batches, pad_right, share
 from ..data.labelled import LabelledText, check_truncation_side, encode_texts, label_ids, label_names, read_labelled
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import classification_report, format_report, plot_confusion_matrix
@@ -34,6 +34,7 @@ from ..model.device import resolve_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
 from .base import FinetuneConfig, base_model_reference, open_run
+from .distributed import init_world
 from .runconfig import resolve_config, write_yaml
 from .trainer import fit, write_metrics
 
@@ -147,11 +148,19 @@ class ClassificationTask:
 
     def loss(self, model, idx):
         ids, lengths = pad_right([self.train_seqs[i] for i in idx], self.tok.pad_id)
-        logits = model(ids, lengths)
-        return F.cross_entropy(logits, self.train_y[idx], weight=self.weight), int(lengths.sum())
+        device = model.score.weight.device
+        logits = model(ids.to(device), lengths.to(device))
+        weight = None if self.weight is None else self.weight.to(device)
+        return F.cross_entropy(logits, self.train_y[idx].to(device), weight=weight, reduction="sum"), \
+            int(lengths.sum())
 
-    def evaluate(self, model):
-        probs = predict_proba(model, self.dev_seqs, self.tok.pad_id, self.cfg.eval_batch_size)
+    def units(self, idx):
+        """Examples, or with class weights their summed weights (cross-entropy's weighted mean)."""
+        return len(idx) if self.weight is None else float(self.weight[self.train_y[idx]].sum())
+
+    def evaluate(self, model, world):
+        part = share(self.dev_seqs, world.rank, world.size)
+        probs = torch.cat(world.gather(predict_proba(model, part, self.tok.pad_id, self.cfg.eval_batch_size)))
         return classification_report(self.dev_y, probs.argmax(-1).tolist(), self.labels)
 
     def format_metrics(self, report):
@@ -164,7 +173,9 @@ class ClassificationTask:
 # --- the commands --------------------------------------------------------------------------------
 
 def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
-    """Train, keep the best dev model, and report on dev and test. Returns the final reports."""
+    """Train, keep the best dev model, and report on dev and test. Returns the final reports
+    (under torchrun: on rank 0; the other ranks return None)."""
+    world = init_world(cfg.device)
     cfg, out = open_run(cfg, resume)
     if not cfg.dev:
         raise LlamaforgeError("--dev is required")
@@ -180,17 +191,20 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     clf, tok = build_classifier(cfg, len(labels))
     enc = {name: encode_texts(tok, split, cfg.max_length, name=str(path), truncation_side=cfg.truncation_side)
            for name, split, path in (("train", train, cfg.train), ("dev", dev, cfg.dev), ("test", test, cfg.test)) if split}
-    if not resume:
+    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
+    if not resume and world.main:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg, out / "config.yaml")
         write_json(out / "label_map.json", {"id2label": {str(i): n for i, n in enumerate(labels)}})
     n_train = sum(p.numel() for p in clf.parameters() if p.requires_grad)
-    print(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
-          f"{n_train:,} trainable parameters, {cfg.dtype}", file=sys.stderr)
+    world.log(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
+              f"{n_train:,} trainable parameters, {cfg.dtype}")
 
-    terms = check_licence(cfg.model, out)
+    terms = check_licence(cfg.model, out) if world.main else None
     task = ClassificationTask(cfg, enc["train"], train_y, enc["dev"], dev_y, labels, tok)
-    history = fit(clf, task, cfg, out, resume=resume)
+    history = fit(clf, task, cfg, out, resume=resume, world=world)
+    if not world.main:
+        return None
 
     # Final reports come from the best model as saved, read back the way `evaluate` reads it.
     del clf

@@ -35,6 +35,7 @@ from ..provenance.modelcard import check_licence, write_run_cards
 from ..text.convert import from_hf_dir
 from ..text.training import save_trained_tokenizer, train_tokenizer
 from .base import open_run
+from .distributed import World, init_world
 from .runconfig import write_yaml
 from .trainer import UNBOUNDED_EPOCHS, TrainConfig, fit, write_metrics
 
@@ -88,7 +89,7 @@ class PretrainConfig(TrainConfig):
 
 # --- the corpus ----------------------------------------------------------------------------------
 
-def token_file(files: list[Path], tok, name: str = "corpus") -> np.ndarray:
+def token_file(files: list[Path], tok, name: str = "corpus", quiet: bool = False) -> np.ndarray:
     """The corpus as one memory-mapped token array (documents joined by EOS), made once and
     reused while the text and the tokenizer stay the same."""
     key = hashlib.sha256()
@@ -98,7 +99,8 @@ def token_file(files: list[Path], tok, name: str = "corpus") -> np.ndarray:
     path = cache_dir("tokens") / f"{key.hexdigest()[:24]}.bin"
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     if path.exists():
-        print(f"llamaforge: {name}: tokens from the cache ({path})", file=sys.stderr)
+        if not quiet:
+            print(f"llamaforge: {name}: tokens from the cache ({path})", file=sys.stderr)
         return np.memmap(path, dtype=dtype, mode="r")
     from tqdm import tqdm
     sep = tok.eos_id if tok.eos_id is not None else tok.pad_id
@@ -133,8 +135,10 @@ def new_model_config(cfg: PretrainConfig, vocab_size: int) -> LlamaConfig:
                    **sizes)
 
 
-def build_model(cfg: PretrainConfig, out: Path, texts):
-    """(model, tokenizer): continued from cfg.model, or new with random weights."""
+def build_model(cfg: PretrainConfig, out: Path, texts, world: World | None = None):
+    """(model, tokenizer): continued from cfg.model, or new with random weights (under torchrun
+    rank 0 trains the tokenizer, and the others read it)."""
+    world = world or World()
     if cfg.model:
         model, tok = load(cfg.model, dtype=cfg.dtype)
         refuse_prefix(model, cfg.model)
@@ -146,10 +150,12 @@ def build_model(cfg: PretrainConfig, out: Path, texts):
     elif (out / "tokenizer" / "tokenizer.json").exists():   # trained by this run before a resume
         tok = from_hf_dir(out / "tokenizer")
     else:
-        print(f"llamaforge: training a {cfg.vocab}-token byte-level BPE tokenizer on the corpus "
-              f"(give --tokenizer DIR to use another)", file=sys.stderr)
-        tok = train_tokenizer(texts(), cfg.vocab)
-        save_trained_tokenizer(tok, out / "tokenizer")
+        if world.main:
+            world.log(f"llamaforge: training a {cfg.vocab}-token byte-level BPE tokenizer on the corpus "
+                      f"(give --tokenizer DIR to use another)")
+            save_trained_tokenizer(train_tokenizer(texts(), cfg.vocab), out / "tokenizer")
+        world.barrier()
+        tok = from_hf_dir(out / "tokenizer")
     torch.manual_seed(cfg.seed)
     model = Llama(new_model_config(cfg, tok.vocab_size))
     init_weights(model)
@@ -200,14 +206,18 @@ class PretrainTask:
 
     def loss(self, model, starts):
         x = torch.stack([self.block(self.train, s) for s in starts])
-        loss, _ = next_token_loss(model, x, x)
+        loss, _ = next_token_loss(model, x, x, reduction="sum")
         return loss, x.numel()
 
-    def evaluate(self, model):
-        loss, _ = mean_loss(model, self.val_pairs, self.tok.pad_id, self.cfg.batch_size)
-        self.last_sample = self.sample(model)
-        with open(self.out / "samples.log", "a", encoding="utf-8") as f:
-            f.write(f"=== val loss {loss:.4f}\n{self.last_sample}\n\n")
+    def units(self, starts):
+        return len(starts) * (self.cfg.block_size - 1)   # every token of a block but the first is predicted
+
+    def evaluate(self, model, world):
+        loss, _ = mean_loss(model, self.val_pairs, self.tok.pad_id, self.cfg.batch_size, world=world)
+        if world.main:
+            self.last_sample = self.sample(model)
+            with open(self.out / "samples.log", "a", encoding="utf-8") as f:
+                f.write(f"=== val loss {loss:.4f}\n{self.last_sample}\n\n")
         return {"loss": loss, "perplexity": math.exp(loss)}
 
     def sample(self, model) -> str:
@@ -228,28 +238,41 @@ class PretrainTask:
 # --- the command ---------------------------------------------------------------------------------
 
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
-    """Train; keep the best model by validation loss; returns its validation loss and perplexity."""
+    """Train; keep the best model by validation loss; returns its validation loss and perplexity
+    (under torchrun: on rank 0; the other ranks return None)."""
+    world = init_world(cfg.device)
     cfg, out = open_run(cfg, resume, required="data")
     if cfg.epochs is None:
         raise LlamaforgeError("say how long to train: --max-steps, --max-minutes or --epochs")
     files = corpus_files(cfg.data)
     if next(documents(files), None) is None:
         raise LlamaforgeError(f"{cfg.data}: the corpus is empty")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:   # first, so that a run interrupted from here on can be resumed
-        write_yaml(cfg, out / "config.yaml")
-    model, tok = build_model(cfg, out, lambda: documents(files))
-    tokens = token_file(files, tok, name=str(cfg.data))
+    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:   # first, so that a run interrupted from here on can be resumed
+            write_yaml(cfg, out / "config.yaml")
+    world.barrier()
+    model, tok = build_model(cfg, out, lambda: documents(files), world)
+
+    def tokens_of(path) -> np.ndarray:   # rank 0 tokenizes; the others then read its cache
+        tokens = token_file(corpus_files(path), tok, name=str(path)) if world.main else None
+        world.barrier()
+        return tokens if world.main else token_file(corpus_files(path), tok, name=str(path), quiet=True)
+
+    tokens = tokens_of(cfg.data)
     if cfg.val:
-        train, val = tokens, token_file(corpus_files(cfg.val), tok, name=str(cfg.val))
+        train, val = tokens, tokens_of(cfg.val)
     else:
         cut = int(len(tokens) * (1 - cfg.val_fraction))
         train, val = tokens[:cut], tokens[cut:]
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"llamaforge: {len(train):,} train / {len(val):,} validation tokens; model {n_params / 1e6:.2f}M "
-          f"parameters ({model.config.n_layers} layers, dim {model.config.dim}), {cfg.dtype}", file=sys.stderr)
-    terms = check_licence(cfg.model, out)
-    history = fit(model, PretrainTask(cfg, train, val, tok, out), cfg, out, resume=resume)
+    world.log(f"llamaforge: {len(train):,} train / {len(val):,} validation tokens; model {n_params / 1e6:.2f}M "
+              f"parameters ({model.config.n_layers} layers, dim {model.config.dim}), {cfg.dtype}")
+    terms = check_licence(cfg.model, out) if world.main else None
+    history = fit(model, PretrainTask(cfg, train, val, tok, out), cfg, out, resume=resume, world=world)
+    if not world.main:
+        return None
     best = min(history["evals"], key=lambda e: e["loss"])
     final = {"loss": best["loss"], "perplexity": best["perplexity"], "step": best["step"],
              "tokens": history["state"]["tokens"]}

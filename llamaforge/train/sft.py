@@ -9,20 +9,19 @@ Run directory:
     best/                LoRA: PEFT adapter (adapter_config.json + adapter_model.safetensors);
                          prefix: prefix_config.json + prefix.safetensors;
                          full: an HF LlamaForCausalLM directory with tokenizer and chat template
-    checkpoint/state.pt, tensorboard/, curves.png
+    checkpoint/ (resumable, see train/checkpoint.py), tensorboard/, curves.png
 The run directory is a model: `llamaforge chat --model RUN` talks to its best model.
 """
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data.batching import length_bucketed_batches, pack_rows, packed_batch, pad_labelled
-from ..data.conversations import FORMATS, Example, encode_examples, read_examples
+from ..data.conversations import FORMATS, IGNORE, Example, encode_examples, read_examples
 from ..errors import LlamaforgeError
 from ..evaluate.lm import mean_loss, next_token_loss
 from ..evaluate.tasks import GENERATION_TASKS, read_task, training_examples
@@ -32,6 +31,7 @@ from ..model.adapters import add_lora, add_prefix, refuse_prefix, save_peft_adap
 from ..model.generation import SamplingConfig, generate_from_ids
 from ..provenance.modelcard import check_licence, write_run_cards
 from .base import FinetuneConfig, base_model_reference, open_run
+from .distributed import init_world
 from .runconfig import write_yaml
 from .trainer import fit, write_metrics
 
@@ -126,6 +126,8 @@ class CausalLMTask:
     def __init__(self, cfg: SFTConfig, train, dev, tok, out: Path, samples: list[tuple[list[int], str]] = ()):
         self.cfg, self.train, self.dev, self.tok, self.out = cfg, train, dev, tok, out
         self.lengths = [len(ids) for ids, _ in train]
+        # Tokens each example's loss scores (the first label is never predicted).
+        self.scored = [sum(label != IGNORE for label in labels[1:]) for _, labels in train]
         self.samples = list(samples)
         self.last_samples = ""
 
@@ -143,13 +145,17 @@ class CausalLMTask:
             ids, labels = pad_labelled([self.train[i] for i in batch], self.tok.pad_id)
             pos = mask = None
             real = sum(self.lengths[i] for i in batch)
-        loss, _ = next_token_loss(model, ids, labels, pos, mask)
+        loss, _ = next_token_loss(model, ids, labels, pos, mask, reduction="sum")
         return loss, real
 
-    def evaluate(self, model):
-        loss, n = mean_loss(model, self.dev, self.tok.pad_id, self.cfg.eval_batch_size)
+    def units(self, batch):
+        examples = [i for row in batch for i in row] if self.cfg.pack else batch
+        return sum(self.scored[i] for i in examples)
+
+    def evaluate(self, model, world):
+        loss, n = mean_loss(model, self.dev, self.tok.pad_id, self.cfg.eval_batch_size, world=world)
         metrics = {"loss": loss, "perplexity": math.exp(loss), "tokens": n}
-        self.last_samples = self.generate_samples(model)
+        self.last_samples = self.generate_samples(model) if world.main else ""
         if self.last_samples:
             with open(self.out / "samples.log", "a", encoding="utf-8") as f:
                 f.write(f"=== dev loss {loss:.4f}\n{self.last_samples}\n")
@@ -178,15 +184,17 @@ class CausalLMTask:
 # --- the command ---------------------------------------------------------------------------------
 
 def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
-    """Train, keep the best model by dev loss; returns the saved best model's dev metrics."""
+    """Train, keep the best model by dev loss; returns the saved best model's dev metrics (under
+    torchrun: on rank 0; the other ranks return None)."""
+    world = init_world(cfg.device)
     cfg, out = open_run(cfg, resume)
     train = read_split(cfg.train, cfg)
     if cfg.dev:
         dev = read_split(cfg.dev, cfg)
     else:
         train, dev = hold_out(train, cfg.dev_fraction, cfg.seed)
-        print(f"llamaforge: no --dev: holding out {len(dev)} of {len(train) + len(dev)} training examples "
-              f"for evaluation", file=sys.stderr)
+        world.log(f"llamaforge: no --dev: holding out {len(dev)} of {len(train) + len(dev)} training examples "
+                  f"for evaluation")
 
     torch.manual_seed(cfg.seed)
     llama, tok = build_model(cfg)
@@ -198,18 +206,20 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     enc_dev = encode_examples(tok, dev, cfg.max_length, context, name=str(cfg.dev or cfg.train))
     samples = [prompt_of(tok, ex) for ex in dev[:cfg.samples]]
     samples = [(ids, ref) for ids, ref in samples if len(ids) + cfg.sample_tokens <= context]
-    if not resume:
+    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
+    if not resume and world.main:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(cfg, out / "config.yaml")
     n_trainable = sum(p.numel() for p in llama.parameters() if p.requires_grad)
     n_tokens = sum(len(ids) for ids, _ in enc_train)
-    print(f"llamaforge: {len(enc_train)} train examples ({n_tokens:,} tokens) / {len(enc_dev)} dev; method "
-          f"{cfg.method}, {n_trainable:,} trainable parameters, {cfg.dtype}" + (", packed" if cfg.pack else ""),
-          file=sys.stderr)
+    world.log(f"llamaforge: {len(enc_train)} train examples ({n_tokens:,} tokens) / {len(enc_dev)} dev; method "
+              f"{cfg.method}, {n_trainable:,} trainable parameters, {cfg.dtype}" + (", packed" if cfg.pack else ""))
 
-    terms = check_licence(cfg.model, out)
+    terms = check_licence(cfg.model, out) if world.main else None
     task = CausalLMTask(cfg, enc_train, enc_dev, tok, out, samples)
-    history = fit(llama, task, cfg, out, resume=resume)
+    history = fit(llama, task, cfg, out, resume=resume, world=world)
+    if not world.main:
+        return None
 
     # The final figure comes from the best model as saved, read back as `llamaforge` reads a run.
     del llama

@@ -12,7 +12,6 @@ Frozen weights stay in bf16, so nothing is re-cast on every step as autocast wou
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -22,11 +21,14 @@ from typing import Protocol
 
 import torch
 
+from ..data.batching import share
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import plot_curves
-from ..files import atomic_output_dir, atomic_path, write_json
+from ..files import atomic_output_dir, write_json
 from ..model.kernels import require_cpp_compiler
 from ..model.llama import Llama
+from . import checkpoint
+from .distributed import Trainable, World, choose_strategy, init_world
 
 UNBOUNDED_EPOCHS = 1_000_000   # epochs of a run that --max-steps or --max-minutes ends
 
@@ -36,8 +38,8 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None          # optimiser steps; overrides epochs when set
     max_minutes: float | None = None      # stop after this much training time (evaluation excluded)
-    batch_size: int = 16
-    grad_accum: int = 1
+    batch_size: int = 16                  # examples per optimiser step, over all processes
+    grad_accum: int = 1                   # micro-steps each process cuts its share of a batch into
     lr: float = 2e-4
     warmup: float = 0.05                  # fraction of all steps (< 1) or a number of steps (>= 1)
     schedule: str = "linear"              # linear | cosine | constant (after warmup)
@@ -50,21 +52,30 @@ class TrainConfig:
     greater_is_better: bool = True
     patience: int | None = None           # evaluations without improvement before stopping
     compile: bool = False                 # torch.compile the blocks: 20-40 s once, then ~15% faster steps
+    # Where and how it runs; none changes what is computed, so a resumed run may change them.
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N
+    distributed: str = "auto"             # under torchrun: ddp | fsdp | auto (DDP for adapters, FSDP2 otherwise)
+    nproc: int = 1                        # > 1: start torchrun with this many processes on this machine
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
             raise LlamaforgeError(f"schedule must be linear, cosine or constant, not {self.schedule!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "save_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "save_every", "nproc"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise LlamaforgeError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LlamaforgeError(f"lr must be positive, got {self.lr}")
+        choose_strategy(self.distributed, "full")   # a bad name fails before anything loads
 
 
 class Task(Protocol):
-    def train_batches(self, epoch: int, generator: torch.Generator) -> list: ...
-    def loss(self, model, batch) -> tuple[torch.Tensor, int]: ...          # (mean loss, real tokens)
-    def evaluate(self, model) -> dict: ...                                  # dev metrics
+    # The global batches of an epoch, each a list of items (examples, packed rows, blocks): one
+    # optimiser step each, whatever the number of processes.
+    def train_batches(self, epoch: int, generator: torch.Generator) -> list[list]: ...
+    def loss(self, model, items) -> tuple[torch.Tensor, int]: ...   # (summed loss, real tokens)
+    def units(self, items) -> float: ...                            # what that sum counts (tokens, examples)
+    def evaluate(self, model, world) -> dict: ...                   # dev metrics, each rank a share, gathered
     # optional: format_metrics(metrics) -> str, printed on stderr after each evaluation
     def save_model(self, model, out_dir: Path): ...                        # the best model
 
@@ -103,22 +114,32 @@ class TrainState:
     stopped: str | None = None
 
 
-def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, resume: bool = False) -> dict:
+def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+        world: World | None = None) -> dict:
     """Train `model` on `task`; returns {"evals": [...], "train": [...], "state": {...}}.
 
-    run_dir gets: checkpoint/state.pt (resumable), best/ (via task.save_model), metrics.json,
-    tensorboard/, curves.png.
+    run_dir gets: checkpoint/ (resumable, see checkpoint.py), best/ (via task.save_model),
+    metrics.json, tensorboard/, curves.png. Under torchrun every rank calls fit; rank 0 alone
+    logs and writes files.
     """
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
+    world = world or init_world(cfg.device)
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / "checkpoint" / "state.pt"
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
+    ckpt_dir = run_dir / "checkpoint"
+    if not any(p.requires_grad for p in model.parameters()):
         raise LlamaforgeError("nothing to train: the model has no trainable parameters")
+    if cfg.gradient_checkpointing:
+        for module in model.modules():
+            if isinstance(module, Llama):
+                module.gradient_checkpointing(True)
+    strategy = choose_strategy(cfg.distributed, getattr(cfg, "method", "full")) if world.distributed else None
+    trainable = Trainable(model, task, world, strategy)
+    params = trainable.params
     # fp32 master copies of the trainable parameters; the optimiser only ever sees these. An fp32
-    # parameter is its own master (a copy would only cost memory and a copy-back per step).
+    # parameter is its own master (a copy would only cost memory and a copy-back per step); so is
+    # every FSDP shard (kept in fp32, see distributed.py).
     masters = [(n, p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True))
                for n, p in params]
     low_precision = [(m, p) for (_, m), (_, p) in zip(masters, params, strict=True) if m is not p]
@@ -131,74 +152,68 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     state, history = TrainState(), {"evals": [], "train": []}
 
     if resume:
-        if not ckpt_path.exists():
-            raise LlamaforgeError(f"{ckpt_path}: no checkpoint to resume from")
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # never unpickle objects
+        if not checkpoint.exists(ckpt_dir):
+            raise LlamaforgeError(f"{ckpt_dir}: no checkpoint to resume from")
+        meta = checkpoint.load(ckpt_dir, masters, optimizer)
         with torch.no_grad():
-            for (n, m), (_, p) in zip(masters, params, strict=True):
-                if n not in saved["masters"]:
-                    raise LlamaforgeError(f"{ckpt_path}: no tensor for trainable parameter {n}; was the run "
-                                          f"started with other settings?")
-                m.copy_(saved["masters"][n])
+            for m, p in low_precision:
                 p.copy_(m)
-        optimizer.load_state_dict(saved["optimizer"])
-        for g in optimizer.param_groups:   # a checkpoint from before the fused kernel would turn it off
-            g["fused"] = True
-        torch.set_rng_state(saved["rng"])
-        state = TrainState(**saved["state"])
-        history = json.loads(saved["history"])
+        state = TrainState(**meta["state"])
+        history = meta["history"]
     else:
         torch.manual_seed(cfg.seed)
 
-    probe = task.train_batches(0, _epoch_generator(cfg.seed, 0))
-    steps_per_epoch = max(1, math.ceil(len(probe) / cfg.grad_accum))
+    steps_per_epoch = len(task.train_batches(0, _epoch_generator(cfg.seed, 0)))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     if state.stopped:
         if not _limits_raised(state, cfg, total):
-            print(f"llamaforge: {run_dir}: the run already finished ({state.stopped}); raise --epochs, --max-steps, "
-                  f"--max-minutes or --patience to go on", file=sys.stderr)
+            if world.main:
+                print(f"llamaforge: {run_dir}: the run already finished ({state.stopped}); raise --epochs, --max-steps, "
+                      f"--max-minutes or --patience to go on", file=sys.stderr)
             return {**history, "state": asdict(state)}
         state.stopped = None   # it goes on where it stopped
         state.bad_evals = 0 if cfg.patience is None else min(state.bad_evals, cfg.patience - 1)
 
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step if resume else None)
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.step if resume else None) if world.main else None
     # A run bounded only by time has no meaningful step total to show.
-    bar = tqdm(total=None if cfg.epochs >= UNBOUNDED_EPOCHS and not cfg.max_steps else total, initial=state.step, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=None if cfg.epochs >= UNBOUNDED_EPOCHS and not cfg.max_steps else total, initial=state.step,
+               desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not world.main)
 
     def save_checkpoint():
-        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ckpt_path) as tmp:   # a kill while saving leaves the previous checkpoint
-            torch.save({"masters": {n: m.detach() for n, m in masters}, "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(), "state": asdict(state), "history": json.dumps(history)}, tmp)
+        checkpoint.save(ckpt_dir, masters, optimizer, {"state": asdict(state), "history": history}, world)
 
     def evaluate():
-        model.eval()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            metrics = task.evaluate(model)
-        model.train()
-        record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3),
-                  "train_minutes": round(state.train_seconds / 60, 3), "eval_seconds": round(time.perf_counter() - t0, 2),
-                  **metrics}
-        history["evals"].append(record)
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                writer.add_scalar(f"dev/{k}", v, state.step)
-        if cfg.metric not in metrics:
-            raise LlamaforgeError(f"metric {cfg.metric!r} is not among the dev metrics ({', '.join(metrics)})")
-        value = metrics[cfg.metric]
-        improved = state.best is None or (value > state.best if cfg.greater_is_better else value < state.best)
-        if improved:
-            state.best, state.best_step, state.bad_evals = value, state.step, 0
-            with atomic_output_dir(run_dir / "best", replace=True) as d:
-                task.save_model(model, d)
-        else:
-            state.bad_evals += 1
-        write_metrics(run_dir, history)
-        plot_curves(history, cfg.metric, run_dir / "curves.png")
-        bar.write(f"step {state.step}: dev {cfg.metric} {value:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
-        if hasattr(task, "format_metrics"):   # e.g. the classification report as a table
-            bar.write(task.format_metrics(metrics), file=sys.stderr)
+        with trainable.eval_model() as eval_model:
+            eval_model.eval()
+            with torch.no_grad():
+                metrics = task.evaluate(eval_model, world)
+            record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3),
+                      "train_minutes": round(state.train_seconds / 60, 3),
+                      "eval_seconds": round(time.perf_counter() - t0, 2), **metrics}
+            history["evals"].append(record)
+            if cfg.metric not in metrics:
+                raise LlamaforgeError(f"metric {cfg.metric!r} is not among the dev metrics ({', '.join(metrics)})")
+            value = metrics[cfg.metric]
+            improved = state.best is None or (value > state.best if cfg.greater_is_better else value < state.best)
+            if improved:
+                state.best, state.best_step, state.bad_evals = value, state.step, 0
+                if world.main:
+                    with atomic_output_dir(run_dir / "best", replace=True) as d:
+                        task.save_model(eval_model, d)
+            else:
+                state.bad_evals += 1
+            eval_model.train()
+        world.barrier()   # the best model is written before any rank goes on
+        if world.main:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"dev/{k}", v, state.step)
+            write_metrics(run_dir, history)
+            plot_curves(history, cfg.metric, run_dir / "curves.png")
+            bar.write(f"step {state.step}: dev {cfg.metric} {value:.4f}" + (" (best)" if improved else ""), file=sys.stderr)
+            if hasattr(task, "format_metrics"):   # e.g. the classification report as a table
+                bar.write(task.format_metrics(metrics), file=sys.stderr)
         if cfg.patience is not None and state.bad_evals >= cfg.patience:
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 
@@ -209,17 +224,31 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                 module.compile_for_training()
     model.train()
     window_loss, window_n = 0.0, 0
+    shares = world.size * cfg.grad_accum
     while state.step < total and not state.stopped:
         batches = task.train_batches(state.epoch, _epoch_generator(cfg.seed, state.epoch))
         while state.batch < len(batches) and state.step < total and not state.stopped:
             t0 = time.perf_counter()
-            group = batches[state.batch:state.batch + cfg.grad_accum]
-            for batch in group:
-                loss, n_tokens = task.loss(model, batch)
-                (loss / len(group)).backward()
-                window_loss += loss.item() / len(group)
-                state.tokens += n_tokens
-            state.batch += len(group)
+            batch = batches[state.batch]
+            # Every loss is a sum over the whole global batch's count (its tokens or examples),
+            # whichever rank and micro-step computes which share; DDP and FSDP average gradients
+            # over ranks, hence the world size.
+            units = max(task.units(batch), 1e-12)   # (a batch that scores nothing adds nothing)
+            scale = world.size / units
+            loss_sum, n_tokens = 0.0, 0
+            for a in range(cfg.grad_accum):
+                items = share(batch, a * world.size + world.rank, shares)
+                with trainable.no_sync(last=a == cfg.grad_accum - 1):
+                    # A rank without a share of a short batch still runs the model (its
+                    # collectives must meet the others'), on one item, weighted 0.
+                    loss, tokens = trainable.step(items or batch[:1])
+                    (loss * (scale if items else 0.0)).backward()
+                if items:
+                    loss_sum, n_tokens = loss_sum + float(loss.detach()), n_tokens + tokens
+            loss_sum, n_tokens = world.sum([loss_sum, n_tokens])
+            window_loss += loss_sum / units
+            state.tokens += int(n_tokens)
+            state.batch += 1
             # Gradients of a bf16 model move to the fp32 masters; the step is taken there and
             # copied back.
             for m, p in low_precision:
@@ -243,12 +272,15 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             if state.step % 10 == 0 or state.step == total:
                 mean_loss = window_loss / window_n
                 history["train"].append({"step": state.step, "loss": round(mean_loss, 5), "lr": lr})
-                writer.add_scalar("train/loss", mean_loss, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
+                if world.main:
+                    writer.add_scalar("train/loss", mean_loss, state.step)
+                    writer.add_scalar("train/lr", lr, state.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{state.tokens / max(state.train_seconds, 1e-9):.0f}")
                 window_loss, window_n = 0.0, 0
-            if cfg.max_minutes is not None and state.train_seconds >= cfg.max_minutes * 60:
-                state.stopped = f"time budget of {cfg.max_minutes} minutes reached"
+            if cfg.max_minutes is not None:   # rank 0's clock decides, for every rank alike
+                state.train_seconds = world.from_main(state.train_seconds)
+                if state.train_seconds >= cfg.max_minutes * 60:
+                    state.stopped = f"time budget of {cfg.max_minutes} minutes reached"
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 evaluate()
                 save_checkpoint()
@@ -264,7 +296,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     state.stopped = state.stopped or "done"
     save_checkpoint()
     bar.close()
-    writer.close()
+    if writer:
+        writer.close()
     return {**history, "state": asdict(state)}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_fsdp_full_finetuning_on_two_processes_saves_an_ordinary_model(tiny_mode
     one, two = tmp_path / "one", tmp_path / "two"
     full = ["--method", "full", "--lr", "1e-3"]
     run(sft_args(tiny_model_dir, data, one, "--grad-accum", "2", *full))
-    run(sft_args(tiny_model_dir, data, two, "--nproc", "2", "--distributed", "fsdp", *full))
+    r = run(sft_args(tiny_model_dir, data, two, "--nproc", "2", "--distributed", "fsdp", *full))
+    held, total = (int(x.replace(",", "")) for x in re.search(r"each holds ([\d,]+) of ([\d,]+) trainable", r.stderr).groups())
+    assert held == pytest.approx(total / 2, rel=0.01)   # sharded: each rank holds half
     assert train_losses(one) == pytest.approx(train_losses(two), abs=1e-5)
     wa, wb = (load_file(d / "best" / "model.safetensors") for d in (one, two))
     for k in wa:
@@ -131,3 +134,13 @@ def test_a_killed_rank_ends_the_job_and_one_process_resumes_its_checkpoint(tiny_
     assert train_losses(killed)[-1] == pytest.approx(train_losses(whole)[-1], abs=1e-4)
     a, b = (json.loads((d / "metrics.json").read_text())["final"]["dev"]["loss"] for d in (whole, killed))
     assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_training_on_cuda_without_cuda_is_one_clear_error(tiny_model_dir, tmp_path):
+    data = chat_file(tmp_path / "chat.jsonl")
+    r = subprocess.run(CLI + sft_args(tiny_model_dir, data, tmp_path / "run", "--device", "cuda"), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--device cuda: no CUDA device here" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..data.batching import length_bucketed_batches, pad_labelled, share
 from ..data.conversations import IGNORE
+from ..model.device import to_device
 
 
 def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction: str = "mean"):
@@ -19,9 +20,9 @@ def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction:
     and (B, T, vocab) fp32 logits of a 49k vocabulary would cost more than the model.
     """
     device = model.embed_tokens.weight.device   # batches are built on the CPU
-    ids, labels = ids.to(device), labels.to(device)
-    position_ids = None if position_ids is None else position_ids.to(device)
-    mask = None if mask is None else mask.to(device)
+    ids, labels = to_device(ids, device), to_device(labels, device)
+    position_ids = None if position_ids is None else to_device(position_ids, device)
+    mask = None if mask is None else to_device(mask, device)
     h = model.hidden_states(ids, position_ids, mask)
     target = labels[:, 1:]
     keep = target != IGNORE

@@ -28,3 +28,11 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise LlamaforgeError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                               f"numbered from 0")
     return device
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch built on the CPU, on `device`: to a GPU from pinned memory, without waiting for
+    the copy (the GPU orders it before the kernels that read it)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -184,8 +184,9 @@ class Attention(nn.Module):
             k, v, mask = self.with_prefix(k, v, mask, T)
         # Training attention also where a compiled training step reaches a layer whose q, k, v need no
         # gradient: the inference path's loop over the length would recompile for every length.
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                        or torch.compiler.is_compiling()):
+        # On a GPU, training takes SDPA below (its flash and memory-efficient kernels).
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()):
             y = attention_for_training(q, k, v, mask)
         elif (mask is None and T >= BLOCKED_ATTENTION_MIN_LEN and q.device.type == "cpu"
               and q.dtype != torch.float32):

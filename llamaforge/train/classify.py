@@ -30,7 +30,7 @@ from ..formats.checkpoint import Checkpoint
 from ..formats.load import load
 from ..formats.paths import classifier_labels, run_model_path
 from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
-from ..model.device import resolve_device
+from ..model.device import resolve_device, to_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
 from .base import FinetuneConfig, base_model_reference, open_run
@@ -149,7 +149,7 @@ class ClassificationTask:
     def loss(self, model, idx):
         ids, lengths = pad_right([self.train_seqs[i] for i in idx], self.tok.pad_id)
         device = model.score.weight.device
-        logits = model(ids.to(device), lengths.to(device))
+        logits = model(to_device(ids, device), to_device(lengths, device))
         weight = None if self.weight is None else self.weight.to(device)
         return F.cross_entropy(logits, self.train_y[idx].to(device), weight=weight, reduction="sum"), \
             int(lengths.sum())

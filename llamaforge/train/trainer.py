@@ -134,9 +134,16 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         for module in model.modules():
             if isinstance(module, Llama):
                 module.gradient_checkpointing(True)
+    if world.device.type == "cuda" and not torch.cuda.is_bf16_supported() and \
+            any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        raise LlamaforgeError(f"{torch.cuda.get_device_name(world.device)} has no bf16: train with --dtype fp32")
     strategy = choose_strategy(cfg.distributed, getattr(cfg, "method", "full")) if world.distributed else None
     trainable = Trainable(model, task, world, strategy)
     params = trainable.params
+    if world.distributed:
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for _, p in params)
+        world.log(f"llamaforge: {world.size} processes on {world.device.type}, {strategy}: each holds {held:,} of "
+                  f"{sum(p.numel() for _, p in params):,} trainable parameters")
     # fp32 master copies of the trainable parameters; the optimiser only ever sees these. An fp32
     # parameter is its own master (a copy would only cost memory and a copy-back per step); so is
     # every FSDP shard (kept in fp32, see distributed.py).

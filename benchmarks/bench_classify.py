@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SST2_DEV = ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"
 B, T, B_INFER, BLOCK = 8, 128, 32, 3
+DEVICE = "cpu"   # --device: where both sides run (scripts/gpu-check.sh gives cuda)
 LORA = dict(r=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 LR = {"lora": 5e-4, "full": 2e-5}
 
@@ -55,7 +56,8 @@ def hf_trainer_step(model, opt, dtype, **inputs):
     dtype bf16), backward, the gradient norm clipped to 1.0 (as llamaforge's trainer does), the
     optimiser step."""
     import torch
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+    inputs = {k: v.to(DEVICE) for k, v in inputs.items()}
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
         loss = model(**inputs).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -82,7 +84,8 @@ class Transformers:
         import torch
         from transformers import LlamaForSequenceClassification
         load_dtype = torch.bfloat16 if infer and dtype == "bf16" else torch.float32
-        self.model = LlamaForSequenceClassification.from_pretrained(hf_dir, num_labels=2, pad_token_id=0, dtype=load_dtype)
+        self.model = LlamaForSequenceClassification.from_pretrained(hf_dir, num_labels=2, pad_token_id=0,
+                                                                    dtype=load_dtype).to(DEVICE)
         self.infer, self.dtype = infer, dtype
         if infer:
             self.model.eval()
@@ -98,7 +101,7 @@ class Transformers:
         import torch
         if self.infer:
             with torch.inference_mode():
-                self.model(ids)
+                self.model(ids.to(DEVICE))
             return
         hf_trainer_step(self.model, self.opt, self.dtype, input_ids=ids, labels=y)
 
@@ -114,7 +117,7 @@ class Transformers:
         self.model.config.pad_token_id = pad_id
         with torch.inference_mode():
             for i in range(0, len(seqs), B_INFER):
-                self.model(pad_right(seqs[i:i + B_INFER], pad_id)[0])
+                self.model(pad_right(seqs[i:i + B_INFER], pad_id)[0].to(DEVICE))
 
 
 class Llamaforge:
@@ -126,6 +129,7 @@ class Llamaforge:
                              lora_dropout=0.0, lora_targets=LORA["targets"], lr=LR[method])
         torch.manual_seed(0)
         self.clf, self.tok = build_classifier(cfg, 2)
+        self.clf.to(DEVICE)
         self.infer, self.method, self.compile = infer, method, compile
         if infer:
             self.clf.eval()
@@ -137,7 +141,8 @@ class Llamaforge:
         if self.infer:
             return timed(lambda ids, y: predict_proba(self.clf, ids.tolist(), 0, B_INFER), data)
         return trainer_step_times(self.clf, data, lambda m, d: (
-            torch.nn.functional.cross_entropy(m(d[0]), d[1]), d[0].numel()), LR[self.method], self.compile)
+            torch.nn.functional.cross_entropy(m(d[0].to(DEVICE)), d[1].to(DEVICE)), d[0].numel()), LR[self.method],
+            self.compile)
 
     def predict_file(self, seqs, pad_id):
         from llamaforge.train.classify import predict_proba
@@ -153,19 +158,22 @@ def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False
 
     class Fixed:
         def train_batches(self, epoch, g):
-            return list(range(len(data)))
+            return [[i] for i in range(len(data))]   # a step a batch
 
-        def loss(self, m, i):
+        def loss(self, m, items):
             stamps.append(time.perf_counter())
-            return loss(m, data[i])
+            return loss(m, data[items[0]])
 
-        def evaluate(self, m):
+        def units(self, items):
+            return 1   # loss() gives the batch's mean already
+
+        def evaluate(self, m, world):
             return {"accuracy": 0.0}
 
         def save_model(self, m, out):
             pass
     with tempfile.TemporaryDirectory() as d:
-        fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000,
+        fit(model, Fixed(), TrainConfig(max_steps=len(data) + 1, batch_size=B, lr=lr, save_every=10_000, device=DEVICE,
                                         compile=compile), d)
     return [b - a for a, b in itertools.pairwise(stamps)]
 
@@ -222,7 +230,10 @@ def main():
                     help="file: predict on SST-2 dev in bf16 and fp32")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--no-speed", action="store_true", help="only the peak-RSS processes")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     from llamaforge.export import export
     with tempfile.TemporaryDirectory() as d:
         # transformers reads the same SmolLM2 weights from an HF directory (loading the GGUF

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_classify  # noqa: E402
 from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,7 @@ class Transformers:
             self.model = LlamaForCausalLM(HFConfig(**config_to_hf(source)))
         else:
             self.model = LlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+        self.model.to(bench_classify.DEVICE)
         if method == "lora":
             from peft import LoraConfig, get_peft_model
             self.model = get_peft_model(self.model, LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"],
@@ -117,8 +119,9 @@ class Llamaforge:
             self.model = Llama(source)
             init_weights(self.model)
             self.model.to(parse_dtype(dtype))
+            self.model.to(bench_classify.DEVICE)
         else:
-            self.model, _ = load("default", dtype=dtype)
+            self.model, _ = load("default", dtype=dtype, device=bench_classify.DEVICE)
             if method == "lora":
                 add_lora(self.model, LoRAConfig(rank=LORA["r"], alpha=LORA["alpha"], dropout=0.0, targets=LORA["targets"]))
             else:
@@ -149,7 +152,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default="sft-lora-fp32,sft-lora-bf16,sft-full-bf16,sft-full-fp32,"
                                          "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
     args = ap.parse_args()
+    bench_classify.DEVICE = args.device
     from llamaforge.export import export
     from llamaforge.formats.load import load
     from llamaforge.model.config import PRESETS

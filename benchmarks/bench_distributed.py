@@ -63,14 +63,14 @@ def is_worker(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"llamaforge" in cmd and b"torch.distributed.run" not in cmd
+    return any(b"llamaforge" in part for part in cmd) and b"torch.distributed.run" not in cmd
 
 
 def run(method: str, nproc: int, args, out: Path) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "llamaforge"), "finetune", "sft", "--train", str(DATA), "--out", str(out),
            "--method", method, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
            "--max-length", str(args.max_length), "--samples", "0", "--eval-every", str(10 ** 6), "--save-every",
-           "2", "--dev-fraction", "0.02", "--nproc", str(nproc)]
+           str(max(1, args.steps // 3)), "--dev-fraction", "0.02", "--nproc", str(nproc)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak: dict[int, int] = {}
@@ -88,12 +88,36 @@ def run(method: str, nproc: int, args, out: Path) -> dict:
     err = job.stderr.read()
     if job.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    if nproc > 1:   # the command's own process became torchrun (exec): not a rank
+        peak.pop(job.pid, None)
+        steady.pop(job.pid, None)
     from llamaforge.train.checkpoint import read_meta
     state = read_meta(out / "checkpoint")["state"]
     return {"method": method, "processes": nproc, "steps": state["step"], "tokens": state["tokens"],
             "train_seconds": state["train_seconds"], "tokens_per_s": state["tokens"] / state["train_seconds"],
             "peak_mb_per_rank": sorted(round(v / 1024) for v in peak.values()),
             "training_mb_per_rank": sorted(round(v / 1024) for v in steady.values())}
+
+
+MATMUL = """
+import time, torch
+a, b = torch.randn(1024, 1024, dtype=torch.bfloat16), torch.randn(1024, 1024, dtype=torch.bfloat16)
+for _ in range(20): a @ b
+n, t = 0, time.perf_counter()
+while time.perf_counter() - t < 4: a @ b; n += 1
+print(2 * 1024 ** 3 * n / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def machine_ceiling() -> tuple[float, float]:
+    """(bf16 matmul GFLOP/s of one single-threaded process alone, and of each of two at once):
+    the scaling a 2-process run could reach at best on this machine, with no communication."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", MATMUL]
+    alone = float(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    pair = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    each = [float(p.communicate()[0]) for p in pair]
+    return alone, sum(each) / 2
 
 
 def estimate(method: str, nproc: int, args) -> dict | None:
@@ -109,12 +133,10 @@ def estimate(method: str, nproc: int, args) -> dict | None:
         add_lora(model, LoRAConfig(rank=16, alpha=32))
     else:
         model.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     micro = max(1, args.batch_size // nproc)
-    est = memory.estimate_training_memory(model, trainable_params=trainable, batch_tokens=micro * args.max_length,
-                                          micro_batch_size=micro, seq_len=args.max_length, dtype="bf16",
+    est = memory.estimate_training_memory(model, micro_batch_size=micro, seq_len=args.max_length,
                                           strategy=("ddp" if method == "lora" else "fsdp") if nproc > 1 else "single",
-                                          world_size=nproc, gradient_checkpointing=False, master_fp32=True)
+                                          world_size=nproc)
     return {k: round(v / 2 ** 20) for k, v in vars(est).items() if isinstance(v, (int, float))}
 
 
@@ -134,8 +156,11 @@ def main():
                 rows.append(r)
                 print(f"{method:5} x{nproc}: {r['tokens_per_s']:7.1f} tok/s, peak MB per rank {r['peak_mb_per_rank']}, "
                       f"training MB per rank {r['training_mb_per_rank']}", flush=True)
+    alone, each = machine_ceiling()
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores; one thread per process; batch {args.batch_size} x "
           f"{args.max_length} tokens, {args.steps} steps, bf16")
+    print(f"machine ceiling: a bf16 matmul of one single-threaded process runs at {alone:.0f} GFLOP/s alone and "
+          f"{each:.0f} beside another: 2 processes can scale by {each / alone:.2f} at most")
     print(f"{'method':6} {'strategy':8} {'procs':>5} {'tok/s':>8} {'peak MB/rank':>13} {'training MB/rank':>17} {'scaling':>8}")
     by = {(r["method"], r["processes"]): r for r in rows}
     for r in rows:
@@ -147,7 +172,8 @@ def main():
         if r["estimate_mb"]:
             print(f"{'':6} estimate per rank (MB): {r['estimate_mb']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"cpu": cpu_name(), "args": vars(args), "results": rows}
+    out = {"cpu": cpu_name(), "args": vars(args), "matmul_gflops_alone": alone, "matmul_gflops_each_of_two": each,
+           "results": rows}
     tmp = RESULTS / "distributed.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, RESULTS / "distributed.json")

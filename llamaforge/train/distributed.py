@@ -159,17 +159,23 @@ class Trainable:
         from ..model.llama import Block
         model = step.model
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-        # A whole model to evaluate and save: its parameters' storage is freed at once and
-        # filled from the shards only while it is used (its other buffers, RoPE's, stay).
-        self._shadow = copy.deepcopy(model)
-        _release(self._shadow)
+        # A whole model to evaluate and save: a copy without its parameters' storage (filled
+        # from the shards only while it is used); its buffers, RoPE's, are its own.
+        empty = {id(p): nn.Parameter(torch.empty(0, dtype=p.dtype, device=p.device), requires_grad=p.requires_grad)
+                 for p in model.parameters()}
+        self._shadow = copy.deepcopy(model, memo=empty)
         # Shards are kept in fp32, the optimiser's precision; a bf16 run computes in bf16 (the
-        # gathered parameters are cast) and reduces gradients in fp32.
+        # gathered parameters are cast) and reduces gradients in fp32. Block by block, so that
+        # no rank ever holds the whole model in fp32.
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-        model.float()
-        for module in model.modules():
-            if isinstance(module, Block):
-                fully_shard(module, mp_policy=policy)
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        for block in blocks:
+            fully_shard(block.float(), mp_policy=policy)
+        with torch.no_grad():
+            for p in model.parameters():
+                if id(p) not in in_blocks:
+                    p.data = p.data.float()
         return fully_shard(step, mp_policy=policy)
 
     def no_sync(self, last: bool):
@@ -187,12 +193,12 @@ class Trainable:
         if self._shadow is None:
             yield self.model
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        full = get_model_state_dict(self.step, options=StateDictOptions(full_state_dict=True))
+        # Gathered one parameter at a time (every rank in the same order), each cast at once to
+        # the model's dtype: never a whole fp32 copy.
+        shards = dict(self.step.named_parameters())
         with torch.no_grad():
             for name, p in self._shadow.named_parameters():
-                p.data = full["model." + name].to(device=self.world.device, dtype=p.dtype)
-        del full
+                p.data = shards["model." + name].full_tensor().to(dtype=p.dtype)
         try:
             yield self._shadow
         finally:

@@ -13,7 +13,9 @@ Frozen weights stay in bf16, so nothing is re-cast on every step as autocast wou
 from __future__ import annotations
 
 import math
+import os
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..model.kernels import require_cpp_compiler
 from ..model.llama import Llama
 from . import checkpoint
 from .distributed import Trainable, World, choose_strategy, init_world
+from .memory import available_memory, check_fits, estimate_training_memory
 
 UNBOUNDED_EPOCHS = 1_000_000   # epochs of a run that --max-steps or --max-minutes ends
 
@@ -138,6 +141,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise LlamaforgeError(f"{torch.cuda.get_device_name(world.device)} has no bf16: train with --dtype fp32")
     strategy = choose_strategy(cfg.distributed, getattr(cfg, "method", "full")) if world.distributed else None
+    if cfg.compile and strategy == "fsdp":   # the compiled blocks are called around FSDP's hooks
+        raise LlamaforgeError("--compile does not combine with FSDP yet: use --distributed ddp, or leave out --compile")
+    check_memory(model, cfg, world, strategy)
     trainable = Trainable(model, task, world, strategy)
     params = trainable.params
     if world.distributed:
@@ -306,6 +312,22 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     if writer:
         writer.close()
     return {**history, "state": asdict(state)}
+
+
+def check_memory(model, cfg: TrainConfig, world: World, strategy: str | None):
+    """The memory a step will take on each rank, printed before training starts; a clear error
+    with advice, instead of the kernel's OOM kill minutes later, when it cannot fit."""
+    micro = max(1, math.ceil(cfg.batch_size / (world.size * cfg.grad_accum)))
+    seq_len = getattr(cfg, "max_length", None) or getattr(cfg, "block_size", None) or 512
+    estimate = estimate_training_memory(model, micro_batch_size=micro, seq_len=seq_len, strategy=strategy or "single",
+                                        world_size=world.size, gradient_checkpointing=cfg.gradient_checkpointing,
+                                        grad_accum=cfg.grad_accum, device=world.device)
+    world.log(f"llamaforge: memory per process, estimated for {micro} x {seq_len} tokens a micro-step:\n"
+              + textwrap.indent(estimate.format(), "  "))
+    available = available_memory(world.device)
+    if available is not None and world.device.type == "cpu":   # the processes of one machine share it
+        available //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    check_fits(estimate, available, str(world.device))
 
 
 def _limits_raised(state: TrainState, cfg: TrainConfig, total: int) -> bool:

@@ -120,6 +120,13 @@ def machine_ceiling() -> tuple[float, float]:
     return alone, sum(each) / 2
 
 
+def imports_mb() -> int:
+    """A training process's memory before any model: what the estimate leaves out."""
+    code = ("import torch, torch.distributed, llamaforge.train.trainer, llamaforge.formats.load\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS')][0])")
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout) // 1024
+
+
 def estimate(method: str, nproc: int, args) -> dict | None:
     """llamaforge's own estimate for the configuration, where train/memory.py exists."""
     try:
@@ -157,10 +164,12 @@ def main():
                 print(f"{method:5} x{nproc}: {r['tokens_per_s']:7.1f} tok/s, peak MB per rank {r['peak_mb_per_rank']}, "
                       f"training MB per rank {r['training_mb_per_rank']}", flush=True)
     alone, each = machine_ceiling()
+    base = imports_mb()
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores; one thread per process; batch {args.batch_size} x "
           f"{args.max_length} tokens, {args.steps} steps, bf16")
     print(f"machine ceiling: a bf16 matmul of one single-threaded process runs at {alone:.0f} GFLOP/s alone and "
-          f"{each:.0f} beside another: 2 processes can scale by {each / alone:.2f} at most")
+          f"{each:.0f} beside another: 2 processes can scale by {each / alone:.2f} at most; a process's imports "
+          f"take {base} MB")
     print(f"{'method':6} {'strategy':8} {'procs':>5} {'tok/s':>8} {'peak MB/rank':>13} {'training MB/rank':>17} {'scaling':>8}")
     by = {(r["method"], r["processes"]): r for r in rows}
     for r in rows:
@@ -170,9 +179,11 @@ def main():
         print(f"{r['method']:6} {strategy:8} {r['processes']:>5} {r['tokens_per_s']:>8.1f} "
               f"{max(r['peak_mb_per_rank']):>13} {max(r['training_mb_per_rank'] or [0]):>17} {scaling:>8}")
         if r["estimate_mb"]:
-            print(f"{'':6} estimate per rank (MB): {r['estimate_mb']}")
+            grown = max(r["training_mb_per_rank"] or [0]) - base
+            print(f"{'':6} estimate per rank {r['estimate_mb']['total']} MB against {grown} MB measured above the "
+                  f"imports ({r['estimate_mb']['total'] / grown:.2f}): {r['estimate_mb']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = {"cpu": cpu_name(), "args": vars(args), "matmul_gflops_alone": alone, "matmul_gflops_each_of_two": each,
+    out = {"cpu": cpu_name(), "args": vars(args), "imports_mb": base, "matmul_gflops_alone": alone, "matmul_gflops_each_of_two": each,
            "results": rows}
     tmp = RESULTS / "distributed.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))

@@ -78,7 +78,7 @@ def estimate_training_memory(model: nn.Module, *, micro_batch_size: int, seq_len
     llama = next(m for m in model.modules() if isinstance(m, Llama))
     params = list(model.parameters())   # a tied tensor once
     trainable = [p for p in params if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in params)
+    weights = loaded = sum(p.numel() * p.element_size() for p in params)
     # Gradients as the backward pass writes them, in the parameters' dtype.
     raw_gradients = sum(p.numel() * p.element_size() for p in trainable)
     if master_fp32:
@@ -111,6 +111,12 @@ def estimate_training_memory(model: nn.Module, *, micro_batch_size: int, seq_len
     held = raw_gradients if grad_accum > 1 else 0
     forward = activation_bytes(llama, micro_batch_size, seq_len, False, scored_tokens, sdpa)
     overhead = OVERHEAD_FIXED + int(OVERHEAD_CHURN * (forward + gradients))
+    if strategy != "single":
+        # Every rank loads the whole model before DDP or FSDP takes it over, and the allocator
+        # keeps what that held: SmolLM2 in bf16 on 2 CPU processes at 4 x 128 tokens each
+        # measured 1.77 GB above its imports with DDP (LoRA), ~2.6 GB with FSDP (full); without
+        # this term the estimates were 25-34% under (benchmarks/bench_distributed.py).
+        overhead += loaded
     total = weights + masters + optimizer + max(activations + held, gradients) + overhead
     dtype = str(llama.embed_tokens.weight.dtype).removeprefix("torch.")
     note = (f"{micro_batch_size} x {seq_len} tokens, {sum(p.numel() for p in trainable):,} of "

@@ -316,7 +316,10 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
 
 def check_memory(model, cfg: TrainConfig, world: World, strategy: str | None):
     """The memory a step will take on each rank, printed before training starts; a clear error
-    with advice, instead of the kernel's OOM kill minutes later, when it cannot fit."""
+    with advice, instead of the kernel's OOM kill minutes later, when it cannot fit. (Only for
+    the Llama-based models it knows the shape of.)"""
+    if not any(isinstance(m, Llama) for m in model.modules()):
+        return
     micro = max(1, math.ceil(cfg.batch_size / (world.size * cfg.grad_accum)))
     seq_len = getattr(cfg, "max_length", None) or getattr(cfg, "block_size", None) or 512
     estimate = estimate_training_memory(model, micro_batch_size=micro, seq_len=seq_len, strategy=strategy or "single",

@@ -109,6 +109,9 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p = recipes.add_parser("sft", help="instruction / chat fine-tuning (full, LoRA or prefix-tuning)")
     if training_flags:
         _add_finetune_flags(p, "sft")
+    p = recipes.add_parser("dpo", help="preference tuning on chosen / rejected answers (DPO, IPO, SimPO)")
+    if training_flags:
+        _add_finetune_flags(p, "dpo")
 
     p = sub.add_parser("pretrain", help="train a Llama from scratch (or continue one) on plain text")
     p.add_argument("--config", default=None, metavar="YAML", help="settings file; flags given override it")
@@ -182,6 +185,8 @@ FINETUNE_HELP = {
     "method": "classify: lora (default) | full; sft: lora (default) | full | prefix",
     "format": "auto | chat (messages) | alpaca (instruction/input/output) | completion (prompt/completion)",
     "task": f"{' | '.join(GENERATION_TASKS)}: train on a task file, with the prompts `evaluate --task` uses",
+    "loss": "dpo: sigmoid (DPO) | ipo | simpo", "beta": "dpo: the strength of the reference model's pull (TRL's beta)",
+    "sft_weight": "dpo: add this times the chosen answer's next-token loss", "simpo_gamma": "simpo: the target margin",
     "pack": "pack short examples into rows of --max-length tokens (no attention across examples)",
     "compile": COMPILE_HELP,
     "batch_size": "examples per optimiser step, over all processes (each takes its share)",

@@ -30,6 +30,21 @@ def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction:
     return F.cross_entropy(logits, target[keep], reduction=reduction), int(keep.sum())
 
 
+def answer_logps(model, ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, scored tokens) of each row's labelled tokens, (B,) each: how
+    likely the model finds an answer. Logits only at the scored positions, as next_token_loss."""
+    device = model.embed_tokens.weight.device
+    ids, labels = to_device(ids, device), to_device(labels, device)
+    h = model.hidden_states(ids)
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logp = model.logits(h[:, :-1][keep]).float().log_softmax(-1)
+    token = logp.gather(-1, target[keep][:, None])[:, 0]
+    row = keep.nonzero()[:, 0]
+    sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=device).index_add(0, row, token)
+    return sums, keep.sum(-1)
+
+
 @torch.inference_mode()
 def mean_loss(model, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 16,
               progress: bool = False, world=None) -> tuple[float, int]:
@@ -92,3 +107,28 @@ def perplexity(model, ids: list[int], window: int, stride: int | None = None, ba
     bar.close()
     loss = total / max(n, 1)
     return {"perplexity": math.exp(loss), "loss": loss, "n": n}
+
+
+@torch.inference_mode()
+def preference_scores(model, encoded: list[tuple[list[int], list[int], list[int]]], pad_id: int, batch_size: int = 8,
+                      reference=None, beta: float = 0.1) -> dict:
+    """How often the model finds a pair's chosen answer likelier than its rejected one (summed
+    log-probabilities), and by how much on average. With a reference model (a DPO run's base):
+    also the implicit reward's accuracy and mean margin, beta x ((pc - rc) - (pr - rr))."""
+    from ..data.preferences import scored_rows
+
+    def logps(net):
+        out = []
+        for s in range(0, len(encoded), batch_size):
+            ids, labels = pad_labelled(scored_rows(encoded[s:s + batch_size]), pad_id)
+            out.append(answer_logps(net, ids, labels)[0].view(-1, 2).float().cpu())
+        return torch.cat(out)
+
+    policy = logps(model)
+    margin = policy[:, 0] - policy[:, 1]
+    scores = {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(encoded)}
+    if reference is not None:
+        ref = logps(reference)
+        reward = beta * (margin - (ref[:, 0] - ref[:, 1]))
+        scores |= {"reward_accuracy": float((reward > 0).float().mean()), "reward_margin": float(reward.mean())}
+    return scores

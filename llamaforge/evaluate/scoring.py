@@ -5,6 +5,8 @@
     qa          SQuAD JSON (or JSONL of context/question/answers) -> exact_match, f1, n
     translate   TSV of source<TAB>target, or two aligned files    -> bleu, chrf (sacrebleu), n
     summarize   JSONL of document/summary                         -> rouge1, rouge2, rougeL, n
+    preference  JSONL of prompt/chosen/rejected pairs             -> accuracy, margin, n (and for a
+                DPO run, reward_accuracy and reward_margin: its implicit reward against its base)
 
 A classifier run is scored by `train.classify.evaluate_classifier`.
 """
@@ -16,11 +18,12 @@ import sys
 
 from ..data.batching import length_bucketed_batches
 from ..data.conversations import encode_examples, read_examples
+from ..data.preferences import encode_pair, read_pairs
 from ..errors import LlamaforgeError
 from ..files import atomic_write_text, read_text
 from ..formats.load import load
 from ..model.generation import SamplingConfig, generate_from_ids
-from .lm import mean_loss, perplexity
+from .lm import mean_loss, perplexity, preference_scores
 from .tasks import GENERATION_TASKS, TASKS, TaskItem, read_task
 
 
@@ -58,6 +61,8 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
         text = read_text(data)
     elif task == "sft":
         examples = read_examples(data, fmt)[:limit]
+    elif task == "preference":
+        pairs = read_pairs(data)[:limit]
     else:
         items = read_task(data, task, target, target_lang, source_lang)[:limit]
     net, tok = load(model, dtype=dtype, device=device)
@@ -69,6 +74,11 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
         if not 2 <= window <= net.config.max_seq_len:
             raise LlamaforgeError(f"--window must be between 2 and the model's context ({net.config.max_seq_len}), got {window}")
         return perplexity(net, ids, window, batch_size=batch_size, progress=True)
+    if task == "preference":
+        encoded = [encode_pair(tok, p, net.config.max_seq_len) for p in pairs]
+        base, beta = dpo_base(model)
+        reference = load(base, dtype=dtype, device=device)[0] if base else None
+        return preference_scores(net, encoded, tok.pad_id, batch_size, reference, beta)
     if task == "sft":
         pairs = encode_examples(tok, examples, net.config.max_seq_len, net.config.max_seq_len, name=str(data))
         loss, n = mean_loss(net, pairs, tok.pad_id, batch_size, progress=True)
@@ -82,3 +92,17 @@ def evaluate_model(model: str, task: str, data, fmt: str = "auto", target: str |
 
 def format_scores(scores: dict) -> str:
     return "\n".join(f"{k:>12}  {v:.4f}" if isinstance(v, float) else f"{k:>12}  {v}" for k, v in scores.items())
+
+
+def dpo_base(model: str) -> tuple[str | None, float]:
+    """(base model, beta) of a DPO run directory; (None, 0) for anything else."""
+    from pathlib import Path
+
+    from ..files import read_yaml
+    config = Path(model) / "config.yaml"
+    if model == "default" or not config.is_file():
+        return None, 0.0
+    values = read_yaml(config)
+    if values.get("loss") not in ("sigmoid", "ipo", "simpo") or "beta" not in values:
+        return None, 0.0
+    return values.get("model") or "default", float(values["beta"])

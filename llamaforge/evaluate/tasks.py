@@ -169,7 +169,7 @@ GENERATION_TASKS = {
     "summarize": GenerationTask("JSONL of document/summary", read_summaries, score_summaries, 128),
 }
 # Every task `llamaforge evaluate` knows: the first two are scored by the next-token loss.
-TASKS = ("perplexity", "sft", *GENERATION_TASKS)
+TASKS = ("perplexity", "sft", "preference", *GENERATION_TASKS)
 
 
 def read_task(path, task: str, target: str | None = None, target_lang: str = "English",

@@ -4,6 +4,7 @@ and saved / loaded in PEFT's layout (`adapter_config.json` + `adapter_model.safe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,9 +56,12 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as nn.Linear and PEFT initialise
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.disabled = False   # see adapters_disabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)                           # (..., out)
+        if self.disabled:
+            return y
         h = F.linear(self.dropout(x), self.lora_A) * self.scaling          # (..., rank): scale the small tensor
         # y += h B^T inside the matrix product (beta=1), not as a separate pass over y.
         y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
@@ -80,6 +84,20 @@ def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
         p.requires_grad_(False)
     llama.replace_linears(lambda lin: LoRALinear(lin, cfg), names=set(cfg.targets))
     return llama
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model, for as long as the context lasts: every LoRA layer computes W x + b alone
+    (DPO's reference model, with no second copy of the weights)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(llama: nn.Module) -> nn.Module:

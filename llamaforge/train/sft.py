@@ -108,6 +108,18 @@ def build_model(cfg: SFTConfig, model: str | None = None):
     return llama, tok
 
 
+def build_model_and_length(cfg):
+    """build_model, seeded (the new parameters start the same every run), with cfg.max_length
+    resolved: 512, or the model's context if shorter."""
+    torch.manual_seed(cfg.seed)
+    llama, tok = build_model(cfg)
+    context = llama.config.max_seq_len
+    cfg.max_length = cfg.max_length or min(512, context)
+    if cfg.max_length > context:
+        raise LlamaforgeError(f"max-length {cfg.max_length} exceeds the model's context of {context}")
+    return llama, tok
+
+
 def save_model(llama, out_dir: Path, cfg: SFTConfig, tok):
     base = base_model_reference(cfg.model)
     if cfg.method == "lora":
@@ -196,12 +208,8 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         world.log(f"llamaforge: no --dev: holding out {len(dev)} of {len(train) + len(dev)} training examples "
                   f"for evaluation")
 
-    torch.manual_seed(cfg.seed)
-    llama, tok = build_model(cfg)
+    llama, tok = build_model_and_length(cfg)
     context = llama.config.max_seq_len
-    cfg.max_length = cfg.max_length or min(512, context)
-    if cfg.max_length > context:
-        raise LlamaforgeError(f"max-length {cfg.max_length} exceeds the model's context of {context}")
     enc_train = encode_examples(tok, train, cfg.max_length, context, name=str(cfg.train))
     enc_dev = encode_examples(tok, dev, cfg.max_length, context, name=str(cfg.dev or cfg.train))
     samples = [prompt_of(tok, ex) for ex in dev[:cfg.samples]]

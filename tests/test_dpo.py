@@ -139,3 +139,49 @@ def test_full_dpo_caches_the_reference_and_resumes(tiny_model_dir, tmp_path):
     main(["finetune", "dpo", "--out", str(out), "--resume", "--max-steps", "6"])
     assert load_file(str(ref_file))["train"].equal(ref["train"])   # the base's, not the trained model's
     assert json.loads((out / "metrics.json").read_text())["evals"][-1]["step"] == 6
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_one_batch_equals_trl(tiny_model_dir, tmp_path, loss_type):
+    """TRL's DPOTrainer and ours on the same tiny model, weights and pairs: the same tokens, and
+    the same loss of one batch (policy moved away from the reference so that the loss is not log 2)."""
+    import shutil
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    rows = [json.loads(line) for line in (SHIPPED / "dev.jsonl").read_text().splitlines()[:4]]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    policy_dir = tmp_path / "policy"
+    policy.save_pretrained(policy_dir)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, policy_dir / f.name)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, beta=0.1, loss_type=[loss_type],
+                     report_to=[], use_cpu=True, bf16=False, max_length=None)
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+    batch = next(iter(trainer.get_train_dataloader()))
+    expected = float(trainer.compute_loss(trainer.model, batch))
+
+    ours, tok = load(policy_dir, dtype="fp32")
+    base, _ = load(tiny_model_dir, dtype="fp32")
+    trl_rows = [(ids[real == 1].tolist(), answer[real == 1].tolist()) for ids, answer, real in
+                zip(batch["input_ids"], batch["completion_mask"], batch["attention_mask"], strict=True)]
+    encoded = [encode_pair(tok, p, 512) for p in read_pairs(write_jsonl(tmp_path / "p.jsonl", rows))]
+    assert sorted(ids for ids, _ in trl_rows) == sorted(p + a for p, c, r in encoded for a in (c, r))   # same tokens
+    ids, labels = pad_labelled([(ids, [t if m else -100 for t, m in zip(ids, mask, strict=True)])
+                                for ids, mask in trl_rows], tok.pad_id)
+    with torch.no_grad():
+        (policy_logps, n), (ref_logps, _) = answer_logps(ours, ids, labels), answer_logps(base, ids, labels)
+    half = len(trl_rows) // 2   # TRL's batch: the chosen answers, then the rejected ones
+    loss, _ = preference_loss(policy_logps[:half], policy_logps[half:], ref_logps[:half], ref_logps[half:],
+                              n[:half].float(), n[half:].float(), DPOConfig(loss=loss_type, beta=0.1))
+    assert float(loss.mean()) == pytest.approx(expected, rel=1e-5, abs=1e-6)

@@ -53,7 +53,9 @@ class DPOConfig(FinetuneConfig):
     metric: str = "loss"
     greater_is_better: bool = False
 
-    DEFAULT_LR = {"lora": 5e-5, "full": 1e-6}   # TRL's full default; LoRA moves more slowly
+    # full: TRL's default. LoRA, measured on the shipped pairs (README): 5e-4 reached dev loss 0.40
+    # in one epoch, 5e-5 0.55 in two.
+    DEFAULT_LR = {"lora": 5e-4, "full": 1e-6}
 
     def __post_init__(self):
         if self.loss not in LOSSES:

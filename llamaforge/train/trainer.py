@@ -9,6 +9,10 @@ logs: tqdm progress on stderr, `metrics.json`, TensorBoard events and PNG curves
 Mixed precision: a model in bf16 computes in bf16, but each trainable parameter has an fp32
 master copy that the optimiser updates (bf16 alone cannot hold a 2e-5 step on a weight of 1).
 Frozen weights stay in bf16, so nothing is re-cast on every step as autocast would.
+
+Many processes (torchrun): every rank runs this loop on its share of each global batch, the model
+behind DDP or FSDP2 (`distributed.py`); checkpoints are sharded (`checkpoint.py`); rank 0 alone
+logs and writes. A step computes the same at any world size and --grad-accum.
 """
 from __future__ import annotations
 
@@ -108,7 +112,7 @@ def optimizer_groups(named_params, weight_decay: float) -> list[dict]:
 class TrainState:
     step: int = 0              # optimiser steps taken
     epoch: int = 0
-    batch: int = 0             # micro-batches of `epoch` already consumed
+    batch: int = 0             # global batches of `epoch` already consumed (one an optimiser step)
     train_seconds: float = 0.0
     tokens: int = 0
     best: float | None = None

@@ -218,8 +218,11 @@ def test_greedy_chat_equals_llamaforge_generate(client, adapter_dir):
         out = subprocess.run([*CLI, "generate", "--model", source, prompt, "--chat", "--temperature", "0",
                               "--max-new-tokens", "32"], capture_output=True, text=True, check=True).stdout
         assert_same_greedy(out, alone_tokens(client, prompt, 32, model), model)
-    assert chat(client, prompt, "tuned", max_tokens=32, temperature=0).choices[0].message.content != \
-        chat(client, prompt, max_tokens=32, temperature=0).choices[0].message.content, "the adapter changes nothing"
+    # The adapter changes the model (its log-probabilities; its greedy text may part from the
+    # base's only at a near tie, after which either path may follow).
+    tuned, base = (alone_tokens(client, prompt, 8, m) for m in ("tuned", "default"))
+    assert any(abs(a[1] - b[1]) > 1e-3 for a, b in zip(tuned, base, strict=False)) or tuned != base, \
+        "the adapter changes nothing"
 
 
 def test_completions_echo_and_logprobs(client):

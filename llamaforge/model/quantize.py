@@ -18,8 +18,12 @@ from .kernels import gemv_extension, gemv_int8
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
 INT8_KERNEL_MAX_ROWS = 16
-# From this many rows an Int4Linear that kept its dense weight uses it (see Int4Linear.forward).
-DENSE_MIN_ROWS = 8
+# From this many rows an Int4Linear that kept its dense weight uses it (see Int4Linear.forward):
+# a prefill chunk, not a server's decode step (at most --max-batch rows). Measured in the model,
+# where every weight comes from memory, the int4 kernel wins up to 16 rows at least (a 16-row step
+# reads a quarter of the bytes): 16 clients of bench_serve 165 / 183 -> 199 / 234 tokens/s with
+# this at 8 -> 64, in alternation. A matrix alone, in cache, had suggested 8.
+DENSE_MIN_ROWS = 64
 
 
 class Int8Linear(nn.Module):
@@ -86,9 +90,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The int4 kernel at every length: unlike int8, unpacking is slower than the kernel even
         # for a 512-token prefill (6.3 ms + 2.6 ms dense vs 5.6 ms for a 1536x576 weight). With a
-        # dense copy kept (a server), from 8 rows on the dense bf16 matmul is the faster one: it
-        # computes at ~870 GFLOP/s where the int4 kernel reaches ~300 (a 3072x576 weight on 2
-        # AVX-512 BF16 cores: 8 rows 0.15 vs 0.19 ms, 256 rows 1.0 vs 2.9 ms; 1 row 0.12 vs 0.07).
+        # dense copy kept (a server), a prefill chunk takes the dense bf16 matmul: it computes at
+        # ~870 GFLOP/s where the int4 kernel reaches ~300 (a 3072x576 weight on 2 AVX-512 BF16
+        # cores, 256 rows: 1.0 vs 2.9 ms); decode steps stay on the int4 kernel (DENSE_MIN_ROWS).
         if self.dense is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
             y = F.linear(x.to(self.dense.dtype), self.dense, self.bias)
             return y.to(x.dtype)

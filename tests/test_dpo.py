@@ -41,16 +41,23 @@ def test_bad_pairs_are_named_by_line(tmp_path, row, message):
         read_pairs(write_jsonl(tmp_path / "x.jsonl", [good, row]))
 
 
-def test_the_shipped_pairs(tiny_bpe):
+def test_the_shipped_pairs():
+    from llamaforge.formats.load import load_checkpoint
+    tok = load_checkpoint("default", weights=False).tokenizer   # SmolLM2's own chat template
     train, dev = read_pairs(SHIPPED / "train.jsonl"), read_pairs(SHIPPED / "dev.jsonl")
     assert len(train) + len(dev) >= 250 and len(dev) >= 25
     text = " ".join(json.dumps(p.prompt, ensure_ascii=False) for p in train)
     assert "法国" in text and "capital of France" in text   # English and Chinese
     train_q = {p.prompt[-1]["content"] for p in train}
     assert not any(p.prompt[-1]["content"] in train_q for p in dev)
-    prompt, chosen, rejected = encode_pair(tiny_bpe, dev[0], 512)
-    # The answer is the assistant's turn as the template renders it, end marker included.
-    assert tiny_bpe.decode(chosen).endswith("<|im_end|>\n") and tiny_bpe.decode(prompt).endswith("assistant\n")
+    for pair in dev[:5]:
+        prompt, chosen, rejected = encode_pair(tok, pair, 512)
+        # The answer is the assistant's turn as the template renders it, end marker included,
+        # and prompt + answer tokenize as the whole conversation does.
+        assert tok.decode(chosen) == pair.chosen[0]["content"] + "<|im_end|>\n"
+        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+        whole = tok.apply_chat_template(pair.prompt + pair.rejected, add_generation_prompt=False)
+        assert prompt + rejected == tok.encode(whole, add_special_tokens=False)
 
 
 def tiny_lora(tiny_model_dir):

@@ -54,19 +54,26 @@ def _text_field(record: dict, key: str, source: str, required: bool = True) -> s
     return value
 
 
+def checked_messages(value, source: str, field: str = "messages", roles=ROLES, also: str = "") -> list[dict]:
+    """value as a list of {role, content} messages (only those keys), or an error naming the
+    field and the message. also: what else the field may be, for the error ("a string or ")."""
+    if not isinstance(value, list) or not value:
+        raise LlamaforgeError(f"{source}: {field!r} must be {also}a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
+            raise LlamaforgeError(f"{source}: {field!r} message {i + 1} needs a role ({', '.join(roles)}) and a "
+                                  f"string content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def to_example(record: dict, fmt: str, source: str) -> Example:
     if fmt == "auto":
         fmt = detect_format(record, source)
     if fmt == "chat":
-        messages = record.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise LlamaforgeError(f"{source}: 'messages' must be a non-empty list of {{role, content}} objects")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise LlamaforgeError(f"{source}: message {i + 1} needs a role ({', '.join(ROLES)}) and a string content")
+        messages = checked_messages(record.get("messages"), source)
         if not any(m["role"] == "assistant" for m in messages):
             raise LlamaforgeError(f"{source}: the conversation has no assistant turn, so nothing to learn from")
-        return Example(source, messages=[{"role": m["role"], "content": m["content"]} for m in messages])
+        return Example(source, messages=messages)
     if fmt == "alpaca":
         instruction = _text_field(record, "instruction", source)
         extra = _text_field(record, "input", source, required=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LlamaforgeError
-from .conversations import IGNORE, ROLES
+from .conversations import IGNORE, ROLES, checked_messages
 from .records import read_records
 
 
@@ -22,15 +22,6 @@ class Pair:
     prompt: str | list[dict]
     chosen: str | list[dict]
     rejected: str | list[dict]
-
-
-def _messages(value, source: str, field: str, roles=ROLES) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise LlamaforgeError(f"{source}: {field!r} must be a string or a non-empty list of {{role, content}} messages")
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in roles or not isinstance(m.get("content"), str):
-            raise LlamaforgeError(f"{source}: {field!r} message {i + 1} needs a role ({', '.join(roles)}) and a string content")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def to_pair(record: dict, source: str) -> Pair:
@@ -43,7 +34,8 @@ def to_pair(record: dict, source: str) -> Pair:
         if isinstance(value, str):
             values[field] = value
         else:
-            values[field] = _messages(value, source, field, ROLES if field == "prompt" else ("assistant",))
+            values[field] = checked_messages(value, source, field, ROLES if field == "prompt" else ("assistant",),
+                                             also="a string or ")
     if any(isinstance(values[f], list) for f in ("chosen", "rejected")) and isinstance(values["prompt"], str):
         raise LlamaforgeError(f"{source}: answers given as messages need a prompt of messages too")
     if values["chosen"] == values["rejected"]:

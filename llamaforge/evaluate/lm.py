@@ -109,26 +109,29 @@ def perplexity(model, ids: list[int], window: int, stride: int | None = None, ba
     return {"perplexity": math.exp(loss), "loss": loss, "n": n}
 
 
+@torch.no_grad()
+def pair_logps(model, encoded: list[tuple[list[int], list[int], list[int]]], pad_id: int,
+               batch_size: int = 8) -> torch.Tensor:
+    """(N, 2): the summed log-probability of each (prompt, chosen, rejected) pair's two answers."""
+    from ..data.preferences import scored_rows
+    out = []
+    for s in range(0, len(encoded), batch_size):
+        ids, labels = pad_labelled(scored_rows(encoded[s:s + batch_size]), pad_id)
+        out.append(answer_logps(model, ids, labels)[0].view(-1, 2).float().cpu())
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def preference_scores(model, encoded: list[tuple[list[int], list[int], list[int]]], pad_id: int, batch_size: int = 8,
                       reference=None, beta: float = 0.1) -> dict:
     """How often the model finds a pair's chosen answer likelier than its rejected one (summed
     log-probabilities), and by how much on average. With a reference model (a DPO run's base):
     also the implicit reward's accuracy and mean margin, beta x ((pc - rc) - (pr - rr))."""
-    from ..data.preferences import scored_rows
-
-    def logps(net):
-        out = []
-        for s in range(0, len(encoded), batch_size):
-            ids, labels = pad_labelled(scored_rows(encoded[s:s + batch_size]), pad_id)
-            out.append(answer_logps(net, ids, labels)[0].view(-1, 2).float().cpu())
-        return torch.cat(out)
-
-    policy = logps(model)
+    policy = pair_logps(model, encoded, pad_id, batch_size)
     margin = policy[:, 0] - policy[:, 1]
     scores = {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean()), "n": len(encoded)}
     if reference is not None:
-        ref = logps(reference)
+        ref = pair_logps(reference, encoded, pad_id, batch_size)
         reward = beta * (margin - (ref[:, 0] - ref[:, 1]))
         scores |= {"reward_accuracy": float((reward > 0).float().mean()), "reward_margin": float(reward.mean())}
     return scores

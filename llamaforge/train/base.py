@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LlamaforgeError
+from ..files import write_json
 from ..model.adapters import ALL_LINEARS, LoRAConfig
 from .runconfig import resolve_config, write_yaml
 from .trainer import TrainConfig
@@ -112,6 +113,19 @@ def open_run(cfg, resume: bool, required: str = "train"):
         if value and value != "default" and Path(value).exists():
             setattr(cfg, name, str(Path(value).resolve()))
     return cfg, out
+
+
+def write_new_run(cfg, out: Path, resume: bool, world, json_files: dict | None = None):
+    """A new run's directory with its config.yaml (and `json_files`, name -> content), written by
+    rank 0 once every rank has found the directory as it was (empty: see open_run), and there for
+    every rank afterwards. A resumed run has them already."""
+    world.barrier()
+    if not resume and world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_yaml(cfg, out / "config.yaml")
+        for name, content in (json_files or {}).items():
+            write_json(out / name, content)
+    world.barrier()
 
 
 PATH_FIELDS = ("train", "dev", "test", "model", "data", "val", "tokenizer")

@@ -32,9 +32,13 @@ def exists(ckpt_dir: Path) -> bool:
     return (ckpt_dir / "latest").exists() or (ckpt_dir / "state.pt").exists()
 
 
+def latest(ckpt_dir: Path) -> Path:
+    return ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+
+
 def read_meta(ckpt_dir: Path) -> dict:
     """The last checkpoint's state and history, without its tensors."""
-    return json.loads((ckpt_dir / (ckpt_dir / "latest").read_text().strip() / "meta.json").read_text())
+    return json.loads((latest(ckpt_dir) / "meta.json").read_text())
 
 
 @contextlib.contextmanager
@@ -92,8 +96,8 @@ def load(ckpt_dir: Path, masters: list, optimizer) -> dict:
     if not (ckpt_dir / "latest").exists():
         return _load_legacy(ckpt_dir / "state.pt", masters, optimizer)
     import torch.distributed.checkpoint as dcp
-    path = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    meta = json.loads((path / "meta.json").read_text())
+    path = latest(ckpt_dir)
+    meta = read_meta(ckpt_dir)
     tensors = _tensors(masters, optimizer)
     try:
         with _quiet_single_process():

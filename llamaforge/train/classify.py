@@ -24,7 +24,7 @@ from ..data.batching import length_bucketed_batches, pad_right, share
 from ..data.labelled import LabelledText, check_truncation_side, encode_texts, label_ids, label_names, read_labelled
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import classification_report, format_report, plot_confusion_matrix
-from ..files import atomic_write_text, write_json
+from ..files import atomic_write_text
 from ..formats import hf
 from ..formats.checkpoint import Checkpoint
 from ..formats.load import load
@@ -33,9 +33,9 @@ from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora
 from ..model.device import resolve_device, to_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
-from .base import FinetuneConfig, base_model_reference, open_run
+from .base import FinetuneConfig, base_model_reference, open_run, write_new_run
 from .distributed import init_world
-from .runconfig import resolve_config, write_yaml
+from .runconfig import resolve_config
 from .trainer import fit, write_metrics
 
 
@@ -191,11 +191,7 @@ def finetune_classify(cfg: ClassifyConfig, resume: bool = False) -> dict:
     clf, tok = build_classifier(cfg, len(labels))
     enc = {name: encode_texts(tok, split, cfg.max_length, name=str(path), truncation_side=cfg.truncation_side)
            for name, split, path in (("train", train, cfg.train), ("dev", dev, cfg.dev), ("test", test, cfg.test)) if split}
-    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
-    if not resume and world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_yaml(cfg, out / "config.yaml")
-        write_json(out / "label_map.json", {"id2label": {str(i): n for i, n in enumerate(labels)}})
+    write_new_run(cfg, out, resume, world, {"label_map.json": {"id2label": {str(i): n for i, n in enumerate(labels)}}})
     n_train = sum(p.numel() for p in clf.parameters() if p.requires_grad)
     world.log(f"llamaforge: {len(train)} train / {len(dev)} dev examples, {len(labels)} labels; method {cfg.method}, "
               f"{n_train:,} trainable parameters, {cfg.dtype}")

@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from ..data.batching import length_bucketed_batches, pad_labelled, share
 from ..data.preferences import encode_pair, read_pairs, scored_rows
 from ..errors import LlamaforgeError
-from ..evaluate.lm import answer_logps
+from ..evaluate.lm import answer_logps, pair_logps
 from ..files import atomic_path
 from ..model.adapters import adapters_disabled
 from ..provenance.modelcard import check_licence, write_run_cards
-from .base import FinetuneConfig, open_run
+from .base import FinetuneConfig, open_run, write_new_run
 from .distributed import init_world
-from .runconfig import write_yaml
 from .sft import build_model_and_length, save_model
 from .trainer import fit, write_metrics
 
@@ -98,7 +97,7 @@ class PreferenceTask:
         return length_bucketed_batches(self.lengths, self.cfg.batch_size, generator)
 
     def losses(self, model, pairs, split: str, idx: list[int]):
-        """(losses, margins, chosen log-prob above rejected) for pairs, one forward pass."""
+        """(loss, reward margin) per pair, chosen and rejected answers in one forward pass."""
         ids, labels = pad_labelled(scored_rows(pairs), self.tok.pad_id)
         logps, n = answer_logps(model, ids, labels)
         pc, pr, nc, nr = logps[0::2], logps[1::2], n[0::2].float(), n[1::2].float()
@@ -140,17 +139,6 @@ class PreferenceTask:
         save_model(model, out_dir, self.cfg, self.tok)
 
 
-@torch.no_grad()
-def reference_logps(model, pairs, pad_id: int, batch_size: int) -> torch.Tensor:
-    """(N, 2): the summed log-probability of each pair's chosen and rejected answer."""
-    out = []
-    for s in range(0, len(pairs), batch_size):
-        ids, labels = pad_labelled(scored_rows(pairs[s:s + batch_size]), pad_id)
-        logps, _ = answer_logps(model, ids, labels)
-        out.append(logps.view(-1, 2).float().cpu())
-    return torch.cat(out)
-
-
 def cached_reference(model, train, dev, cfg: DPOConfig, tok, out: Path, world) -> dict:
     """Full fine-tuning's reference log-probabilities: computed once from the base model before
     the first step and kept in the run directory (a resumed run's model is no longer the base)."""
@@ -159,8 +147,8 @@ def cached_reference(model, train, dev, cfg: DPOConfig, tok, out: Path, world) -
     if not path.exists():
         world.log("llamaforge: reference log-probabilities of the base model, once")
         model.eval()
-        ref = {"train": reference_logps(model, train, tok.pad_id, cfg.eval_batch_size),
-               "dev": reference_logps(model, dev, tok.pad_id, cfg.eval_batch_size)}
+        ref = {"train": pair_logps(model, train, tok.pad_id, cfg.eval_batch_size),
+               "dev": pair_logps(model, dev, tok.pad_id, cfg.eval_batch_size)}
         model.train()
         if world.main:
             with atomic_path(path) as tmp:
@@ -182,11 +170,7 @@ def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict | None:
     model, tok = build_model_and_length(cfg)
     enc_train = [encode_pair(tok, p, cfg.max_length) for p in train]
     enc_dev = [encode_pair(tok, p, cfg.max_length) for p in dev]
-    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
-    if not resume and world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_yaml(cfg, out / "config.yaml")
-    world.barrier()
+    write_new_run(cfg, out, resume, world)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     world.log(f"llamaforge: {len(train)} train / {len(dev)} dev pairs; {cfg.loss} loss, beta {cfg.beta}; method "
               f"{cfg.method}, {n_trainable:,} trainable parameters, {cfg.dtype}")

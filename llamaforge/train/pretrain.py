@@ -34,9 +34,8 @@ from ..model.llama import Llama
 from ..provenance.modelcard import check_licence, write_run_cards
 from ..text.convert import from_hf_dir
 from ..text.training import save_trained_tokenizer, train_tokenizer
-from .base import open_run
+from .base import open_run, write_new_run
 from .distributed import World, init_world
-from .runconfig import write_yaml
 from .trainer import UNBOUNDED_EPOCHS, TrainConfig, fit, write_metrics
 
 
@@ -247,12 +246,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     files = corpus_files(cfg.data)
     if next(documents(files), None) is None:
         raise LlamaforgeError(f"{cfg.data}: the corpus is empty")
-    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:   # first, so that a run interrupted from here on can be resumed
-            write_yaml(cfg, out / "config.yaml")
-    world.barrier()
+    write_new_run(cfg, out, resume, world)   # first, so that a run interrupted from here on can be resumed
     model, tok = build_model(cfg, out, lambda: documents(files), world)
 
     def tokens_of(path) -> np.ndarray:   # rank 0 tokenizes; the others then read its cache

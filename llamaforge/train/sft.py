@@ -30,9 +30,8 @@ from ..formats.load import load
 from ..model.adapters import add_lora, add_prefix, refuse_prefix, save_peft_adapter, save_prefix
 from ..model.generation import SamplingConfig, generate_from_ids
 from ..provenance.modelcard import check_licence, write_run_cards
-from .base import FinetuneConfig, base_model_reference, open_run
+from .base import FinetuneConfig, base_model_reference, open_run, write_new_run
 from .distributed import init_world
-from .runconfig import write_yaml
 from .trainer import fit, write_metrics
 
 PREFIX_INIT_TEXT = "You are a helpful assistant. Read the request carefully and answer it well."
@@ -214,10 +213,7 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     enc_dev = encode_examples(tok, dev, cfg.max_length, context, name=str(cfg.dev or cfg.train))
     samples = [prompt_of(tok, ex) for ex in dev[:cfg.samples]]
     samples = [(ids, ref) for ids, ref in samples if len(ids) + cfg.sample_tokens <= context]
-    world.barrier()   # every rank found the directory as it was before rank 0 writes to it
-    if not resume and world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_yaml(cfg, out / "config.yaml")
+    write_new_run(cfg, out, resume, world)
     n_trainable = sum(p.numel() for p in llama.parameters() if p.requires_grad)
     n_tokens = sum(len(ids) for ids, _ in enc_train)
     world.log(f"llamaforge: {len(enc_train)} train examples ({n_tokens:,} tokens) / {len(enc_dev)} dev; method "

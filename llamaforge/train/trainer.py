@@ -137,17 +137,17 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     ckpt_dir = run_dir / "checkpoint"
     if not any(p.requires_grad for p in model.parameters()):
         raise LlamaforgeError("nothing to train: the model has no trainable parameters")
-    if cfg.gradient_checkpointing:
-        for module in model.modules():
-            if isinstance(module, Llama):
-                module.gradient_checkpointing(True)
+    llamas = [m for m in model.modules() if isinstance(m, Llama)]   # (a classifier holds one)
+    for llama in llamas:
+        llama.gradient_checkpointing(cfg.gradient_checkpointing)
     if world.device.type == "cuda" and not torch.cuda.is_bf16_supported() and \
             any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise LlamaforgeError(f"{torch.cuda.get_device_name(world.device)} has no bf16: train with --dtype fp32")
     strategy = choose_strategy(cfg.distributed, getattr(cfg, "method", "full")) if world.distributed else None
     if cfg.compile and strategy == "fsdp":   # the compiled blocks are called around FSDP's hooks
         raise LlamaforgeError("--compile does not combine with FSDP yet: use --distributed ddp, or leave out --compile")
-    check_memory(model, cfg, world, strategy)
+    if llamas:   # the models whose shape the estimate knows
+        check_memory(model, cfg, world, strategy)
     trainable = Trainable(model, task, world, strategy)
     params = trainable.params
     if world.distributed:
@@ -236,9 +236,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
 
     if cfg.compile:
         require_cpp_compiler("--compile")
-        for module in model.modules():
-            if isinstance(module, Llama):
-                module.compile_for_training()
+        for llama in llamas:
+            llama.compile_for_training()
     model.train()
     window_loss, window_n = 0.0, 0
     shares = world.size * cfg.grad_accum
@@ -320,10 +319,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
 
 def check_memory(model, cfg: TrainConfig, world: World, strategy: str | None):
     """The memory a step will take on each rank, printed before training starts; a clear error
-    with advice, instead of the kernel's OOM kill minutes later, when it cannot fit. (Only for
-    the Llama-based models it knows the shape of.)"""
-    if not any(isinstance(m, Llama) for m in model.modules()):
-        return
+    with advice, instead of the kernel's OOM kill minutes later, when it cannot fit."""
     micro = max(1, math.ceil(cfg.batch_size / (world.size * cfg.grad_accum)))
     seq_len = getattr(cfg, "max_length", None) or getattr(cfg, "block_size", None) or 512
     estimate = estimate_training_memory(model, micro_batch_size=micro, seq_len=seq_len, strategy=strategy or "single",

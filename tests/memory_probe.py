@@ -2,7 +2,8 @@
 prints {"measured": bytes, "estimate": {...}} as JSON. `measure(spec)` runs it from a test.
 
 SPEC (JSON): model ("default" for SmolLM2, or a preset name for a random model), overrides (of
-the preset), dtype (fp32 | bf16), method (full | lora), batch, seq_len, steps, checkpointing.
+the preset), dtype (fp32 | bf16), method (full | lora), quantize_base (int8 | int4, with lora),
+batch, seq_len, steps, checkpointing.
 
 Measured: the process's peak resident memory (VmHWM) during the training steps, less its resident
 memory just before the model was built. The peak is reset once the model exists, so a loader's
@@ -47,6 +48,9 @@ def build(spec: dict):
         model = Llama(LlamaConfig.from_name(spec["model"], **spec.get("overrides", {}))).to(dtype)
     if spec["method"] == "lora":
         add_lora(model, LoRAConfig(rank=16, alpha=32, dropout=0.0))
+        if spec.get("quantize_base"):
+            from llamaforge.model.adapters import quantize_frozen_base
+            quantize_frozen_base(model, spec["quantize_base"])
     else:
         model.requires_grad_(True)
     return model.gradient_checkpointing(spec.get("checkpointing", False)).train()

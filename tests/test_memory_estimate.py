@@ -19,6 +19,8 @@ MEASURED = {
                                       "seq_len": 256, "checkpointing": True},
     "smollm2-bf16-lora": {"model": "default", "dtype": "bf16", "method": "lora", "batch": 8, "seq_len": 128},
     "smollm2-bf16-full": {"model": "default", "dtype": "bf16", "method": "full", "batch": 8, "seq_len": 128},
+    "smollm2-bf16-qlora-int4": {"model": "default", "dtype": "bf16", "method": "lora", "quantize_base": "int4",
+                                "batch": 8, "seq_len": 128},
 }
 
 

@@ -195,6 +195,8 @@ FINETUNE_HELP = {
     "distributed": "under torchrun: ddp | fsdp | auto (DDP for lora and prefix, FSDP2 for full and pretrain)",
     "nproc": "start torchrun with N processes on this machine (or run under torchrun yourself)",
     "gradient_checkpointing": "recompute each block's activations in the backward pass: less memory, ~30%% more time",
+    "quantize_base": "int8 | int4: LoRA over a base held quantised (QLoRA): the frozen weights take 1/2 or ~1/3 "
+                     "of bf16's memory",
 }
 
 

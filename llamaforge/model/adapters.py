@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from ..files import read_json, write_json
+from .quantize import FrozenQuantizedLinear
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,9 +58,20 @@ class LoRALinear(nn.Module):
         self.scaling = cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.disabled = False   # see adapters_disabled
+        self.quantized: FrozenQuantizedLinear | None = None   # QLoRA: W and b live here instead
+
+    def quantize_base(self, bits: int):
+        """Hold W and b in int8 or int4 (QLoRA); the adapter trains as before."""
+        self.quantized = FrozenQuantizedLinear(self.weight, self.bias, bits)
+        del self.weight
+        self.bias = None
+
+    def base_weight(self) -> torch.Tensor:
+        """W as it computes: the dequantised values over a quantised base."""
+        return self.weight if self.quantized is None else self.quantized.dequantized(self.lora_A.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)                           # (..., out)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)   # (..., out)
         if self.disabled:
             return y
         h = F.linear(self.dropout(x), self.lora_A) * self.scaling          # (..., rank): scale the small tensor
@@ -68,13 +80,15 @@ class LoRALinear(nn.Module):
         return y
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded in (W + B A * scaling), computed in fp32."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
+        """A plain nn.Linear with the update folded in (W + B A * scaling), computed in fp32 (over
+        a quantised base: onto its dequantised W)."""
+        weight, bias = self.base_weight().detach(), self.bias if self.quantized is None else self.quantized.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype)
         delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
-        lin.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = self.bias
+        lin.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         return lin
 
 
@@ -84,6 +98,20 @@ def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
         p.requires_grad_(False)
     llama.replace_linears(lambda lin: LoRALinear(lin, cfg), names=set(cfg.targets))
     return llama
+
+
+QUANTIZE_BASE = {"int8": 8, "int4": 4}
+
+
+def quantize_frozen_base(llama: nn.Module, kind: str) -> nn.Module:
+    """QLoRA: every frozen linear layer of the blocks (LoRA layers' W and b, and untargeted
+    linears) held in int8 or int4 (`kind`); embeddings, norms, the output projection, adapters
+    and heads stay as they are. Call after add_lora."""
+    bits = QUANTIZE_BASE[kind]
+    for m in llama.modules():
+        if isinstance(m, LoRALinear) and m.quantized is None:
+            m.quantize_base(bits)
+    return llama.replace_linears(lambda lin: FrozenQuantizedLinear(lin.weight, lin.bias, bits))
 
 
 @contextlib.contextmanager
@@ -206,6 +234,24 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, ta
         "use_rslora": False, "use_dora": False,
     }
     write_json(Path(out_dir) / "adapter_config.json", config)
+    bits = {m.quantized.bits for m in model.modules() if isinstance(m, LoRALinear) and m.quantized is not None}
+    if bits:   # QLoRA: what the adapter was trained over, for merging onto the same values
+        write_json(Path(out_dir) / QUANTIZED_BASE_FILE, {"quantize_base": f"int{bits.pop()}", "group_size": 32})
+
+
+# A QLoRA adapter's note of the base it was trained over (PEFT ignores files it does not know).
+QUANTIZED_BASE_FILE = "quantized_base.json"
+
+
+def quantized_base_of(adapter_dir: str | Path) -> str | None:
+    """"int8" or "int4" for an adapter trained over a quantised base (QLoRA), else None."""
+    path = Path(adapter_dir) / QUANTIZED_BASE_FILE
+    if not path.exists():
+        return None
+    kind = read_json(path).get("quantize_base")
+    if kind not in QUANTIZE_BASE:
+        raise LlamaforgeError(f"{path}: quantize_base must be {' or '.join(QUANTIZE_BASE)}, not {kind!r}")
+    return kind
 
 
 def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
@@ -261,7 +307,8 @@ def saved_modules(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
     """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
     `model.`) into a state dict in `model.llama.Llama`'s names, in fp32, in place. Heads saved whole
-    (`modules_to_save`) are not part of the language model and are left out."""
+    (`modules_to_save`) are not part of the language model and are left out. An adapter trained
+    over a quantised base (QLoRA, `quantized_base.json`) goes onto that base's dequantised weights."""
     cfg = read_peft_config(adapter_dir)
     raw = read_json(Path(adapter_dir) / "adapter_config.json")
     extra = [k for k in ("rank_pattern", "alpha_pattern") if raw.get(k)]
@@ -269,6 +316,13 @@ def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Pat
     if extra:
         raise LlamaforgeError(f"{adapter_dir}/adapter_config.json: {', '.join(extra)} is not supported")
     path, tensors = _read_adapter_tensors(adapter_dir)
+    quantized = quantized_base_of(adapter_dir)
+    if quantized:
+        # QLoRA: the update was learned over the quantised weights, so it goes onto those (every
+        # linear of the blocks was held quantised, adapted or not).
+        for key, w in state.items():
+            if key.startswith("layers.") and key.endswith("_proj.weight"):
+                state[key] = FrozenQuantizedLinear(w, None, QUANTIZE_BASE[quantized]).dequantized(torch.float32).to(w.dtype)
     prefix = PEFT_PREFIX + "model."
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import LlamaforgeError
 from ..files import write_json
-from ..model.adapters import ALL_LINEARS, LoRAConfig
+from ..model.adapters import ALL_LINEARS, QUANTIZE_BASE, LoRAConfig, add_lora, quantize_frozen_base
 from .runconfig import resolve_config, write_yaml
 from .trainer import TrainConfig
 
@@ -30,6 +30,7 @@ class FinetuneConfig(TrainConfig):
     max_length: int = 128
     eval_batch_size: int = 64
     lr: float | None = None               # None: the recipe's default for the method
+    quantize_base: str | None = None      # int8 | int4: LoRA over a quantised frozen base (QLoRA)
 
     # Per method, measured (README): classification's on SST-2 and ChnSentiCorp; SFT sets its own.
     DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
@@ -41,12 +42,26 @@ class FinetuneConfig(TrainConfig):
             self.lr = self.DEFAULT_LR[self.method]
         if self.dtype not in ("bf16", "fp32"):
             raise LlamaforgeError(f"dtype must be bf16 or fp32, not {self.dtype!r}")
+        if self.quantize_base is not None:
+            if self.quantize_base not in QUANTIZE_BASE:
+                raise LlamaforgeError(f"quantize-base must be {' or '.join(QUANTIZE_BASE)}, not {self.quantize_base!r}")
+            if self.method != "lora":
+                raise LlamaforgeError(f"--quantize-base trains adapters over a frozen base: it needs --method lora, "
+                                      f"not {self.method}")
         if self.max_length is not None and self.max_length < 2:
             raise LlamaforgeError(f"max-length must be at least 2, got {self.max_length}")
         super().__post_init__()
 
     def lora(self) -> LoRAConfig:
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
+
+    def add_adapters(self, llama, lora: LoRAConfig | None = None):
+        """LoRA layers (of `lora`, default this config's) on the Llama, over its base quantised
+        when --quantize-base asks."""
+        add_lora(llama, lora or self.lora())
+        if self.quantize_base:
+            quantize_frozen_base(llama, self.quantize_base)
+        return llama
 
 
 # What a resumed run may change: how long it goes on and how often it is evaluated, and where and

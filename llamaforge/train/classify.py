@@ -29,7 +29,7 @@ from ..formats import hf
 from ..formats.checkpoint import Checkpoint
 from ..formats.load import load
 from ..formats.paths import classifier_labels, run_model_path
-from ..model.adapters import LoRAConfig, add_lora, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
+from ..model.adapters import LoRAConfig, load_peft_adapter, merge_lora, read_peft_config, save_peft_adapter
 from ..model.device import resolve_device, to_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
@@ -62,7 +62,7 @@ def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoR
     trainable parameters: LoRA layers of `lora` (default cfg's) and the new `score` head."""
     llama, tok = load(model or cfg.model, dtype=cfg.dtype)
     if cfg.method == "lora":
-        add_lora(llama, lora or cfg.lora())
+        cfg.add_adapters(llama, lora)
     elif llama.lm_head is not None:
         llama.lm_head.requires_grad_(False)   # not used by classification
     clf = LlamaForClassification(llama, num_labels)

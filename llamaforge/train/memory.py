@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..errors import LlamaforgeError
 from ..model.llama import Llama
+from ..model.quantize import FrozenQuantizedLinear
 
 STRATEGIES = ("single", "ddp", "fsdp")
 
@@ -78,7 +79,9 @@ def estimate_training_memory(model: nn.Module, *, micro_batch_size: int, seq_len
     llama = next(m for m in model.modules() if isinstance(m, Llama))
     params = list(model.parameters())   # a tied tensor once
     trainable = [p for p in params if p.requires_grad]
-    weights = loaded = sum(p.numel() * p.element_size() for p in params)
+    # A QLoRA base's quantised weights are buffers, not parameters.
+    quantized = [t for m in model.modules() if isinstance(m, FrozenQuantizedLinear) for t in m.buffers(recurse=False)]
+    weights = loaded = sum(t.numel() * t.element_size() for t in [*params, *quantized])
     # Gradients as the backward pass writes them, in the parameters' dtype.
     raw_gradients = sum(p.numel() * p.element_size() for p in trainable)
     if master_fp32:
@@ -111,6 +114,9 @@ def estimate_training_memory(model: nn.Module, *, micro_batch_size: int, seq_len
     held = raw_gradients if grad_accum > 1 else 0
     forward = activation_bytes(llama, micro_batch_size, seq_len, False, scored_tokens, sdpa)
     overhead = OVERHEAD_FIXED + int(OVERHEAD_CHURN * (forward + gradients))
+    # A quantised base dequantises one layer's weight at a time, and its int4 unpacking a chunk.
+    overhead += max((m.out_features * m.in_features * llama.embed_tokens.weight.element_size()
+                     for m in model.modules() if isinstance(m, FrozenQuantizedLinear)), default=0)
     if strategy != "single":
         # Every rank loads the whole model before DDP or FSDP takes it over, and the allocator
         # keeps what that held: SmolLM2 in bf16 on 2 CPU processes at 4 x 128 tokens each
@@ -210,3 +216,30 @@ def check_fits(estimate: MemoryEstimate, available_bytes: int | None, device_nam
     raise LlamaforgeError(f"training needs about {human_bytes(estimate.total)} per process on {device_name}, but "
                           f"{human_bytes(available_bytes)} is available ({estimate.note}; largest: {largest}). "
                           f"Try {'; '.join(advice or ['a smaller model'])}")
+
+
+def reset_peak_memory(device: torch.device | str):
+    """Start measuring peak memory from now (see peak_memory)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:   # Linux: writing 5 resets the process's VmHWM to its resident memory now
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device | str) -> int | None:
+    """Bytes: on a GPU, the most that PyTorch's allocator has held; on a CPU, the process's peak
+    resident memory (since reset_peak_memory, on Linux). None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -27,7 +27,7 @@ from ..evaluate.lm import mean_loss, next_token_loss
 from ..evaluate.tasks import GENERATION_TASKS, read_task, training_examples
 from ..formats import hf
 from ..formats.load import load
-from ..model.adapters import add_lora, add_prefix, refuse_prefix, save_peft_adapter, save_prefix
+from ..model.adapters import add_prefix, refuse_prefix, save_peft_adapter, save_prefix
 from ..model.generation import SamplingConfig, generate_from_ids
 from ..provenance.modelcard import check_licence, write_run_cards
 from .base import FinetuneConfig, base_model_reference, open_run, write_new_run
@@ -98,7 +98,7 @@ def build_model(cfg: SFTConfig, model: str | None = None):
     """(Llama with the method's trainable parameters, tokenizer) from the base model."""
     llama, tok = load(model or cfg.model, dtype=cfg.dtype)
     if cfg.method == "lora":
-        add_lora(llama, cfg.lora())
+        cfg.add_adapters(llama)
     elif cfg.method == "prefix":
         add_prefix(llama, cfg.prefix_length, tok.encode(PREFIX_INIT_TEXT, add_special_tokens=False))
     else:

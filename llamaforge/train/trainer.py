@@ -35,7 +35,7 @@ from ..model.kernels import require_cpp_compiler
 from ..model.llama import Llama
 from . import checkpoint
 from .distributed import Trainable, World, choose_strategy, init_world
-from .memory import available_memory, check_fits, estimate_training_memory
+from .memory import available_memory, check_fits, estimate_training_memory, human_bytes, peak_memory, reset_peak_memory
 
 UNBOUNDED_EPOCHS = 1_000_000   # epochs of a run that --max-steps or --max-minutes ends
 
@@ -148,6 +148,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         raise LlamaforgeError("--compile does not combine with FSDP yet: use --distributed ddp, or leave out --compile")
     if llamas:   # the models whose shape the estimate knows
         check_memory(model, cfg, world, strategy)
+    reset_peak_memory(world.device)   # training's peak, not the loader's
     trainable = Trainable(model, task, world, strategy)
     params = trainable.params
     if world.distributed:
@@ -310,6 +311,11 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     if not history["evals"] or history["evals"][-1]["step"] != state.step:
         evaluate()   # the final model is always evaluated, so "best" covers it
     state.stopped = state.stopped or "done"
+    peak = peak_memory(world.device)
+    if peak is not None:
+        history["peak_memory_mb"] = round(peak / 2**20)
+        world.log(f"llamaforge: peak memory while training: {human_bytes(peak)} "
+                  f"({'allocated on ' + str(world.device) if world.device.type == 'cuda' else 'resident, this process'})")
     save_checkpoint()
     bar.close()
     if writer:

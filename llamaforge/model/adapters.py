@@ -21,11 +21,29 @@ ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 @dataclass
+class AdaLoRASchedule:
+    """How AdaLoRA moves its rank budget (PEFT's AdaLoraConfig, whose field names the saved
+    adapter_config.json uses): every adapted matrix starts at the initial rank; after `tinit` steps
+    the total budget falls on a cubic curve to target_rank per matrix, reached `tfinal` steps before
+    the end; every `delta_t` steps the least important singular triplets are masked.
+    train/adalora.py runs it."""
+    target_rank: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85             # sensitivity smoothing
+    beta2: float = 0.85             # uncertainty smoothing
+    orth_reg_weight: float = 0.5    # keeps A's rows and B's columns near orthonormal
+    total_step: int | None = None   # the run's steps, once the trainer knows them
+
+
+@dataclass
 class LoRAConfig:
-    rank: int = 16
+    rank: int = 16                  # AdaLoRA: the initial rank
     alpha: float = 32.0
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: list(ALL_LINEARS))
+    adalora: AdaLoRASchedule | None = None   # set: AdaLoRA layers (SVD form, a moving rank budget)
 
     def __post_init__(self):
         unknown = sorted(set(self.targets) - set(ALL_LINEARS))
@@ -33,6 +51,9 @@ class LoRAConfig:
             raise LlamaforgeError(f"unknown LoRA target {unknown[0]!r}; choose from {', '.join(ALL_LINEARS)}")
         if self.rank < 1:
             raise LlamaforgeError(f"LoRA rank must be at least 1, got {self.rank}")
+        if self.adalora is not None and not 0 < self.adalora.target_rank <= self.rank:
+            raise LlamaforgeError(f"AdaLoRA's target rank must be between 1 and the initial rank ({self.rank}), "
+                                  f"got {self.adalora.target_rank}")
 
 
 class LoRALinear(nn.Module):
@@ -60,6 +81,10 @@ class LoRALinear(nn.Module):
         self.disabled = False   # see adapters_disabled
         self.quantized: FrozenQuantizedLinear | None = None   # QLoRA: W and b live here instead
 
+    def down(self) -> torch.Tensor:
+        """The (rank, in) matrix that x meets first."""
+        return self.lora_A
+
     def quantize_base(self, bits: int):
         """Hold W and b in int8 or int4 (QLoRA); the adapter trains as before."""
         self.quantized = FrozenQuantizedLinear(self.weight, self.bias, bits)
@@ -74,7 +99,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)   # (..., out)
         if self.disabled:
             return y
-        h = F.linear(self.dropout(x), self.lora_A) * self.scaling          # (..., rank): scale the small tensor
+        h = F.linear(self.dropout(x), self.down()) * self.scaling          # (..., rank): scale the small tensor
         # y += h B^T inside the matrix product (beta=1), not as a separate pass over y.
         y.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return y
@@ -85,18 +110,41 @@ class LoRALinear(nn.Module):
         weight, bias = self.base_weight().detach(), self.bias if self.quantized is None else self.quantized.bias
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                         device=weight.device, dtype=weight.dtype)
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
+        delta = (self.lora_B.detach().float() @ self.down().detach().float()) * self.scaling
         lin.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
         if bias is not None:
             lin.bias = nn.Parameter(bias.detach().to(weight.dtype), requires_grad=False)
         return lin
 
 
+class AdaLoRALinear(LoRALinear):
+    """AdaLoRA (Zhang et al. 2023), PEFT's SVDLinear: the update is B diag(E) A, an SVD-like form
+    whose singular triplets (a row of A, a value of E, a column of B) the rank allocator masks by
+    importance (E's value set to zero), so the rank budget moves to the matrices that need it.
+    A and B start random (normal, std 0.02), E at zero; the scaling is alpha / initial rank for
+    the whole run, pruned or not. `kept` marks the triplets the allocator keeps (all, until it masks)."""
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__(base, cfg)
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.lora_E = nn.Parameter(torch.zeros(cfg.rank, 1, device=self.lora_A.device, dtype=self.lora_A.dtype))
+        self.scaling = cfg.alpha / (cfg.rank + 1e-5)
+        self.schedule = cfg.adalora   # one object, shared by every layer of a model
+        self.register_buffer("kept", torch.ones(cfg.rank, dtype=torch.bool, device=self.lora_A.device), persistent=False)
+
+    def down(self) -> torch.Tensor:
+        return self.lora_A * self.lora_E
+
+
 def add_lora(llama: nn.Module, cfg: LoRAConfig) -> nn.Module:
-    """Freeze the Llama and put LoRA layers on its target linears; returns it."""
+    """Freeze the Llama and put LoRA layers (AdaLoRA's with cfg.adalora) on its target linears;
+    returns it."""
     for p in llama.parameters():
         p.requires_grad_(False)
-    llama.replace_linears(lambda lin: LoRALinear(lin, cfg), names=set(cfg.targets))
+    kind = AdaLoRALinear if cfg.adalora is not None else LoRALinear
+    llama.replace_linears(lambda lin: kind(lin, cfg), names=set(cfg.targets))
     return llama
 
 
@@ -171,10 +219,9 @@ class MultiLoRALinear(nn.Module):
 
 
 def add_served_adapter(llama: nn.Module, adapter_dir: str | Path, index: int, rows: AdapterRows):
-    """Attach the PEFT LoRA adapter in `adapter_dir` to an inference model (stacked projections
-    and quantised or kernel-backed layers welcome) as adapter number `index` (>= 1)."""
-    cfg = read_peft_config(adapter_dir)
-    path, tensors = _read_adapter_tensors(adapter_dir)
+    """Attach the PEFT LoRA (or AdaLoRA) adapter in `adapter_dir` to an inference model (stacked
+    projections and quantised or kernel-backed layers welcome) as adapter number `index` (>= 1)."""
+    path, updates, scaling = lora_updates(adapter_dir)
     dtype, c = llama.embed_tokens.weight.dtype, llama.config
     q, kv, ff = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.intermediate_size
     width = {"q_proj": q, "k_proj": kv, "v_proj": kv, "o_proj": c.dim, "gate_proj": ff, "up_proj": ff, "down_proj": c.dim}
@@ -191,17 +238,17 @@ def add_served_adapter(llama: nn.Module, adapter_dir: str | Path, index: int, ro
         else:
             places.update({n: (mlp, n, 0) for n in ("gate_proj", "up_proj")})
         for name, (parent, attr, start) in places.items():
-            key = f"{PEFT_PREFIX}model.layers.{i}.{'self_attn' if parent is attn else 'mlp'}.{name}"
-            if f"{key}.lora_A.weight" not in tensors:
+            key = f"layers.{i}.{'self_attn' if parent is attn else 'mlp'}.{name}"
+            if key not in updates:
                 continue
-            a, b = tensors[f"{key}.lora_A.weight"].to(dtype), tensors.get(f"{key}.lora_B.weight")
-            if b is None or b.shape != (width[name], a.shape[0]):
+            a, b = (t.to(dtype) for t in updates[key])
+            if b.shape != (width[name], a.shape[0]):
                 raise LlamaforgeError(f"{path}: {key} does not fit the base model")
             holder = getattr(parent, attr)
             if not isinstance(holder, MultiLoRALinear):
                 holder = MultiLoRALinear(holder, rows)
                 setattr(parent, attr, holder)
-            holder.deltas.setdefault(index, []).append((a, b.to(dtype), cfg.alpha / cfg.rank, start, start + width[name]))
+            holder.deltas.setdefault(index, []).append((a, b, scaling, start, start + width[name]))
     return llama
 
 
@@ -219,10 +266,18 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, ta
     as it is, a Llama with hf_prefix="model." (LlamaForCausalLM's names)."""
     from safetensors.torch import save_file
 
-    state = {}
+    state, rank_pattern = {}, {}
     for name, p in model.named_parameters():
-        if name.endswith((".lora_A", ".lora_B")):
+        if name.endswith((".lora_A", ".lora_B")) and cfg.adalora is None:
             state[PEFT_PREFIX + hf_prefix + name + ".weight"] = p.detach().contiguous()
+        elif name.endswith((".lora_A", ".lora_B", ".lora_E")):
+            # AdaLoRA, as PEFT saves it: no ".weight", only the triplets kept (their pattern in
+            # the config), by the names of the module's HF model.
+            module = name.rsplit(".", 1)[0]
+            kept = model.get_submodule(module).kept
+            rank_pattern[hf_prefix + module + ".lora_E"] = kept.tolist()
+            t = p.detach()[:, kept] if name.endswith(".lora_B") else p.detach()[kept]
+            state[PEFT_PREFIX + hf_prefix + name] = t.contiguous()
         elif name.split(".")[0] in modules_to_save:
             state[PEFT_PREFIX + hf_prefix + name] = p.detach().contiguous()
     save_file(state, str(Path(out_dir) / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -233,6 +288,12 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, ta
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False,
     }
+    if cfg.adalora is not None:   # the schedule the layers trained with (the trainer fills in its steps)
+        a = next((m.schedule for m in model.modules() if isinstance(m, AdaLoRALinear)), cfg.adalora)
+        config.update(peft_type="ADALORA", r=a.target_rank, init_r=cfg.rank, target_r=a.target_rank, tinit=a.tinit,
+                      tfinal=a.tfinal, deltaT=a.delta_t, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight,
+                      total_step=a.total_step, rank_pattern=rank_pattern if not all(all(k) for k in rank_pattern.values())
+                      else None)
     write_json(Path(out_dir) / "adapter_config.json", config)
     bits = {m.quantized.bits for m in model.modules() if isinstance(m, LoRALinear) and m.quantized is not None}
     if bits:   # QLoRA: what the adapter was trained over, for merging onto the same values
@@ -255,10 +316,18 @@ def quantized_base_of(adapter_dir: str | Path) -> str | None:
 
 
 def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
+    """The LoRAConfig of a PEFT LoRA or AdaLoRA adapter (AdaLoRA: rank is its initial rank)."""
     path = Path(adapter_dir) / "adapter_config.json"
     raw = read_json(path)
-    if raw.get("peft_type") != "LORA":
-        raise LlamaforgeError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (LORA is)")
+    if raw.get("peft_type") == "ADALORA":
+        raw = {**raw, "r": raw.get("init_r")}
+        adalora = AdaLoRASchedule(target_rank=raw.get("target_r"), tinit=raw.get("tinit") or 0,
+                                  tfinal=raw.get("tfinal") or 0, delta_t=raw.get("deltaT") or 1,
+                                  orth_reg_weight=raw.get("orth_reg_weight", 0.5), total_step=raw.get("total_step"))
+    elif raw.get("peft_type") == "LORA":
+        adalora = None
+    else:
+        raise LlamaforgeError(f"{path}: peft_type {raw.get('peft_type')!r} is not supported (LORA and ADALORA are)")
     if raw.get("use_dora") or raw.get("use_rslora"):
         raise LlamaforgeError(f"{path}: DoRA and rsLoRA adapters are not supported")
     targets = raw.get("target_modules") or []
@@ -270,7 +339,13 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
                               f"found r={rank!r}, lora_alpha={alpha!r}, lora_dropout={dropout!r}")
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise LlamaforgeError(f"{path}: target_modules must be a list of module names, not {targets!r}")
-    return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=[t.split(".")[-1] for t in targets])
+    return LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=[t.split(".")[-1] for t in targets],
+                      adalora=adalora)
+
+
+def rank_pattern_of(adapter_dir: str | Path) -> dict[str, list[bool]]:
+    """An AdaLoRA adapter's kept triplets by module (HF name + ".lora_E"); {} when none was masked."""
+    return read_json(Path(adapter_dir) / "adapter_config.json").get("rank_pattern") or {}
 
 
 def _read_adapter_tensors(adapter_dir: str | Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -286,11 +361,24 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, hf_prefix: str 
     has its LoRA layers (`add_lora`) and head."""
     path, tensors = _read_adapter_tensors(adapter_dir)
     params = dict(model.named_parameters())
+    pattern = rank_pattern_of(adapter_dir)
     for key, t in tensors.items():
         key = key.removeprefix(PEFT_PREFIX).removeprefix(hf_prefix)
         name = key.removesuffix(".weight") if ".lora_" in key else key
         if name not in params:
             raise LlamaforgeError(f"{path}: tensor {key} matches no parameter of the model")
+        module = name.rsplit(".", 1)[0]
+        kept = pattern.get(hf_prefix + module + ".lora_E")
+        if kept is not None and name.endswith((".lora_A", ".lora_B", ".lora_E")):
+            # AdaLoRA keeps only the triplets it kept; the others stay masked (E = 0).
+            layer = model.get_submodule(module)
+            layer.kept.copy_(torch.tensor(kept))
+            full = torch.zeros_like(params[name])
+            if name.endswith(".lora_B"):
+                full[:, layer.kept] = t.to(full.dtype)
+            else:
+                full[layer.kept] = t.to(full.dtype)
+            t = full
         if params[name].shape != t.shape:
             raise LlamaforgeError(f"{path}: tensor {key} has shape {tuple(t.shape)}, expected {tuple(params[name].shape)}")
         with torch.no_grad():
@@ -304,18 +392,39 @@ def saved_modules(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix(PEFT_PREFIX): t for k, t in tensors.items() if ".lora_" not in k}
 
 
-def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
-    """Fold a PEFT LoRA adapter (of a causal LM or a classifier: both keep the Llama under
-    `model.`) into a state dict in `model.llama.Llama`'s names, in fp32, in place. Heads saved whole
-    (`modules_to_save`) are not part of the language model and are left out. An adapter trained
-    over a quantised base (QLoRA, `quantized_base.json`) goes onto that base's dequantised weights."""
+def lora_updates(adapter_dir: str | Path) -> tuple[Path, dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """(the tensors' file, {module's name in Llama's names: (down (r, in), up (out, r))}, scaling) of
+    a PEFT LoRA or AdaLoRA adapter of a causal LM or a classifier (both keep the Llama under
+    `model.`): each module's update is up @ down * scaling. AdaLoRA's down is A's rows scaled by
+    E's values, and its scaling alpha / initial rank."""
     cfg = read_peft_config(adapter_dir)
     raw = read_json(Path(adapter_dir) / "adapter_config.json")
-    extra = [k for k in ("rank_pattern", "alpha_pattern") if raw.get(k)]
+    adaptive = cfg.adalora is not None
+    extra = [k for k in ("rank_pattern", "alpha_pattern") if raw.get(k) and not (adaptive and k == "rank_pattern")]
     extra += [f"modules_to_save {m}" for m in raw.get("modules_to_save") or [] if m not in ("score", "classifier")]
     if extra:
         raise LlamaforgeError(f"{adapter_dir}/adapter_config.json: {', '.join(extra)} is not supported")
     path, tensors = _read_adapter_tensors(adapter_dir)
+    suffix, scaling = ("", cfg.alpha / (cfg.rank + 1e-5)) if adaptive else (".weight", cfg.alpha / cfg.rank)
+    prefix = PEFT_PREFIX + "model."
+    updates = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A" + suffix):
+            continue
+        b = tensors.get(key.replace(".lora_A", ".lora_B"))
+        e = tensors.get(key.replace(".lora_A", ".lora_E")) if adaptive else None
+        if b is None or (adaptive and e is None):
+            raise LlamaforgeError(f"{path}: tensor {key} has no matching lora_B{' or lora_E' if adaptive else ''}")
+        updates[key.removeprefix(prefix).removesuffix(".lora_A" + suffix)] = (a * e if adaptive else a, b)
+    return path, updates, scaling
+
+
+def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):
+    """Fold a PEFT LoRA or AdaLoRA adapter (see lora_updates) into a state dict in
+    `model.llama.Llama`'s names, in fp32, in place. Heads saved whole (`modules_to_save`) are not
+    part of the language model and are left out. An adapter trained over a quantised base (QLoRA,
+    `quantized_base.json`) goes onto that base's dequantised weights."""
+    path, updates, scaling = lora_updates(adapter_dir)
     quantized = quantized_base_of(adapter_dir)
     if quantized:
         # QLoRA: the update was learned over the quantised weights, so it goes onto those (every
@@ -323,16 +432,11 @@ def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Pat
         for key, w in state.items():
             if key.startswith("layers.") and key.endswith("_proj.weight"):
                 state[key] = FrozenQuantizedLinear(w, None, QUANTIZE_BASE[quantized]).dequantized(torch.float32).to(w.dtype)
-    prefix = PEFT_PREFIX + "model."
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key.removeprefix(prefix).removesuffix(".lora_A.weight")
-        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
-        if b is None or module + ".weight" not in state:
-            raise LlamaforgeError(f"{path}: tensor {key} has no matching lora_B or base weight")
+    for module, (down, up) in updates.items():
+        if module + ".weight" not in state:
+            raise LlamaforgeError(f"{path}: {module} has no base weight")
         w = state[module + ".weight"]
-        state[module + ".weight"] = (w.float() + (b.float() @ a.float()) * (cfg.alpha / cfg.rank)).to(w.dtype)
+        state[module + ".weight"] = (w.float() + (up.float() @ down.float()) * scaling).to(w.dtype)
 
 
 # --- prefix-tuning -------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def write_run_cards(out: Path, recipe: str, cfg, data: list, metrics: dict, tags
     """The model card of a run, in the run directory and in its best model."""
     from dataclasses import asdict
     base = getattr(cfg, "model", None)
-    library = "peft" if getattr(cfg, "method", None) == "lora" else "llamaforge"
+    library = "peft" if getattr(cfg, "method", None) in ("lora", "adalora") else "llamaforge"
     for d in (out, out / "best"):
         if d.is_dir():
             write_model_card(d, recipe=recipe, title=f"{out.name} ({recipe}, llamaforge)", base_model=base,

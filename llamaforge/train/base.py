@@ -10,9 +10,11 @@ from pathlib import Path
 
 from ..errors import LlamaforgeError
 from ..files import write_json
-from ..model.adapters import ALL_LINEARS, QUANTIZE_BASE, LoRAConfig, add_lora, quantize_frozen_base
+from ..model.adapters import ALL_LINEARS, QUANTIZE_BASE, AdaLoRASchedule, LoRAConfig, add_lora, quantize_frozen_base
 from .runconfig import resolve_config, write_yaml
 from .trainer import TrainConfig
+
+LORA_METHODS = ("lora", "adalora")   # the methods that train LoRA-shaped adapters (PEFT's layouts)
 
 
 @dataclass
@@ -31,9 +33,17 @@ class FinetuneConfig(TrainConfig):
     eval_batch_size: int = 64
     lr: float | None = None               # None: the recipe's default for the method
     quantize_base: str | None = None      # int8 | int4: LoRA over a quantised frozen base (QLoRA)
+    # --method adalora (PEFT's AdaLoraConfig): the rank budget falls from init-rank to target-rank
+    # per matrix; unset phases: the first 10% of steps unmasked, the last 20% at the final ranks.
+    init_rank: int = 12
+    target_rank: int = 8
+    adalora_tinit: int | None = None
+    adalora_tfinal: int | None = None
+    adalora_delta_t: int = 1
+    orth_reg_weight: float = 0.5
 
     # Per method, measured (README): classification's on SST-2 and ChnSentiCorp; SFT sets its own.
-    DEFAULT_LR = {"lora": 5e-4, "full": 2e-5}
+    DEFAULT_LR = {"lora": 5e-4, "adalora": 5e-4, "full": 2e-5}
 
     def __post_init__(self):
         if self.method not in self.DEFAULT_LR:
@@ -45,14 +55,20 @@ class FinetuneConfig(TrainConfig):
         if self.quantize_base is not None:
             if self.quantize_base not in QUANTIZE_BASE:
                 raise LlamaforgeError(f"quantize-base must be {' or '.join(QUANTIZE_BASE)}, not {self.quantize_base!r}")
-            if self.method != "lora":
-                raise LlamaforgeError(f"--quantize-base trains adapters over a frozen base: it needs --method lora, "
-                                      f"not {self.method}")
+            if self.method not in LORA_METHODS:
+                raise LlamaforgeError(f"--quantize-base trains adapters over a frozen base: it needs --method lora or "
+                                      f"adalora, not {self.method}")
         if self.max_length is not None and self.max_length < 2:
             raise LlamaforgeError(f"max-length must be at least 2, got {self.max_length}")
         super().__post_init__()
 
     def lora(self) -> LoRAConfig:
+        if self.method == "adalora":
+            schedule = AdaLoRASchedule(target_rank=self.target_rank, tinit=self.adalora_tinit or 0,
+                                       tfinal=self.adalora_tfinal or 0, delta_t=self.adalora_delta_t,
+                                       orth_reg_weight=self.orth_reg_weight)
+            return LoRAConfig(rank=self.init_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                              targets=self.lora_targets, adalora=schedule)
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout, targets=self.lora_targets)
 
     def add_adapters(self, llama, lora: LoRAConfig | None = None):

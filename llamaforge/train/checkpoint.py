@@ -49,9 +49,10 @@ def _quiet_single_process():
         yield
 
 
-def _tensors(masters, optimizer) -> dict:
-    """What DCP saves and loads in place: masters and AdamW state by parameter name. Before the
-    first step AdamW has no state; it is made here (zeros) so that a load has tensors to fill."""
+def _tensors(masters, optimizer, extra: dict | None = None) -> dict:
+    """What DCP saves and loads in place: masters and AdamW state by parameter name, and `extra`
+    tensors by name (AdaLoRA's importance statistics). Before the first step AdamW has no state;
+    it is made here (zeros) so that a load has tensors to fill."""
     state = {}
     for name, m in masters:
         s = optimizer.state[m]
@@ -60,14 +61,14 @@ def _tensors(masters, optimizer) -> dict:
             s["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
         state[name] = s
-    return {"masters": dict(masters), "optimizer": state}
+    return {"masters": dict(masters), "optimizer": state, **({"extra": extra} if extra else {})}
 
 
 def _fused(optimizer) -> bool:
     return any(g.get("fused") for g in optimizer.param_groups)
 
 
-def save(ckpt_dir: Path, masters: list, optimizer, meta: dict, world: World):
+def save(ckpt_dir: Path, masters: list, optimizer, meta: dict, world: World, extra: dict | None = None):
     import torch.distributed.checkpoint as dcp
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     saving = ckpt_dir / SAVING
@@ -75,7 +76,7 @@ def save(ckpt_dir: Path, masters: list, optimizer, meta: dict, world: World):
         shutil.rmtree(saving)   # what a killed save left
     world.barrier()
     with _quiet_single_process():
-        dcp.save(_tensors(masters, optimizer), checkpoint_id=str(saving))
+        dcp.save(_tensors(masters, optimizer, extra), checkpoint_id=str(saving))
     world.barrier()   # every rank's shards are written
     if world.main:
         meta = {**meta, "rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
@@ -90,15 +91,15 @@ def save(ckpt_dir: Path, masters: list, optimizer, meta: dict, world: World):
     world.barrier()
 
 
-def load(ckpt_dir: Path, masters: list, optimizer) -> dict:
-    """Fill masters and optimizer state from the last checkpoint; returns its meta (state,
-    history). Works at any world size."""
+def load(ckpt_dir: Path, masters: list, optimizer, extra: dict | None = None) -> dict:
+    """Fill masters, optimizer state and `extra` from the last checkpoint; returns its meta
+    (state, history). Works at any world size."""
     if not (ckpt_dir / "latest").exists():
         return _load_legacy(ckpt_dir / "state.pt", masters, optimizer)
     import torch.distributed.checkpoint as dcp
     path = latest(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    tensors = _tensors(masters, optimizer)
+    tensors = _tensors(masters, optimizer, extra)
     try:
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=str(path))

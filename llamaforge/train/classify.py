@@ -33,7 +33,7 @@ from ..model.adapters import LoRAConfig, load_peft_adapter, merge_lora, read_pef
 from ..model.device import resolve_device, to_device
 from ..model.llama import LlamaForClassification
 from ..provenance.modelcard import check_licence, write_run_cards
-from .base import FinetuneConfig, base_model_reference, open_run, write_new_run
+from .base import LORA_METHODS, FinetuneConfig, base_model_reference, open_run, write_new_run
 from .distributed import init_world
 from .runconfig import resolve_config
 from .trainer import fit, write_metrics
@@ -61,7 +61,7 @@ def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoR
     """(classifier, tokenizer) from the base model (cfg.model, or `model`), with the method's
     trainable parameters: LoRA layers of `lora` (default cfg's) and the new `score` head."""
     llama, tok = load(model or cfg.model, dtype=cfg.dtype)
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         cfg.add_adapters(llama, lora)
     elif llama.lm_head is not None:
         llama.lm_head.requires_grad_(False)   # not used by classification
@@ -71,7 +71,7 @@ def build_classifier(cfg: ClassifyConfig, num_labels: int, model=None, lora: LoR
 
 
 def save_classifier(clf: LlamaForClassification, out_dir: Path, cfg: ClassifyConfig, labels: list[str], tok):
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         save_peft_adapter(clf, out_dir, cfg.lora(), "SEQ_CLS", modules_to_save=["score"],
                           base_model=base_model_reference(cfg.model))
         return
@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path, dtype: str | None = None, device: str = "cpu")
     """(classifier ready for inference on `device`, tokenizer, labels, config) from a run directory."""
     cfg, labels = run_settings(run_dir, dtype)
     best = run_model_path(Path(run_dir))
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         clf, tok = build_classifier(cfg, len(labels), lora=read_peft_config(best))
         load_peft_adapter(clf, best)
         if cfg.dtype == "fp32":

@@ -115,7 +115,7 @@ def choose_strategy(requested: str, method: str) -> str:
         raise LlamaforgeError(f"distributed must be one of {', '.join(STRATEGIES)}, not {requested!r}")
     if requested != "auto":
         return requested
-    return "ddp" if method in ("lora", "prefix") else "fsdp"
+    return "ddp" if method in ("lora", "adalora", "prefix") else "fsdp"
 
 
 class TrainStep(nn.Module):

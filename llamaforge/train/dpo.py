@@ -54,7 +54,7 @@ class DPOConfig(FinetuneConfig):
 
     # full: TRL's default. LoRA, measured on the shipped pairs (README): 5e-4 reached dev loss 0.40
     # in one epoch, 5e-5 0.55 in two.
-    DEFAULT_LR = {"lora": 5e-4, "full": 1e-6}
+    DEFAULT_LR = {"lora": 5e-4, "adalora": 5e-4, "full": 1e-6}
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -164,8 +164,8 @@ def finetune_dpo(cfg: DPOConfig, resume: bool = False) -> dict | None:
     cfg, out = open_run(cfg, resume)
     if not cfg.dev:
         raise LlamaforgeError("--dev is required: preference pairs to evaluate on")
-    if cfg.method not in ("lora", "full"):
-        raise LlamaforgeError(f"finetune dpo takes --method lora or full, not {cfg.method!r}")
+    if cfg.method not in ("lora", "adalora", "full"):
+        raise LlamaforgeError(f"finetune dpo takes --method lora, adalora or full, not {cfg.method!r}")
     train, dev = read_pairs(cfg.train), read_pairs(cfg.dev)
     model, tok = build_model_and_length(cfg)
     enc_train = [encode_pair(tok, p, cfg.max_length) for p in train]

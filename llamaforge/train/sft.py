@@ -30,7 +30,7 @@ from ..formats.load import load
 from ..model.adapters import add_prefix, refuse_prefix, save_peft_adapter, save_prefix
 from ..model.generation import SamplingConfig, generate_from_ids
 from ..provenance.modelcard import check_licence, write_run_cards
-from .base import FinetuneConfig, base_model_reference, open_run, write_new_run
+from .base import LORA_METHODS, FinetuneConfig, base_model_reference, open_run, write_new_run
 from .distributed import init_world
 from .trainer import fit, write_metrics
 
@@ -54,7 +54,7 @@ class SFTConfig(FinetuneConfig):
     metric: str = "loss"
     greater_is_better: bool = False
 
-    DEFAULT_LR = {"lora": 1e-3, "full": 2e-5, "prefix": 2e-2}   # measured: README, generative figures
+    DEFAULT_LR = {"lora": 1e-3, "adalora": 1e-3, "full": 2e-5, "prefix": 2e-2}   # measured: README, generative figures
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -97,7 +97,7 @@ def prompt_of(tok, ex: Example) -> tuple[list[int], str]:
 def build_model(cfg: SFTConfig, model: str | None = None):
     """(Llama with the method's trainable parameters, tokenizer) from the base model."""
     llama, tok = load(model or cfg.model, dtype=cfg.dtype)
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         cfg.add_adapters(llama)
     elif cfg.method == "prefix":
         add_prefix(llama, cfg.prefix_length, tok.encode(PREFIX_INIT_TEXT, add_special_tokens=False))
@@ -121,7 +121,7 @@ def build_model_and_length(cfg):
 
 def save_model(llama, out_dir: Path, cfg: SFTConfig, tok):
     base = base_model_reference(cfg.model)
-    if cfg.method == "lora":
+    if cfg.method in LORA_METHODS:
         save_peft_adapter(llama, out_dir, cfg.lora(), "CAUSAL_LM", base_model=base, hf_prefix="model.")
     elif cfg.method == "prefix":
         save_prefix(llama, out_dir, base_model=base)

@@ -34,6 +34,7 @@ from ..files import atomic_output_dir, write_json
 from ..model.kernels import require_cpp_compiler
 from ..model.llama import Llama
 from . import checkpoint
+from .adalora import RankAllocator, adalora_layers, resolve_schedule
 from .distributed import Trainable, World, choose_strategy, init_world
 from .memory import available_memory, check_fits, estimate_training_memory, human_bytes, peak_memory, reset_peak_memory
 
@@ -168,21 +169,23 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     optimizer = torch.optim.AdamW(optimizer_groups(masters, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
                                   fused=True)
     state, history = TrainState(), {"evals": [], "train": []}
+    steps_per_epoch = len(task.train_batches(0, _epoch_generator(cfg.seed, 0)))
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    allocator = adalora_allocator(model, params, masters, cfg, total, strategy)
 
     if resume:
         if not checkpoint.exists(ckpt_dir):
             raise LlamaforgeError(f"{ckpt_dir}: no checkpoint to resume from")
-        meta = checkpoint.load(ckpt_dir, masters, optimizer)
+        meta = checkpoint.load(ckpt_dir, masters, optimizer, allocator.tensors() if allocator else None)
         with torch.no_grad():
             for m, p in low_precision:
                 p.copy_(m)
         state = TrainState(**meta["state"])
         history = meta["history"]
+        if allocator:
+            allocator.restore_kept(meta["adalora_kept"])
     else:
         torch.manual_seed(cfg.seed)
-
-    steps_per_epoch = len(task.train_batches(0, _epoch_generator(cfg.seed, 0)))
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
     if state.stopped:
         if not _limits_raised(state, cfg, total):
             if world.main:
@@ -198,7 +201,10 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                desc="train", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not world.main)
 
     def save_checkpoint():
-        checkpoint.save(ckpt_dir, masters, optimizer, {"state": asdict(state), "history": history}, world)
+        meta = {"state": asdict(state), "history": history}
+        if allocator:
+            meta["adalora_kept"] = allocator.kept()
+        checkpoint.save(ckpt_dir, masters, optimizer, meta, world, allocator.tensors() if allocator else None)
 
     def evaluate():
         t0 = time.perf_counter()
@@ -259,7 +265,10 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                     # A rank without a share of a short batch still runs the model (its
                     # collectives must meet the others'), on one item, weighted 0.
                     loss, tokens = trainable.step(items or batch[:1])
-                    (loss * (scale if items else 0.0)).backward()
+                    objective = loss * (scale if items else 0.0)
+                    if allocator and a == cfg.grad_accum - 1:   # AdaLoRA's regulariser, once a step
+                        objective = objective + allocator.schedule.orth_reg_weight * allocator.penalty()
+                    objective.backward()
                 if items:
                     loss_sum, n_tokens = loss_sum + float(loss.detach()), n_tokens + tokens
             loss_sum, n_tokens = world.sum([loss_sum, n_tokens])
@@ -278,6 +287,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.step()
+            if allocator:   # AdaLoRA: importance from this step's gradients, then the masks
+                allocator.step(state.step)
             optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 for m, p in low_precision:
@@ -321,6 +332,22 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     if writer:
         writer.close()
     return {**history, "state": asdict(state)}
+
+
+def adalora_allocator(model, params, masters, cfg, total: int, strategy: str | None) -> RankAllocator | None:
+    """The rank allocator of a model with AdaLoRA layers (their schedule given the run's length),
+    working on the fp32 masters the optimiser updates; None for any other model."""
+    if not adalora_layers(model):
+        return None
+    if strategy == "fsdp":
+        raise LlamaforgeError("AdaLoRA does not combine with FSDP (its masks need whole matrices): use --distributed ddp")
+    if cfg.epochs >= UNBOUNDED_EPOCHS and not cfg.max_steps:
+        raise LlamaforgeError("AdaLoRA plans its rank budget over the run's steps: give --max-steps or --epochs "
+                              "(--max-minutes may still cap the run)")
+    resolve_schedule(adalora_layers(model)[0][1].schedule, total, getattr(cfg, "adalora_tinit", None),
+                     getattr(cfg, "adalora_tfinal", None))
+    master_of = {id(p): m for (_, p), (_, m) in zip(params, masters, strict=True)}
+    return RankAllocator(model, lambda p: master_of[id(p)])
 
 
 def check_memory(model, cfg: TrainConfig, world: World, strategy: str | None):

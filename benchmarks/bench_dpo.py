@@ -12,7 +12,7 @@ under bf16 autocast on fp32 weights (HF Trainer's `bf16=True`), llamaforge with 
 fp32 master copies of the adapter. Tokens: every sequence's tokens (prompt + chosen, prompt +
 rejected) over the seconds of the training steps (llamaforge: the trainer's own clock; TRL: step
 begin to step end, by a callback). The sides take turns, --rounds times; the ratio of medians is
-printed with the mean loss of each block of 10 steps, which must agree.
+printed with the loss of each of the first steps (and of each block of 10), which must agree.
 
 Writes benchmarks/results/dpo.json.
 """
@@ -39,7 +39,7 @@ SETTINGS = dict(batch_size=8, lr=5e-4, schedule="constant", warmup=0, weight_dec
 def config(out: Path, steps: int):
     from llamaforge.train.dpo import DPOConfig
     return DPOConfig(train=str(PAIRS / "train.jsonl"), dev=str(PAIRS / "dev.jsonl"), out=str(out), max_steps=steps,
-                     eval_every=0, **SETTINGS)
+                     eval_every=0, log_every=1, **SETTINGS)
 
 
 def our_plan(steps: int):
@@ -68,23 +68,20 @@ def run_ours(steps: int) -> dict:
         out = Path(tmp) / "run"
         finetune_dpo(config(out, steps))
         metrics = json.loads((out / "metrics.json").read_text())
-    return {"seconds": metrics["evals"][-1]["train_minutes"] * 60,
-            "block_losses": [r["loss"] for r in metrics["train"]]}
+    return {"seconds": metrics["evals"][-1]["train_minutes"] * 60, "losses": [r["loss"] for r in metrics["train"]]}
 
 
-def run_trl(steps: int, batches, lora_a) -> dict:
+def run_trl(steps: int, batches, lora_a, hf_dir: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from torch.utils.data import SequentialSampler
+    from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from llamaforge.formats.paths import default_model_path
     from llamaforge.model.adapters import ALL_LINEARS
-    path = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
     model = get_peft_model(model, LoraConfig(r=SETTINGS["lora_rank"], lora_alpha=SETTINGS["lora_alpha"],
                                              lora_dropout=0.0, target_modules=list(ALL_LINEARS), task_type="CAUSAL_LM"))
     params = dict(model.named_parameters())
@@ -94,9 +91,13 @@ def run_trl(steps: int, batches, lora_a) -> dict:
     rows = [json.loads(line) for line in (PAIRS / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     ordered = Dataset.from_list([rows[i] for b in batches for i in b])
 
-    class InOrder(DPOTrainer):
-        def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)
+    starts = [sum(len(b) for b in batches[:i]) for i in range(len(batches))]
+    spans = [list(range(s, s + len(b))) for s, b in zip(starts, batches, strict=True)]
+
+    class InOrder(DPOTrainer):   # llamaforge's batches, as they are (a length bucket's last may be short)
+        def get_train_dataloader(self):
+            ds = self._remove_unused_columns(self.train_dataset, description="Training")
+            return self.accelerator.prepare(DataLoader(ds, batch_sampler=spans, collate_fn=self.data_collator))
 
     clock = {"begin": 0.0, "total": 0.0}
 
@@ -116,8 +117,7 @@ def run_trl(steps: int, batches, lora_a) -> dict:
         trainer = InOrder(model=model, args=args, train_dataset=ordered, processing_class=tok, callbacks=[StepClock()])
         trainer.train()
         losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    blocks = [round(statistics.mean(losses[i:i + 10]), 5) for i in range(0, len(losses), 10)]
-    return {"seconds": clock["total"], "block_losses": blocks}
+    return {"seconds": clock["total"], "losses": losses}
 
 
 def main():
@@ -130,17 +130,28 @@ def main():
     batches, lora_a, tokens = our_plan(args.steps)
     n_tokens = sum(tokens)
     runs = {"llamaforge": [], "trl": []}
-    for r in range(args.rounds):
-        runs["llamaforge"].append(run_ours(args.steps))
-        runs["trl"].append(run_trl(args.steps, batches, lora_a))
-        print(f"round {r + 1}: llamaforge {n_tokens / runs['llamaforge'][-1]['seconds']:.0f} tokens/s, "
-              f"TRL {n_tokens / runs['trl'][-1]['seconds']:.0f} tokens/s", flush=True)
+    from llamaforge.export import export
+    with tempfile.TemporaryDirectory() as d:
+        # transformers would not train the GGUF file it loads (it counts as quantised): the same
+        # weights as an HF directory, with the tokenizer and chat template.
+        hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
+        for r in range(args.rounds):
+            runs["llamaforge"].append(run_ours(args.steps))
+            runs["trl"].append(run_trl(args.steps, batches, lora_a, hf_dir))
+            print(f"round {r + 1}: llamaforge {n_tokens / runs['llamaforge'][-1]['seconds']:.0f} tokens/s, "
+                  f"TRL {n_tokens / runs['trl'][-1]['seconds']:.0f} tokens/s", flush=True)
     rate = {k: statistics.median(n_tokens / v["seconds"] for v in runs[k]) for k in runs}
     print(f"\nDPO, SmolLM2-135M, LoRA r16, bf16, {args.steps} steps of 8 pairs ({n_tokens:,} tokens), "
           f"{cpu_name()}:")
-    print(f"  TRL + peft   {rate['trl']:.0f} tokens/s   mean loss per 10 steps {runs['trl'][0]['block_losses']}")
-    print(f"  llamaforge   {rate['llamaforge']:.0f} tokens/s   mean loss per 10 steps "
-          f"{runs['llamaforge'][0]['block_losses']}")
+    def first(losses, n=6):
+        return ", ".join(f"{x:.4f}" for x in losses[:n])
+
+    def blocks(losses):
+        return ", ".join(f"{statistics.mean(losses[i:i + 10]):.4f}" for i in range(0, len(losses), 10))
+    for name, label in (("trl", "TRL + peft"), ("llamaforge", "llamaforge")):
+        losses = runs[name][0]["losses"]
+        print(f"  {label:<12} {rate[name]:.0f} tokens/s   losses of the first steps {first(losses)}   "
+              f"mean per 10 steps {blocks(losses)}")
     print(f"  ratio {rate['llamaforge'] / rate['trl']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dpo.json").write_text(json.dumps({"cpu": cpu_name(), "steps": args.steps, "tokens": n_tokens,

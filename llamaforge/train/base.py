@@ -43,7 +43,9 @@ class FinetuneConfig(TrainConfig):
     orth_reg_weight: float = 0.5
 
     # Per method, measured (README): classification's on SST-2 and ChnSentiCorp; SFT sets its own.
-    DEFAULT_LR = {"lora": 5e-4, "adalora": 5e-4, "full": 2e-5}
+    # AdaLoRA: 10x LoRA's, its update B diag(E) A starting from E = 0 (shipped sentiment, 3 epochs:
+    # dev accuracy 0.80 at 5e-4, 0.91 at 2e-3, 0.99 at 5e-3; LoRA r8 1.0 at 5e-4).
+    DEFAULT_LR = {"lora": 5e-4, "adalora": 5e-3, "full": 2e-5}
 
     def __post_init__(self):
         if self.method not in self.DEFAULT_LR:
@@ -58,6 +60,9 @@ class FinetuneConfig(TrainConfig):
             if self.method not in LORA_METHODS:
                 raise LlamaforgeError(f"--quantize-base trains adapters over a frozen base: it needs --method lora or "
                                       f"adalora, not {self.method}")
+            if self.distributed == "fsdp":   # FSDP shards parameters; the quantised base is buffers
+                raise LlamaforgeError("--quantize-base does not combine with --distributed fsdp: use ddp (the default "
+                                      "for adapters)")
         if self.max_length is not None and self.max_length < 2:
             raise LlamaforgeError(f"max-length must be at least 2, got {self.max_length}")
         super().__post_init__()

@@ -55,6 +55,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     eval_every: int | None = None         # steps; None = at the end of each epoch
+    log_every: int = 10                   # steps per training-loss record (metrics.json, TensorBoard, bar)
     save_every: int = 100                 # steps between resumable checkpoints (and at each evaluation)
     metric: str = "accuracy"              # dev metric that picks the best model
     greater_is_better: bool = True
@@ -297,7 +298,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             state.train_seconds += time.perf_counter() - t0
             window_n += 1
             bar.update(1)
-            if state.step % 10 == 0 or state.step == total:
+            if state.step % cfg.log_every == 0 or state.step == total:
                 mean_loss = window_loss / window_n
                 history["train"].append({"step": state.step, "loss": round(mean_loss, 5), "lr": lr})
                 if world.main:

@@ -40,9 +40,11 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple]:
             p + "mlp.up_proj.weight": (c.intermediate_size, c.dim),
             p + "mlp.down_proj.weight": (c.dim, c.intermediate_size),
         })
-        if c.attention_bias:
+        if c.attention_bias or c.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (c.dim,)})
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if c.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (c.dim,)
     return shapes
 
 

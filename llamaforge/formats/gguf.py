@@ -268,6 +268,9 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     if qtype.upper() not in WRITABLE_TYPES:
         raise LlamaforgeError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITABLE_TYPES)}")
     qt = Q[qtype.upper()]
+    if ckpt.config.arch != "llama" or ckpt.config.qkv_bias:
+        raise LlamaforgeError(f"{out_path}: GGUF export writes the llama architecture; a {ckpt.config.arch} model "
+                              f"is not written as GGUF yet: export it --to hf")
     if tok.kind == "bpe" and pre_tokenizer_name(tok.backend.to_str()) is None:
         # llama.cpp (and llamaforge) would read the file with another split: other ids, same text.
         raise LlamaforgeError(f"{out_path}: the tokenizer splits text in a way no GGUF pre-tokenizer name "

@@ -12,14 +12,24 @@ from ..model.config import LlamaConfig
 from ..text.convert import from_hf_dir
 from .checkpoint import Checkpoint, stored_dtypes
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"}
+# HF's names of each family (model_type -> class prefix): Llama's architecture, with Qwen2's
+# q/k/v biases and Mistral's sliding window as config fields.
+FAMILIES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+SUPPORTED_ARCHITECTURES = {prefix + kind for prefix in FAMILIES.values()
+                           for kind in ("ForCausalLM", "ForSequenceClassification", "Model")}
+
+
+def architecture(c: LlamaConfig, kind: str = "ForCausalLM") -> str:
+    """HF's class name of a model of this config, e.g. "Qwen2ForSequenceClassification"."""
+    return FAMILIES[c.arch] + kind
 
 
 def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type", "llama") != "llama" or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
-        raise LlamaforgeError(f"{path}: unsupported architecture {archs or cfg.get('model_type')!r} "
-                              "(llamaforge reads Llama-architecture models)")
+    arch = cfg.get("model_type", "llama")
+    if arch not in FAMILIES or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
+        raise LlamaforgeError(f"{path}: unsupported architecture {archs or arch!r} (llamaforge reads "
+                              f"{', '.join(p + 'ForCausalLM' for p in FAMILIES.values())} and their classifiers)")
     try:
         n_heads = cfg["num_attention_heads"]
         scaling = cfg.get("rope_scaling") or (cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None)
@@ -31,13 +41,20 @@ def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
         if scaling:
             scaling = {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
                        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        context = cfg.get("max_position_embeddings", 2048)
+        if window and window < context:
+            # Attention inside the window is all of attention for sequences up to the window's
+            # length: the context is capped there, exactly (a windowed cache is not here yet).
+            context = window
         return LlamaConfig(
+            arch=arch, qkv_bias=arch == "qwen2",
             vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
             intermediate_size=cfg["intermediate_size"],
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
             norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta), rope_scaling=scaling,
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            max_seq_len=context,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
     except KeyError as e:
@@ -48,7 +65,7 @@ def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
 
 def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
     cfg = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [architecture(c)], "model_type": c.arch,
         "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
         "intermediate_size": c.intermediate_size, "head_dim": c.head_dim, "rms_norm_eps": c.norm_eps,
@@ -57,6 +74,11 @@ def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
         "hidden_act": "silu", "torch_dtype": "float32",
         "rope_scaling": dict(c.rope_scaling, rope_type="llama3") if c.rope_scaling else None,
     }
+    if c.arch == "qwen2":   # its q/k/v biases are implied; it has no attention_bias field
+        cfg.update(use_sliding_window=False, sliding_window=None)
+        del cfg["attention_bias"], cfg["mlp_bias"]
+    elif c.arch == "mistral":
+        cfg["sliding_window"] = None
     if tokenizer is not None:
         cfg["bos_token_id"], cfg["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
         cfg["pad_token_id"] = tokenizer.token_id(tokenizer.pad_token)
@@ -170,7 +192,8 @@ def write_classifier(ckpt, score: torch.Tensor, labels: list[str], out_dir: Path
     save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tok = ckpt.tokenizer
     cfg = config_to_hf(ckpt.config, tok)
-    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=len(labels), pad_token_id=tok.pad_id,
+    cfg.update(architectures=[architecture(ckpt.config, "ForSequenceClassification")], num_labels=len(labels),
+               pad_token_id=tok.pad_id,
                id2label={str(i): n for i, n in enumerate(labels)}, label2id={n: i for i, n in enumerate(labels)},
                torch_dtype=str(state["score.weight"].dtype).replace("torch.", ""))
     write_json(out_dir / "config.json", cfg)

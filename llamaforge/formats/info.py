@@ -19,7 +19,7 @@ def model_info(model: str = "default") -> dict:
         "path": meta.get("path"),
         "format": meta.get("format"),
         "name": meta.get("name"),
-        "architecture": "llama",
+        "architecture": c.arch,
         "parameters": n_params,
         "layers": c.n_layers, "hidden_size": c.dim, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
         "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+ARCHS = ("llama", "mistral", "qwen2")
+
 
 @dataclass
 class LlamaConfig:
@@ -25,12 +27,18 @@ class LlamaConfig:
     tie_embeddings: bool = False      # lm_head shares the token embedding matrix
     attention_bias: bool = False      # some Llama-style checkpoints carry q/k/v/o biases
     mlp_bias: bool = False
+    qkv_bias: bool = False            # Qwen2: biases on q, k and v only
+    # The family whose architecture names a checkpoint is written under (HF's architectures and
+    # model_type): "llama", "mistral" or "qwen2"; the computation is the fields above.
+    arch: str = "llama"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 

@@ -140,11 +140,11 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        bias = config.attention_bias
+        bias = config.attention_bias or config.qkv_bias   # Qwen2: q, k, v only
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.attention_bias)
         self.qkv_proj: nn.Module | None = None   # q, k and v stacked; see Llama.fuse_projections
         self.kv_cache: KVCache | None = None
         # Prefix-tuning: learned keys and values (2, n_kv_heads, P, head_dim) that every query sees

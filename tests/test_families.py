@@ -1,0 +1,97 @@
+"""The Llama family as HF writes it: Qwen2 (q/k/v biases) and Mistral (sliding window), tiny
+random models built with transformers' own classes. Loaded by llamaforge: the same logits and
+greedy tokens; exported back: transformers' class of that family loads the same logits; a LoRA
+run on a Qwen2 base is a PEFT adapter that peft applies to Qwen2ForCausalLM."""
+import json
+
+import pytest
+import torch
+
+from llamaforge.cli import main
+from llamaforge.export import export
+from llamaforge.formats.load import load
+from llamaforge.model.generation import SamplingConfig, generate_tokens
+
+SHAPE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=160, max_position_embeddings=256)
+
+
+def hf_family_model(family: str, out, tokenizer, **extra):
+    """A random tiny model of transformers' class for the family, saved with the tiny tokenizer;
+    biases and norms non-trivial, so a missing or misplaced one would show."""
+    import transformers
+    prefix = {"qwen2": "Qwen2", "mistral": "Mistral"}[family]
+    config = getattr(transformers, prefix + "Config")(**SHAPE, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, prefix + "ForCausalLM")(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(out)
+    tokenizer.save_hf(out)
+    return model
+
+
+@pytest.mark.parametrize("family, extra", [("qwen2", {"tie_word_embeddings": True, "rope_theta": 1e6}),
+                                           ("mistral", {"sliding_window": None})])
+def test_a_family_model_loads_generates_and_exports_as_itself(family, extra, tiny_bpe, tmp_path):
+    from transformers import AutoModelForCausalLM
+    theirs = hf_family_model(family, tmp_path / family, tiny_bpe, **extra)
+    ours, _ = load(tmp_path / family, dtype="fp32")
+    assert ours.config.arch == family and ours.config.qkv_bias == (family == "qwen2")
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        assert (ours(ids) - expected).abs().max() < 1e-4
+    prompt = [5, 17, 300, 42, 9]
+    greedy = torch.stack(list(generate_tokens(ours, [prompt], SamplingConfig(max_new_tokens=20, temperature=0))), 1)
+    ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                          pad_token_id=0)[0, len(prompt):]
+    assert greedy[0].tolist() == ref.tolist()
+    out = export(str(tmp_path / family), "hf", str(tmp_path / "exported"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["architectures"] == [type(theirs).__name__]
+    back = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert type(back) is type(theirs)
+    with torch.no_grad():
+        assert (back(input_ids=ids).logits - expected).abs().max() < 1e-4
+
+
+def test_a_mistral_window_caps_the_context_exactly(tiny_bpe, tmp_path):
+    theirs = hf_family_model("mistral", tmp_path / "m", tiny_bpe, sliding_window=64)
+    ours, _ = load(tmp_path / "m", dtype="fp32")
+    assert ours.config.max_seq_len == 64   # within the window, windowed attention is all of attention
+    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(input_ids=ids).logits).abs().max() < 1e-4
+
+
+def test_gguf_export_of_another_family_is_refused(tiny_bpe, tmp_path, capsys):
+    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "q"), "--to", "gguf", str(tmp_path / "q.gguf")])
+    assert "export it --to hf" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+
+
+def test_a_lora_run_on_a_qwen2_base_is_a_peft_adapter_for_it(tiny_bpe, tmp_path, capsys):
+    from peft import PeftModel
+    from test_sft import chat_rows, write_jsonl
+    from transformers import Qwen2ForCausalLM
+    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
+    train = write_jsonl(tmp_path / "train.jsonl", chat_rows(48))
+    out = tmp_path / "run"
+    main(["finetune", "sft", "--train", str(train), "--dev", str(train), "--out", str(out), "--model",
+          str(tmp_path / "q"), "--dtype", "fp32", "--batch-size", "8", "--lr", "1e-2", "--max-steps", "6",
+          "--lora-targets", "q_proj,k_proj,v_proj,o_proj"])
+    capsys.readouterr()
+    ours, _ = load(out, dtype="fp32")
+    theirs = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32),
+                                       str(out / "best")).eval()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(input_ids=ids).logits).abs().max().item()
+        base = (ours(ids) - Qwen2ForCausalLM.from_pretrained(str(tmp_path / "q"))(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4 and base > 1e-3

@@ -69,11 +69,28 @@ def test_a_mistral_window_caps_the_context_exactly(tiny_bpe, tmp_path):
         assert (ours(ids) - theirs(input_ids=ids).logits).abs().max() < 1e-4
 
 
-def test_gguf_export_of_another_family_is_refused(tiny_bpe, tmp_path, capsys):
-    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
-    with pytest.raises(SystemExit):
-        main(["export", str(tmp_path / "q"), "--to", "gguf", str(tmp_path / "q.gguf")])
-    assert "export it --to hf" in capsys.readouterr().err and not (tmp_path / "q.gguf").exists()
+@pytest.mark.parametrize("family, arch", [("qwen2", "qwen2"), ("mistral", "llama")])
+def test_gguf_of_a_family_as_llama_cpp_lays_it_out(family, arch, tiny_bpe, tmp_path):
+    """Written as llama.cpp's converter writes the family (qwen2: its own architecture, Q/K rows
+    as they are; Mistral: llama, rows permuted); transformers' GGUF reader, an independent one,
+    and ours read it to the model's logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+    # (A directory not named after the family: transformers' GGUF reader takes a general.name
+    # with "mistral" in it for a mistral architecture that gguf-py does not have.)
+    theirs = hf_family_model(family, tmp_path / "model", tiny_bpe, tie_word_embeddings=family == "qwen2")
+    main(["export", str(tmp_path / "model"), "--to", "gguf", str(tmp_path / "m.gguf")])
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == arch
+    assert ("blk.0.attn_q.bias" in {t.name for t in reader.tensors}) == (family == "qwen2")
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        independent = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32)
+        assert (independent(input_ids=ids).logits - expected).abs().max() < 1e-4
+        ours, _ = load(tmp_path / "m.gguf", dtype="fp32")
+        assert (ours(ids) - expected).abs().max() < 1e-4
+    assert ours.config.arch == ("qwen2" if family == "qwen2" else "llama")
 
 
 def test_a_lora_run_on_a_qwen2_base_is_a_peft_adapter_for_it(tiny_bpe, tmp_path, capsys):

@@ -99,15 +99,20 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+# GGUF architectures read: llama (also what Mistral, Yi and DeepSeek LLM files are written as) and
+# qwen2 (q/k/v biases; llama.cpp's converter leaves its Q/K rows unpermuted).
+GGUF_ARCHS = ("llama", "qwen2")
+
+
 def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise LlamaforgeError(f"{path}: unsupported architecture {arch!r} (llamaforge reads 'llama')")
+    if arch not in GGUF_ARCHS:
+        raise LlamaforgeError(f"{path}: unsupported architecture {arch!r} (llamaforge reads {', '.join(GGUF_ARCHS)})")
 
     def get(key, default=None):
-        v = meta.get(f"llama.{key}", default)
+        v = meta.get(f"{arch}.{key}", default)
         if v is None:
-            raise LlamaforgeError(f"{path}: missing metadata llama.{key}")
+            raise LlamaforgeError(f"{path}: missing metadata {arch}.{key}")
         return v
 
     if "token_embd.weight" not in tensors:
@@ -121,16 +126,18 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
 
 
 def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
+    qwen2 = meta.get("general.architecture") == "qwen2"
     return LlamaConfig(
         vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-        n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+        n_kv_heads=get("attention.head_count_kv", n_heads),
         intermediate_size=get("feed_forward_length"),
-        head_dim=meta.get("llama.attention.key_length", dim // n_heads),
+        head_dim=get("attention.key_length", dim // n_heads),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
         max_seq_len=get("context_length", 2048),
         tie_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
+        attention_bias="blk.0.attn_output.bias" in tensors or (not qwen2 and "blk.0.attn_q.bias" in tensors),
+        qkv_bias=qwen2, arch="qwen2" if qwen2 else "llama",
     )
 
 
@@ -227,9 +234,9 @@ def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> 
             state[ours] = torch.empty(shape, dtype=dtype or torch.float32, device="meta")
             continue
         w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
-        if ".q_proj." in ours:
+        if cfg.arch == "llama" and ".q_proj." in ours:
             w = unpermute_qk(w, cfg.n_heads)
-        elif ".k_proj." in ours:
+        elif cfg.arch == "llama" and ".k_proj." in ours:
             w = unpermute_qk(w, cfg.n_kv_heads)
         state[ours] = w.to(dtype) if dtype is not None else w
     from collections import Counter
@@ -268,15 +275,17 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
     if qtype.upper() not in WRITABLE_TYPES:
         raise LlamaforgeError(f"cannot write GGUF tensors as {qtype!r}; choose one of {', '.join(WRITABLE_TYPES)}")
     qt = Q[qtype.upper()]
-    if ckpt.config.arch != "llama" or ckpt.config.qkv_bias:
-        raise LlamaforgeError(f"{out_path}: GGUF export writes the llama architecture; a {ckpt.config.arch} model "
-                              f"is not written as GGUF yet: export it --to hf")
+    # Qwen2 as qwen2; Mistral as llama, as llama.cpp's converter writes it.
+    arch = "qwen2" if cfg.arch == "qwen2" else "llama"
+    if cfg.qkv_bias and arch != "qwen2":
+        raise LlamaforgeError(f"{out_path}: q/k/v biases without an o bias are qwen2's; this {cfg.arch} model "
+                              f"cannot be written as GGUF: export it --to hf")
     if tok.kind == "bpe" and pre_tokenizer_name(tok.backend.to_str()) is None:
         # llama.cpp (and llamaforge) would read the file with another split: other ids, same text.
         raise LlamaforgeError(f"{out_path}: the tokenizer splits text in a way no GGUF pre-tokenizer name "
                               f"(tokenizer.ggml.pre) describes; export to HF (--to hf) to keep it")
     with atomic_path(out_path) as tmp:   # never a half-written file
-        w = gguf.GGUFWriter(str(tmp), "llama")
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(ckpt.metadata.get("name") or "llamaforge model")
         lic = (ckpt.metadata.get("license") or {}).get("general.license")
         if lic:
@@ -311,9 +320,9 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
             else:
                 gname = f"{inverse_global[parts[0]]}.{parts[-1]}"
             t = t.detach().float()
-            if ".q_proj." in name:
+            if arch == "llama" and ".q_proj." in name:
                 t = permute_qk(t, cfg.n_heads)
-            elif ".k_proj." in name:
+            elif arch == "llama" and ".k_proj." in name:
                 t = permute_qk(t, cfg.n_kv_heads)
             arr = t.numpy()
             block = gguf.GGML_QUANT_SIZES[qt][0]

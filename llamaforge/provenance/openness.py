@@ -39,9 +39,23 @@ def knowledge() -> dict:
 
 # --- what the files say ---------------------------------------------------------------------------
 
+def hub_cache_name(path: Path) -> str | None:
+    """"ORG/NAME" of a path inside the Hugging Face hub's cache (`models--ORG--NAME/snapshots/HASH/`),
+    where the directory's own name is a commit hash that says nothing."""
+    for part in reversed(path.resolve().parts):
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return None
+
+
 def gather(path: Path) -> dict:
-    """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}."""
+    """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}.
+    Names, most telling first: what the files call the model, the hub cache's repository name,
+    the directory or file name, and last the architecture (Qwen2 and Qwen2.5 share one)."""
     names, licences, notes = [], [], []
+    cached = hub_cache_name(path)
+    if cached:
+        names.append(cached)
     fmt = model_kind(path)
     if fmt == "gguf":
         meta = read_gguf(path)[0]
@@ -68,10 +82,13 @@ def gather(path: Path) -> dict:
     if fmt == "adapter":
         base = adapter_config(path)[2].get("base_model_name_or_path")
         return {"format": "adapter", "names": [path.name], "licences": [], "notes": notes, "base": base}
+    architecture = []
     if fmt == "hf":
         cfg = read_json(path / "config.json")
         if isinstance(cfg.get("_name_or_path"), str):
             names.append(cfg["_name_or_path"])
+        architecture = [str(a) for a in [*(cfg.get("architectures") or []), cfg.get("model_type")]
+                        if isinstance(a, str) and a != "llama" and not a.startswith("Llama")]
     card = path / "README.md"
     if card.exists():
         try:
@@ -93,7 +110,8 @@ def gather(path: Path) -> dict:
         f = path / name
         if f.exists():
             licences.append((f.read_text(encoding="utf-8", errors="replace")[:3000], name))
-    return {"format": fmt, "names": names + [path.resolve().name], "licences": licences, "notes": notes, "base": None}
+    return {"format": fmt, "names": names + [path.resolve().name] + architecture, "licences": licences, "notes": notes,
+            "base": None}
 
 
 def _mentions(text: str, phrase: str) -> bool:

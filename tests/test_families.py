@@ -60,13 +60,30 @@ def test_a_family_model_loads_generates_and_exports_as_itself(family, extra, tin
         assert (back(input_ids=ids).logits - expected).abs().max() < 1e-4
 
 
-def test_a_mistral_window_caps_the_context_exactly(tiny_bpe, tmp_path):
-    theirs = hf_family_model("mistral", tmp_path / "m", tiny_bpe, sliding_window=64)
+def test_a_mistral_sliding_window_in_training_prefill_and_decoding(tiny_bpe, tmp_path):
+    """A window of 16 positions over sequences of 40: the training forward (with its gradient
+    path), a prefill and every decode step attend as MistralForCausalLM does."""
+    from llamaforge.evaluate.lm import next_token_loss
+    theirs = hf_family_model("mistral", tmp_path / "m", tiny_bpe, sliding_window=16)
     ours, _ = load(tmp_path / "m", dtype="fp32")
-    assert ours.config.max_seq_len == 64   # within the window, windowed attention is all of attention
-    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(1))
+    assert ours.config.sliding_window == 16
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert (ours(ids) - theirs(input_ids=ids).logits).abs().max() < 1e-4
+        expected = theirs(input_ids=ids).logits
+        assert (ours(ids) - expected).abs().max() < 1e-4
+        full = theirs.model.config.sliding_window
+        theirs.model.config.sliding_window = None   # the window matters: without it, other logits
+        assert (theirs(input_ids=ids).logits - expected).abs().max() > 1e-3
+        theirs.model.config.sliding_window = full
+    ours.train()
+    loss, _ = next_token_loss(ours, ids, ids)
+    assert loss.item() == pytest.approx(theirs(input_ids=ids, labels=ids).loss.item(), abs=1e-5)
+    ours.eval()
+    prompt = [5, 17, 300, 42, 9, 11, 12, 13, 14, 15]
+    greedy = torch.stack(list(generate_tokens(ours, [prompt], SamplingConfig(max_new_tokens=30, temperature=0))), 1)
+    ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                          pad_token_id=0)[0, len(prompt):]
+    assert greedy[0].tolist() == ref.tolist()
 
 
 @pytest.mark.parametrize("family, arch", [("qwen2", "qwen2"), ("mistral", "llama")])

@@ -138,6 +138,7 @@ def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_output.bias" in tensors or (not qwen2 and "blk.0.attn_q.bias" in tensors),
         qkv_bias=qwen2, arch="qwen2" if qwen2 else "llama",
+        sliding_window=meta.get(f"{meta.get('general.architecture')}.attention.sliding_window"),
     )
 
 
@@ -301,6 +302,8 @@ def save(ckpt: Checkpoint, out_path: str | Path, qtype: str = "F32"):
         w.add_rope_dimension_count(cfg.head_dim)
         w.add_rope_freq_base(cfg.rope_theta)
         w.add_layer_norm_rms_eps(cfg.norm_eps)
+        if cfg.sliding_window:
+            w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
         file_type = gguf.LlamaFileType.ALL_F32 if qt == Q.F32 else getattr(gguf.LlamaFileType, f"MOSTLY_{qt.name}", None)
         if file_type is not None:

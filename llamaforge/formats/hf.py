@@ -41,13 +41,13 @@ def config_from_hf(cfg: dict, path: Path) -> LlamaConfig:
         if scaling:
             scaling = {k: float(scaling[k]) if k != "original_max_position_embeddings" else int(scaling[k])
                        for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
         context = cfg.get("max_position_embeddings", 2048)
-        if window and window < context:
-            # Attention inside the window is all of attention for sequences up to the window's
-            # length: the context is capped there, exactly (a windowed cache is not here yet).
-            context = window
+        window = cfg.get("sliding_window") if arch == "mistral" else None
+        if arch == "qwen2" and cfg.get("use_sliding_window"):
+            raise LlamaforgeError(f"{path / 'config.json'}: Qwen2's per-layer sliding window (use_sliding_window) "
+                                  f"is not supported")
         return LlamaConfig(
+            sliding_window=window if window and window < context else None,
             arch=arch, qkv_bias=arch == "qwen2",
             vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
@@ -78,7 +78,7 @@ def config_to_hf(c: LlamaConfig, tokenizer=None) -> dict:
         cfg.update(use_sliding_window=False, sliding_window=None)
         del cfg["attention_bias"], cfg["mlp_bias"]
     elif c.arch == "mistral":
-        cfg["sliding_window"] = None
+        cfg["sliding_window"] = c.sliding_window
     if tokenizer is not None:
         cfg["bos_token_id"], cfg["eos_token_id"] = tokenizer.bos_id, tokenizer.eos_id
         cfg["pad_token_id"] = tokenizer.token_id(tokenizer.pad_token)

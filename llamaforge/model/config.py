@@ -28,6 +28,7 @@ class LlamaConfig:
     attention_bias: bool = False      # some Llama-style checkpoints carry q/k/v/o biases
     mlp_bias: bool = False
     qkv_bias: bool = False            # Qwen2: biases on q, k and v only
+    sliding_window: int | None = None  # Mistral: each query sees only the last this many positions
     # The family whose architecture names a checkpoint is written under (HF's architectures and
     # model_type): "llama", "mistral" or "qwen2"; the computation is the fields above.
     arch: str = "llama"

@@ -266,6 +266,14 @@ def attention_mask(key_valid: torch.Tensor | None, q_len: int, cache_pos: int, k
     return mask
 
 
+def sliding_window_mask(mask, window: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """`mask` (boolean (B|1, 1, T, S) or None: causal) narrowed to the window: a query at position
+    p sees keys at positions p - window + 1 ... p. q_pos (B|1, T), k_pos (B|1, S)."""
+    gap = q_pos[:, :, None] - k_pos[:, None, :]                                   # (B|1, T, S)
+    band = ((gap >= 0) & (gap < window))[:, None]
+    return band if mask is None else mask & band
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -326,6 +334,8 @@ class Llama(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed_tokens(input_ids)                                    # (B, T, dim)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        if self.config.sliding_window:
+            mask = self._windowed(mask, position_ids, cache_pos, T)
         # A batch of one row or one position runs eager: the compiled graph's dynamic shapes would
         # be specialised to size 1 and compiled again, for one rare batch.
         compiled = torch.is_grad_enabled() and B > 1 and T > 1
@@ -341,6 +351,26 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, mask, cache_pos)
         return self.norm(x)
+
+    def _windowed(self, mask, position_ids, cache_pos, T: int):
+        """The mask with the sliding window applied, where the keys reach back further than it
+        (otherwise the mask as it was, so the unmasked fast paths stay). Without a cache, keys
+        are the queries (at their position ids, which also restart inside packed rows); with
+        one, a key's position is its cache slot."""
+        window, device = self.config.sliding_window, position_ids.device
+        if cache_pos is None:
+            if T <= window:
+                return mask
+            return sliding_window_mask(mask, window, position_ids, position_ids)
+        if isinstance(cache_pos, int):
+            S = cache_pos + T
+            q_pos = torch.arange(cache_pos, S, device=device)[None]
+        else:   # one token per row, each at its own slot (a server's decode step)
+            S = int(cache_pos.max()) + 1
+            q_pos = cache_pos[:, None]
+        if S <= window:
+            return mask
+        return sliding_window_mask(mask, window, q_pos, torch.arange(S, device=device)[None])
 
     def forward(self, input_ids, position_ids=None, mask=None, cache_pos=None, last_only=False, fp32_logits=False):
         """Logits (B, T, vocab), or (B, 1, vocab) with last_only (prefill needs no more)."""

@@ -228,7 +228,9 @@ class Engine:
         # --compile: one sequence's decode step through torch.compile (generate --compile's).
         self.decode_one = compiled_decode_step(model) if compile else decode_one_token
         # Every slot holds a whole context: 4096 by default, not SmolLM2's 8192 or Llama 3.1's 128k.
-        self.ctx = min(ctx or 4096, model.config.max_seq_len)
+        # A sliding window caps it too: within the window, windowed attention is all of attention
+        # (the decode kernel attends to each row's whole length).
+        self.ctx = min(ctx or 4096, model.config.max_seq_len, model.config.sliding_window or model.config.max_seq_len)
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
         self.cache = SlotCache(model, max_batch, self.ctx)
         self.slots = [Slot() for _ in range(max_batch)]

@@ -235,3 +235,42 @@ def test_the_tongyi_qianwen_licences_are_told_apart():
     assert identify_licence("Tongyi Qianwen LICENSE AGREEMENT") == "tongyi-qianwen"
     kinds = {r["kind"] for r in knowledge()["licences"]["tongyi-qianwen"]["restrictions"]}
     assert "output_training" in kinds and knowledge()["licences"]["qwen-research"]["commercial_use"] is False
+
+
+HUB = [   # (repo id, config.json keys the hub's copy carries, the card's front matter, expected)
+    ("Qwen/Qwen2-7B-Instruct", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+     "license: apache-2.0\nbase_model: Qwen/Qwen2-7B", ("qwen2", "apache-2.0", "open-weights-restricted")),
+    ("Qwen/Qwen2-72B", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+     "license: other\nlicense_name: tongyi-qianwen", ("qwen2-72b", "tongyi-qianwen", "open-weights-restricted")),
+    ("Qwen/Qwen2.5-3B", {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+     "license: other\nlicense_name: qwen-research", ("qwen2.5-3b", "qwen-research", "not-open")),
+    ("mistralai/Mistral-7B-v0.3", {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+     "license: apache-2.0", ("mistral", "apache-2.0", "open-weights-restricted")),
+    ("01-ai/Yi-34B", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+     "license: apache-2.0", ("yi", "apache-2.0", "open-weights-restricted")),
+    ("deepseek-ai/deepseek-llm-7b-base", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"},
+     "license: other\nlicense_name: deepseek\nlicense_link: LICENSE", ("deepseek-llm", "deepseek", "open-weights-restricted")),
+    ("internlm/internlm2_5-7b-chat", {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2"},
+     "license: other", ("internlm", None, None)),
+    ("baichuan-inc/Baichuan2-7B-Base", {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan"},
+     "", ("baichuan2", "baichuan2", "not-open")),
+]
+
+
+@pytest.mark.parametrize("repo, config, front, expect", HUB, ids=[h[0] for h in HUB])
+def test_a_hub_cache_snapshot_is_known_by_its_family(repo, config, front, expect, tmp_path):
+    """A model directory as the hub's cache leaves it: a commit hash for a name, the repository
+    only in the cache's path, a card without the model's name."""
+    org, name = repo.split("/")
+    d = tmp_path / f"models--{org}--{name}" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    if front:
+        (d / "README.md").write_text(f"---\n{front}\n---\n# A model\n")
+    r = report(str(d))
+    family, licence, verdict = expect
+    assert r["family"]["id"] == family
+    if licence:
+        assert r["license"]["id"] == licence and r["verdict"] == verdict, r["reasons"]
+    else:   # "license: other" and nothing more: the claim is unknown, the family's licence is said beside it
+        assert r["verdict"] in VERDICTS and any("InternLM" in c for c in r["conflicts"]), r

@@ -3,6 +3,7 @@ random models built with transformers' own classes. Loaded by llamaforge: the sa
 greedy tokens; exported back: transformers' class of that family loads the same logits; a LoRA
 run on a Qwen2 base is a PEFT adapter that peft applies to Qwen2ForCausalLM."""
 import json
+import threading
 
 import pytest
 import torch
@@ -129,3 +130,63 @@ def test_a_lora_run_on_a_qwen2_base_is_a_peft_adapter_for_it(tiny_bpe, tmp_path,
         diff = (ours(ids) - theirs(input_ids=ids).logits).abs().max().item()
         base = (ours(ids) - Qwen2ForCausalLM.from_pretrained(str(tmp_path / "q"))(input_ids=ids).logits).abs().max()
     assert diff < 1e-4 and base > 1e-3
+
+
+def test_a_qwen2_classifier_run_is_a_peft_adapter_for_qwen2_sequence_classification(tiny_bpe, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import Qwen2ForSequenceClassification
+
+    from llamaforge.train.classify import predict_classifier
+
+    from conftest import sentiment_file
+    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
+    out = tmp_path / "clf"
+    main(["finetune", "classify", "--model", str(tmp_path / "q"), "--train", str(sentiment_file("train")),
+          "--dev", str(sentiment_file("dev")), "--out", str(out), "--batch-size", "16", "--dtype", "fp32",
+          "--max-steps", "6", "--lr", "3e-3", "--lora-rank", "4"])
+    capsys.readouterr()
+    texts = ["The soup was cold and bland.", "Wonderful service, we will come back!"]
+    ours = predict_classifier(out, texts=texts, dtype="fp32")
+    base = Qwen2ForSequenceClassification.from_pretrained(str(tmp_path / "q"), num_labels=2, pad_token_id=0,
+                                                          dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(out / "best")).eval()
+    with torch.no_grad():
+        for text, o in zip(texts, ours, strict=True):
+            p = theirs(input_ids=torch.tensor([tiny_bpe.encode(text)])).logits.softmax(-1)[0].tolist()
+            assert [o["p_negative"], o["p_positive"]] == pytest.approx(p, abs=1e-4)
+    main(["export", str(out), "--to", "hf", str(tmp_path / "hf")])
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [
+        "Qwen2ForSequenceClassification"]
+
+
+def test_serving_a_qwen2_model_gives_each_request_its_tokens_alone(tiny_bpe, tmp_path):
+    """The server's engine over a Qwen2 model (q, k and v fused with their biases), in fp32 so that
+    a batch's rows compute exactly what one row alone does."""
+    from llamaforge.serve.engine import Engine, Request
+    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
+    model, tok = load(tmp_path / "q", dtype="fp32", inference=True, batched=True)
+    assert model.layers[0].self_attn.qkv_proj.bias is not None
+    prompts = [[5, 17, 300, 42, 9], list(range(100, 140)), [7, 8]]
+    alone = []
+    with torch.inference_mode():
+        for p in prompts:
+            cfg = SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True)
+            alone.append([int(t[0]) for t in generate_tokens(model, [p], cfg)])
+    got = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+
+    def emit(i):
+        def on(event):
+            if event.token is not None:
+                got[i].append(event.token)
+            if event.finish:
+                done[i].set()
+        return on
+    engine = Engine(model, tok, max_batch=4)
+    try:
+        for i, p in enumerate(prompts):
+            engine.submit(Request(list(p), SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True), emit(i)))
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.shutdown()
+    assert got == alone

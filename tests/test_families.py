@@ -85,6 +85,17 @@ def test_a_mistral_sliding_window_in_training_prefill_and_decoding(tiny_bpe, tmp
     ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, min_new_tokens=30,
                           pad_token_id=0)[0, len(prompt):]
     assert greedy[0].tolist() == ref.tolist()
+    # Generation kept only the window: a ring of 16 positions, not the 40 it went through.
+    assert ours.layers[0].self_attn.kv_cache.k.shape[2] == 16
+    # A prompt longer than the window, prefilled at once into the ring, and a batch (padded, with
+    # the whole cache) agree with transformers too.
+    long_prompt = list(range(60, 100))
+    got = torch.stack(list(generate_tokens(ours, [long_prompt, prompt], SamplingConfig(max_new_tokens=12,
+                                                                                        temperature=0))), 1)
+    alone = torch.stack(list(generate_tokens(ours, [long_prompt], SamplingConfig(max_new_tokens=12, temperature=0))), 1)
+    ref = theirs.generate(torch.tensor([long_prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                          pad_token_id=0)[0, len(long_prompt):]
+    assert alone[0].tolist() == ref.tolist() == got[0].tolist()
 
 
 @pytest.mark.parametrize("family, arch", [("qwen2", "qwen2"), ("mistral", "llama")])

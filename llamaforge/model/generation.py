@@ -15,7 +15,7 @@ import torch
 from ..errors import LlamaforgeError
 from ..text.tokenizer import StreamDecoder, Tokenizer
 from .kernels import require_cpp_compiler
-from .llama import Llama, attention_mask
+from .llama import Llama, WindowKVCache, attention_mask
 
 
 @dataclass
@@ -171,11 +171,13 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
     cache_before = model.layers[0].self_attn.kv_cache
     model.setup_cache(B, min(model.config.max_seq_len, -(-total // 512) * 512))
     start = 0
-    if reuse_cache and B == 1 and model.cache_tokens and model.layers[0].self_attn.kv_cache is cache_before:
+    # (A window's ring holds the previous sequence's last positions, not a shared prefix's.)
+    ring = isinstance(model.layers[0].self_attn.kv_cache, WindowKVCache)
+    if reuse_cache and B == 1 and not ring and model.cache_tokens and model.layers[0].self_attn.kv_cache is cache_before:
         # At least the last prompt token is recomputed: its logits start the generation.
         start = min(_shared_prefix(model.cache_tokens, prompts[0]), T - 1)
     # What the cache will hold, kept up to date as tokens are fed (rows of a batch are not tracked).
-    model.cache_tokens = list(prompts[0]) if B == 1 else None
+    model.cache_tokens = list(prompts[0]) if B == 1 and not ring else None
     decode = compiled_decode_step(model) if compile else decode_one_token
     logits = prefill(model, input_ids[:, start:], position_ids[:, start:], key_valid if padded else None, start)
     done = torch.zeros(B, dtype=torch.bool, device=device)

@@ -82,6 +82,35 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class WindowKVCache(nn.Module):
+    """A sliding-window model's cache for one sequence: the keys and values of the last `window`
+    positions only, in a ring (position p in slot p % window), so its memory does not grow with
+    the context. `update` returns the ring as it was, then the new keys; `positions` says where
+    each of those sits (a slot not yet written: far in the past, outside every window)."""
+
+    def __init__(self, batch_size: int, window: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, window, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.window = window
+
+    def positions(self, start: int, T: int, device=None) -> torch.Tensor:
+        W = self.window
+        slots = torch.arange(W, device=device)
+        held = start - 1 - (start - 1 - slots) % W                 # the latest position < start of each slot
+        held = torch.where(held >= 0, held, -(2 ** 40))
+        return torch.cat([held, torch.arange(start, start + T, device=device)])
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        T, W = k.shape[2], self.window
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        n = min(T, W)
+        slots = torch.arange(start + T - n, start + T, device=k.device) % W
+        self.k[:, :, slots], self.v[:, :, slots] = k[:, :, T - n:], v[:, :, T - n:]
+        return keys, values
+
+
 def attention_for_training(q, k, v, mask=None):
     """Causal attention as two matmuls and an fp32 softmax, for training.
 
@@ -305,13 +334,20 @@ class Llama(nn.Module):
         p = self.embed_tokens.weight
         dtype, device = dtype or p.dtype, device or p.device
         cache = self.layers[0].self_attn.kv_cache
-        if (cache is not None and cache.k.shape[0] == batch_size and cache.k.shape[2] >= max_len
+        # A sliding window shorter than the generation: one sequence keeps only the window (a
+        # padded batch keeps everything, its padding mask being one over the cache's slots).
+        window = self.config.sliding_window
+        ring = window is not None and window < max_len and batch_size == 1
+        length = window if ring else max_len
+        if (cache is not None and isinstance(cache, WindowKVCache) == ring and cache.k.shape[0] == batch_size
+                and (cache.k.shape[2] == length if ring else cache.k.shape[2] >= max_len)
                 and cache.k.dtype == dtype and cache.k.device == torch.device(device)):
             return
         self.cache_tokens = None
+        kind = WindowKVCache if ring else KVCache
         for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, max_len, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype, device)
+            layer.self_attn.kv_cache = kind(batch_size, length, self.config.n_kv_heads, self.config.head_dim,
+                                            dtype, device)
 
     def clear_cache(self):
         """Free what generation keeps: the KV cache and the fp32 output weight."""
@@ -362,6 +398,10 @@ class Llama(nn.Module):
             if T <= window:
                 return mask
             return sliding_window_mask(mask, window, position_ids, position_ids)
+        cache = self.layers[0].self_attn.kv_cache
+        if isinstance(cache, WindowKVCache) and isinstance(cache_pos, int):   # keys: the ring, then the new ones
+            q_pos = torch.arange(cache_pos, cache_pos + T, device=device)[None]
+            return sliding_window_mask(mask, window, q_pos, cache.positions(cache_pos, T, device)[None])
         if isinstance(cache_pos, int):
             S = cache_pos + T
             q_pos = torch.arange(cache_pos, S, device=device)[None]

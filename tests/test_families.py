@@ -212,3 +212,15 @@ def test_serving_a_qwen2_model_gives_each_request_its_tokens_alone(tiny_bpe, tmp
     finally:
         engine.shutdown()
     assert got == alone
+
+
+def test_dpo_on_a_qwen2_base(tiny_bpe, tmp_path, capsys):
+    hf_family_model("qwen2", tmp_path / "q", tiny_bpe, tie_word_embeddings=True)
+    pairs = [{"prompt": f"question {i}", "chosen": "the answer is always llama", "rejected": f"maybe {i}"}
+             for i in range(16)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    main(["finetune", "dpo", "--train", str(data), "--dev", str(data), "--model", str(tmp_path / "q"), "--dtype",
+          "fp32", "--batch-size", "4", "--max-steps", "8", "--lr", "1e-2", "--out", str(tmp_path / "dpo")])
+    final = json.loads(capsys.readouterr().out)
+    assert final["loss"] < 0.69 and final["accuracy"] > 0.5   # below log 2: it learned the preference

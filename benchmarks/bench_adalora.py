@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_logits import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 METHODS = {"lora r8": ["--method", "lora", "--lora-rank", "8"],
            "adalora 12->8": ["--method", "adalora", "--init-rank", "12", "--target-rank", "8"]}

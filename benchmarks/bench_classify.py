@@ -37,6 +37,11 @@ LORA = dict(r=16, alpha=32.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "
 LR = {"lora": 5e-4, "full": 2e-5}
 
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
+
 def batches(n, batch, seed=0):
     import torch
     g = torch.Generator().manual_seed(seed)
@@ -232,6 +237,7 @@ def main():
     ap.add_argument("--no-speed", action="store_true", help="only the peak-RSS processes")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
     args = ap.parse_args()
+    print_machine()
     global DEVICE
     DEVICE = args.device
     from llamaforge.export import export

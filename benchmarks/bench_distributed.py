@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "llamaforge" / "datasets" / "instructions" / "train.jsonl"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_logits import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 
 def tree(pid: int) -> list[int]:

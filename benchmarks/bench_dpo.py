@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PAIRS = ROOT / "llamaforge" / "datasets" / "preferences"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_logits import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 SETTINGS = dict(batch_size=8, lr=5e-4, schedule="constant", warmup=0, weight_decay=0.0, max_grad_norm=1.0,
                 lora_rank=16, lora_alpha=32.0, lora_dropout=0.0, beta=0.1, loss="sigmoid", seed=0)

@@ -8,10 +8,15 @@ fit in cache, so it shows DRAM speed), the ratio, and a plain `sum` over the sam
 bandwidth reference. The kernel is compiled on first use (~30 s, then cached).
 """
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
 
 
 def gb_per_s(fn, nbytes, runs=30):
@@ -26,6 +31,7 @@ def gb_per_s(fn, nbytes, runs=30):
 
 
 def main():
+    print_machine()
     from llamaforge.model.kernels import gemv_extension
     t = time.perf_counter()
     ext = gemv_extension()

@@ -37,6 +37,11 @@ FALLBACK_TEXT = (
 PROMPT = "Once upon a time, in a small village, there lived"
 
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
+
 def held_out_text() -> str:
     if HELD_OUT.exists():  # real text when ../shared/data is beside the checkout
         return HELD_OUT.read_text(encoding="utf-8")[200_000:206_000]
@@ -206,6 +211,7 @@ def main():
         print(json.dumps(res))
         return
 
+    print_machine()
     print(f"SmolLM2-135M-Instruct Q4_1 GGUF, {os.cpu_count()} threads, medians of {a.runs} alternating rounds; "
           f"held-out text: {'TinyStories (shared/data)' if HELD_OUT.exists() else 'built-in paragraph'}")
     fp32_ppl = None

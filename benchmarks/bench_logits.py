@@ -12,27 +12,14 @@ near-tie, its two best logits and their gap, in each dtype.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
+from machine import cpu_name
 
 PROMPT = "Once upon a time, in a small village, there lived"
 NEAR_TIE = "What is the capital of France?"   # fp32: 'The' 25.33 against 'L' 25.24
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-        flags = next(line for line in out.splitlines() if line.startswith("Flags"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-    isa = [name for name, flag in (("AMX-BF16", " amx_bf16"), ("AVX-512 BF16", " avx512_bf16"),
-                                   ("AVX-512", " avx512f"), ("AVX2", " avx2")) if flag in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} threads"
 
 
 def variants():

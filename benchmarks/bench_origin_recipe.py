@@ -25,11 +25,17 @@ SST2 = ROOT.parent / "shared" / "data" / "sst2"
 MAX_LEN, BATCH = 128, 16
 
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=12)
     ap.add_argument("--eval-every", type=int, default=50)
     args = ap.parse_args()
+    print_machine()
     from tqdm import tqdm
     from transformers import LlamaForSequenceClassification
 

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_logits import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 BASES = ["none", "int8", "int4"]
 

@@ -43,7 +43,7 @@ STORIES = ROOT.parent / "shared" / "data" / "tinystories" / "tinystories_val_hea
 RESULTS = ROOT / "benchmarks" / "results"
 SINGLE_STREAM_REQUESTS = 5   # at one client; also the prompts `llamaforge generate` is timed on
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from bench_logits import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 
 def free_port() -> int:

@@ -40,6 +40,11 @@ BLOCK = 3
 LR = {"lora": 2e-4, "full": 2e-5, "pretrain": 2e-3}
 
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
+
+
 def sft_batches(tok, n_blocks: int):
     """Blocks of (ids, labels, real tokens) from the instruction set, batches of similar length."""
     from llamaforge.data.batching import length_bucketed_batches, pad_labelled
@@ -154,6 +159,7 @@ def main():
                                          "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
     args = ap.parse_args()
+    print_machine()
     bench_classify.DEVICE = args.device
     from llamaforge.export import export
     from llamaforge.formats.load import load

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -24,6 +25,11 @@ import torch
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "chnsenticorp"
 LAYERS = (8, 16, 24, 30)
 PROMPTS = {"bare": ("", ""), "prompt": ("Review: ", "\nSentiment (positive or negative):")}
+
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import print_machine  # noqa: E402
 
 
 def read(path):
@@ -100,6 +106,7 @@ def main():
     ap.add_argument("--dev-n", type=int, default=600, help="dev reviews for the model probes")
     ap.add_argument("--max-length", type=int, default=56)
     args = ap.parse_args()
+    print_machine()
     if not DATA.exists():
         raise SystemExit(f"{DATA}: not found")
     x_train, y_train = read(DATA / "train.tsv")

@@ -1,0 +1,27 @@
+"""The machine a benchmark ran on, printed beside every figure: this project's speed-ups depend on
+the CPU's matrix units (AMD AVX-512 BF16, Intel AMX), and machines drift, so a figure without its
+CPU means little."""
+from __future__ import annotations
+
+import platform
+import subprocess
+
+
+def cpu_name() -> str:
+    """e.g. "AMD EPYC 9R14 (AVX-512 BF16, AVX-512, AVX2), 2 threads" (lscpu's model name and the
+    ISA extensions that decide the kernels: AMX-BF16, AVX-512 BF16, AVX-512, AVX2)."""
+    import torch
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+        flags = next(line for line in out.splitlines() if line.startswith("Flags"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+    isa = [name for name, flag in (("AMX-BF16", " amx_bf16"), ("AVX-512 BF16", " avx512_bf16"),
+                                   ("AVX-512", " avx512f"), ("AVX2", " avx2")) if flag in flags]
+    return f"{model} ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} threads"
+
+
+def print_machine(file=None):
+    """One line naming the CPU, at the top of a benchmark's output."""
+    print(f"CPU: {cpu_name()}", file=file, flush=True)

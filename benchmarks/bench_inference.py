@@ -134,7 +134,14 @@ class LlamaCpp:
 
 def llama_cpp_available() -> bool:
     import importlib.util
-    return importlib.util.find_spec("llama_cpp") is not None
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    try:   # installed, but its shared library may be missing (a wheel built elsewhere)
+        import llama_cpp  # noqa: F401
+    except (OSError, RuntimeError) as e:
+        print(f"llama-cpp-python is installed but does not load ({e}): its column is left out", file=sys.stderr)
+        return False
+    return True
 
 
 def make(impl: str, dtype: str):

@@ -104,6 +104,15 @@ def test_a_mistral_sliding_window_in_training_prefill_and_decoding(tiny_bpe, tmp
     ref = theirs.generate(torch.tensor([long_prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                           pad_token_id=0)[0, len(long_prompt):]
     assert alone[0].tolist() == ref.tolist() == got[0].tolist()
+    # Through GGUF (written as llama with its window, as llama.cpp does) and back to HF: still
+    # Mistral with its window.
+    main(["export", str(tmp_path / "m"), "--to", "gguf", str(tmp_path / "w.gguf")])
+    again, _ = load(tmp_path / "w.gguf", dtype="fp32")
+    assert (again.config.arch, again.config.sliding_window) == ("mistral", 16)
+    main(["export", str(tmp_path / "w.gguf"), "--to", "hf", str(tmp_path / "back")])
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["sliding_window"] == 16
+    with torch.no_grad():
+        assert (again(ids) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family, arch", [("qwen2", "qwen2"), ("mistral", "llama")])

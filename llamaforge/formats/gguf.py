@@ -127,6 +127,10 @@ def config_from_metadata(meta: dict, tensors: dict, path: Path) -> LlamaConfig:
 
 def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
     qwen2 = meta.get("general.architecture") == "qwen2"
+    context = get("context_length", 2048)
+    # A window is Mistral's (llama.cpp writes Mistral as llama); one as long as the context is none.
+    window = None if qwen2 else meta.get("llama.attention.sliding_window")
+    window = window if window and window < context else None
     return LlamaConfig(
         vocab_size=vocab, dim=dim, n_layers=get("block_count"), n_heads=n_heads,
         n_kv_heads=get("attention.head_count_kv", n_heads),
@@ -134,11 +138,10 @@ def _config(meta, tensors, vocab, dim, n_heads, get) -> LlamaConfig:
         head_dim=get("attention.key_length", dim // n_heads),
         norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(get("rope.freq_base", 10000.0)),
-        max_seq_len=get("context_length", 2048),
+        max_seq_len=context,
         tie_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_output.bias" in tensors or (not qwen2 and "blk.0.attn_q.bias" in tensors),
-        qkv_bias=qwen2, arch="qwen2" if qwen2 else "llama",
-        sliding_window=meta.get(f"{meta.get('general.architecture')}.attention.sliding_window"),
+        qkv_bias=qwen2, arch="qwen2" if qwen2 else "mistral" if window else "llama", sliding_window=window,
     )
 
 
@@ -221,6 +224,7 @@ def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> 
     """weights=False: the header only, tensors as shapes on the meta device (for `info`)."""
     meta, tensors, buf = read_gguf(path)
     cfg = config_from_metadata(meta, tensors, path)
+    permuted = meta.get("general.architecture") == "llama"   # (also Mistral's files; qwen2's are not)
     state = {}
     expected = expected_shapes(cfg)
     for name, (shape, qtype, start, nbytes) in tensors.items():
@@ -235,9 +239,9 @@ def load(path: Path, dtype: torch.dtype | None = None, weights: bool = True) -> 
             state[ours] = torch.empty(shape, dtype=dtype or torch.float32, device="meta")
             continue
         w = _dequantize(buf, shape, qtype, start, nbytes, path, name)
-        if cfg.arch == "llama" and ".q_proj." in ours:
+        if permuted and ".q_proj." in ours:
             w = unpermute_qk(w, cfg.n_heads)
-        elif cfg.arch == "llama" and ".k_proj." in ours:
+        elif permuted and ".k_proj." in ours:
             w = unpermute_qk(w, cfg.n_kv_heads)
         state[ours] = w.to(dtype) if dtype is not None else w
     from collections import Counter

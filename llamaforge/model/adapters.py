@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from ..files import read_json, write_json
+from .llama import KVCache
 from .quantize import FrozenQuantizedLinear
 
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -290,7 +291,8 @@ def save_peft_adapter(model: nn.Module, out_dir: str | Path, cfg: LoRAConfig, ta
     }
     if cfg.adalora is not None:   # the schedule the layers trained with (the trainer fills in its steps)
         a = next((m.schedule for m in model.modules() if isinstance(m, AdaLoRALinear)), cfg.adalora)
-        config.update(peft_type="ADALORA", r=a.target_rank, init_r=cfg.rank, target_r=a.target_rank, tinit=a.tinit,
+        # r: LoraConfig's default (AdaLoRA ignores it; PEFT warns about any other value).
+        config.update(peft_type="ADALORA", r=8, init_r=cfg.rank, target_r=a.target_rank, tinit=a.tinit,
                       tfinal=a.tfinal, deltaT=a.delta_t, beta1=a.beta1, beta2=a.beta2, orth_reg_weight=a.orth_reg_weight,
                       total_step=a.total_step, rank_pattern=rank_pattern if not all(all(k) for k in rank_pattern.values())
                       else None)
@@ -320,6 +322,8 @@ def read_peft_config(adapter_dir: str | Path) -> LoRAConfig:
     path = Path(adapter_dir) / "adapter_config.json"
     raw = read_json(path)
     if raw.get("peft_type") == "ADALORA":
+        if not isinstance(raw.get("target_r"), int) or not isinstance(raw.get("init_r"), int):
+            raise LlamaforgeError(f"{path}: an ADALORA adapter needs init_r and target_r (integers)")
         raw = {**raw, "r": raw.get("init_r")}
         adalora = AdaLoRASchedule(target_rank=raw.get("target_r"), tinit=raw.get("tinit") or 0,
                                   tfinal=raw.get("tfinal") or 0, delta_t=raw.get("deltaT") or 1,
@@ -455,8 +459,11 @@ def add_prefix(llama: nn.Module, length: int, init_ids: list[int]) -> nn.Module:
     ids = (list(init_ids) * length)[:length]
     for p in llama.parameters():
         p.requires_grad_(False)
-    llama.setup_cache(1, length)
-    llama.hidden_states(torch.tensor([ids], device=llama.embed_tokens.weight.device), cache_pos=0)
+    # A plain cache (not a sliding window's ring), whose first `length` slots are the prefix.
+    p = llama.embed_tokens.weight
+    for layer in llama.layers:
+        layer.self_attn.kv_cache = KVCache(1, length, llama.config.n_kv_heads, llama.config.head_dim, p.dtype, p.device)
+    llama.hidden_states(torch.tensor([ids], device=p.device), cache_pos=0)
     for layer in llama.layers:
         cache = layer.self_attn.kv_cache
         layer.self_attn.prefix = nn.Parameter(torch.stack([cache.k[0, :, :length], cache.v[0, :, :length]]).clone())

@@ -135,6 +135,17 @@ class RankAllocator:
     def kept(self) -> dict[str, list[bool]]:
         return {name: layer.kept.tolist() for name, layer in self.layers}
 
-    def restore_kept(self, kept: dict[str, list[bool]]):
+    def state(self) -> dict:
+        """What a checkpoint's meta keeps besides the statistics: the schedule as resolved when the
+        run began (a resumed run that goes on longer keeps its budget's plan) and the masks."""
+        s = self.schedule
+        return {"schedule": {"total_step": s.total_step, "tinit": s.tinit, "tfinal": s.tfinal}, "kept": self.kept()}
+
+    def restore(self, state: dict):
+        from ..errors import LlamaforgeError
+        if set(state.get("kept", {})) != {name for name, _ in self.layers}:
+            raise LlamaforgeError("the checkpoint's AdaLoRA masks do not match this model's adapted layers")
+        for key, value in state["schedule"].items():
+            setattr(self.schedule, key, value)
         for name, layer in self.layers:
-            layer.kept.copy_(torch.tensor(kept[name]))
+            layer.kept.copy_(torch.tensor(state["kept"][name]))

@@ -146,7 +146,10 @@ class Trainable:
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
             ids = [world.device.index] if world.device.type == "cuda" else None
-            step = DistributedDataParallel(step, device_ids=ids)
+            # Buffers (a QLoRA base's quantised weights, AdaLoRA's masks) are the same on every
+            # rank by construction: broadcasting them before each forward would resend a 7B
+            # base's 4 GB every step.
+            step = DistributedDataParallel(step, device_ids=ids, broadcast_buffers=False)
         elif strategy == "fsdp":
             step = self._fully_shard(step)
         self.step = step

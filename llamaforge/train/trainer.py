@@ -183,8 +183,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                 p.copy_(m)
         state = TrainState(**meta["state"])
         history = meta["history"]
-        if allocator:
-            allocator.restore_kept(meta["adalora_kept"])
+        if allocator:   # the budget as planned when the run began, whatever its new length
+            allocator.restore(meta["adalora"])
     else:
         torch.manual_seed(cfg.seed)
     if state.stopped:
@@ -204,7 +204,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
     def save_checkpoint():
         meta = {"state": asdict(state), "history": history}
         if allocator:
-            meta["adalora_kept"] = allocator.kept()
+            meta["adalora"] = allocator.state()
         checkpoint.save(ckpt_dir, masters, optimizer, meta, world, allocator.tensors() if allocator else None)
 
     def evaluate():

@@ -274,3 +274,14 @@ def test_a_hub_cache_snapshot_is_known_by_its_family(repo, config, front, expect
         assert r["license"]["id"] == licence and r["verdict"] == verdict, r["reasons"]
     else:   # "license: other" and nothing more: the claim is unknown, the family's licence is said beside it
         assert r["verdict"] in VERDICTS and any("InternLM" in c for c in r["conflicts"]), r
+
+
+def test_an_architecture_alone_names_a_family_but_not_its_licence(tmp_path):
+    """A directory that nothing names (not in the hub cache, no card): Qwen2's architecture is
+    shared by models under three licences, so the family is reported and the licence is not guessed."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}))
+    r = report(str(d))
+    assert r["family"]["id"] == "qwen2" and r["license"]["id"] is None and r["verdict"] == "unknown"
+    assert any("architecture only" in n for n in r["notes"])

@@ -51,7 +51,8 @@ def hub_cache_name(path: Path) -> str | None:
 def gather(path: Path) -> dict:
     """{"format", "names": [...], "licences": [(text, where)], "notes": [...], "base": path or None}.
     Names, most telling first: what the files call the model, the hub cache's repository name,
-    the directory or file name, and last the architecture (Qwen2 and Qwen2.5 share one)."""
+    the directory or file name; apart, the architecture (a weaker hint: Qwen2 and Qwen2.5 share one,
+    and their licences differ by size)."""
     names, licences, notes = [], [], []
     cached = hub_cache_name(path)
     if cached:
@@ -110,8 +111,8 @@ def gather(path: Path) -> dict:
         f = path / name
         if f.exists():
             licences.append((f.read_text(encoding="utf-8", errors="replace")[:3000], name))
-    return {"format": fmt, "names": names + [path.resolve().name] + architecture, "licences": licences, "notes": notes,
-            "base": None}
+    return {"format": fmt, "names": names + [path.resolve().name], "architecture": architecture, "licences": licences,
+            "notes": notes, "base": None}
 
 
 def _mentions(text: str, phrase: str) -> bool:
@@ -236,25 +237,34 @@ def judge(path: Path, fmt: str, found: dict, lang: str = "en") -> dict:
         notes.append(f"{where}: licence {text[:60]!r} is not in the knowledge base")
     found_ids = [(lid, where) for lid, where, _ in ids if lid]
     fid = identify_family(found["names"])
+    by_architecture = fid is None and bool(found.get("architecture")) and identify_family(found["architecture"])
+    if by_architecture:
+        # The family is a guess from the architecture alone: reported, but its licence (which may
+        # differ by model and size) is not taken for this model's.
+        fid = by_architecture
+        notes.append(f"recognised as {kb['families'][fid]['name']} by its architecture only "
+                     f"({', '.join(found['architecture'])}); its licence is not known from that")
     family = kb["families"].get(fid) if fid else None
     candidates = {lid for lid, _ in found_ids}
-    if family and found_ids and family["licence"] not in candidates:
+    if family and found_ids and family["licence"] not in candidates and not by_architecture:
         conflicts.append(f"the metadata says {', '.join(sorted(candidates))}, but {family['name']} is released "
                          f"under {kb['licences'][family['licence']]['name']}")
         candidates.add(family["licence"])
     elif len(candidates) > 1:
         conflicts.append(f"the files disagree: {', '.join(f'{lid} ({w})' for lid, w in found_ids)}")
-    if unknown_claims and family:
+    if unknown_claims and family and not by_architecture:
         conflicts.append(f"the metadata names a licence this knowledge base does not know; {family['name']} "
                          f"is released under {kb['licences'][family['licence']]['name']}")
-    elif not candidates and family:
+    elif not candidates and family and not by_architecture:
         # Only with no licence claim at all does the family's licence stand in.
         candidates.add(family["licence"])
         notes.append(f"no licence in the metadata; {family['name']} is released under "
                      f"{kb['licences'][family['licence']]['name']}")
     lid = None if unknown_claims and not found_ids else (max(candidates, key=restrictiveness) if candidates else None)
     lic = kb["licences"].get(lid) if lid else None
-    published = {c: (family or {}).get("published", {}).get(c, "unknown") for c in COMPONENTS}
+    # What the family published is this model's only when the model is known to be of it.
+    known = None if by_architecture else family
+    published = {c: (known or {}).get("published", {}).get(c, "unknown") for c in COMPONENTS}
     found_in = [w for l, w in found_ids if l == lid] or (["knowledge base (model family)"] if lic else [])
     result = {
         "model": str(path), "format": fmt, "derived_from": None,
@@ -268,9 +278,9 @@ def judge(path: Path, fmt: str, found: dict, lang: str = "en") -> dict:
         "commercial_use": lic.get("commercial_use") if lic else None,
         "restrictions": [{"kind": r["kind"], "clause": r["clause"], "detail": r.get(f"detail_{lang}", r["detail"])}
                          for r in lic.get("restrictions", [])] if lic else [],
-        "access": (family or {}).get("access", "unknown"),
+        "access": (known or {}).get("access", "unknown"),
         "published": published,
-        "mof_class": mof_class(lic, published) if family else (
+        "mof_class": mof_class(lic, published) if known else (
             "none" if lic and not (lic.get("osi_approved") or lic.get("open_content")) else "unknown"),
         "osaid": osaid(lic, published, lang),
         "conflicts": conflicts,

@@ -81,7 +81,6 @@ def random_quantized_llama(preset: str, bits: int | None, rank: int, seed: int =
     from llamaforge.model.adapters import LoRAConfig, add_lora
     from llamaforge.model.config import LlamaConfig
     from llamaforge.model.llama import Llama
-    from llamaforge.model.quantize import FrozenQuantizedLinear
 
     cfg = LlamaConfig.from_name(preset)
     with torch.device("meta"):
@@ -96,8 +95,8 @@ def random_quantized_llama(preset: str, bits: int | None, rank: int, seed: int =
 
     for m in model.modules():
         if hasattr(m, "lora_A"):
-            m.quantized = FrozenQuantizedLinear(randn(m.out_features, m.in_features), None, bits)
-            del m.weight
+            m.weight = nn.Parameter(randn(m.out_features, m.in_features), requires_grad=False)
+            m.quantize_base(bits)   # one layer's bf16 weight at a time
             m.lora_A = nn.Parameter(randn(rank, m.in_features, std=1 / math.sqrt(m.in_features)))
             m.lora_B = nn.Parameter(torch.zeros(m.out_features, rank, dtype=torch.bfloat16))
     model.embed_tokens.weight = nn.Parameter(randn(cfg.vocab_size, cfg.dim), requires_grad=False)

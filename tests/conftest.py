@@ -137,6 +137,17 @@ def hf_model_from_dir(path) -> "torch.nn.Module":
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
+def peft_agreement(ours, theirs, base, vocab: int = 500) -> tuple[float, float]:
+    """(max |logit difference| between our model with an adapter and PEFT's model with the same
+    adapter, max |logit difference| between ours and the base without it) on random ids: the
+    first must be tiny, the second not (the adapter changed the model, and PEFT agrees on how)."""
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(ids)
+        return ((logits - theirs(input_ids=ids).logits).abs().max().item(),
+                (logits - base(input_ids=ids).logits).abs().max().item())
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

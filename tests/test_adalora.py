@@ -87,7 +87,7 @@ def test_an_adalora_sft_run_saves_what_peft_loads(tiny_model_dir, tmp_path, caps
     from peft import PeftModel
     from test_sft import chat_rows, write_jsonl
 
-    from conftest import hf_model_from_dir
+    from conftest import hf_model_from_dir, peft_agreement
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(96))
     dev = write_jsonl(tmp_path / "dev.jsonl", chat_rows(16, seed=1))
     out = tmp_path / "ada"
@@ -105,10 +105,7 @@ def test_an_adalora_sft_run_saves_what_peft_loads(tiny_model_dir, tmp_path, caps
     assert losses[-1] < losses[0] - 0.1, losses
     ours, _ = load(out, dtype="fp32")
     theirs = PeftModel.from_pretrained(hf_model_from_dir(tiny_model_dir), str(out / "best")).eval()
-    ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        diff = (ours(ids) - theirs(input_ids=ids).logits).abs().max().item()
-        moved = (ours(ids) - hf_model_from_dir(tiny_model_dir)(input_ids=ids).logits).abs().max().item()
+    diff, moved = peft_agreement(ours, theirs, hf_model_from_dir(tiny_model_dir))
     assert diff < 1e-4 and moved > 1e-3
 
 

@@ -56,6 +56,12 @@ class LoRAConfig:
             raise LlamaforgeError(f"AdaLoRA's target rank must be between 1 and the initial rank ({self.rank}), "
                                   f"got {self.adalora.target_rank}")
 
+    @property
+    def scaling(self) -> float:
+        """What the update B A x is multiplied by: alpha / rank (AdaLoRA: / (initial rank + 1e-5),
+        PEFT's, for the whole run however many triplets it keeps)."""
+        return self.alpha / (self.rank + 1e-5) if self.adalora is not None else self.alpha / self.rank
+
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank, with W, b frozen.
@@ -77,7 +83,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=dev, dtype=dt))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as nn.Linear and PEFT initialise
-        self.scaling = cfg.alpha / cfg.rank
+        self.scaling = cfg.scaling
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.disabled = False   # see adapters_disabled
         self.quantized: FrozenQuantizedLinear | None = None   # QLoRA: W and b live here instead
@@ -131,7 +137,6 @@ class AdaLoRALinear(LoRALinear):
             nn.init.normal_(self.lora_A, std=0.02)
             nn.init.normal_(self.lora_B, std=0.02)
         self.lora_E = nn.Parameter(torch.zeros(cfg.rank, 1, device=self.lora_A.device, dtype=self.lora_A.dtype))
-        self.scaling = cfg.alpha / (cfg.rank + 1e-5)
         self.schedule = cfg.adalora   # one object, shared by every layer of a model
         self.register_buffer("kept", torch.ones(cfg.rank, dtype=torch.bool, device=self.lora_A.device), persistent=False)
 
@@ -400,7 +405,7 @@ def lora_updates(adapter_dir: str | Path) -> tuple[Path, dict[str, tuple[torch.T
     """(the tensors' file, {module's name in Llama's names: (down (r, in), up (out, r))}, scaling) of
     a PEFT LoRA or AdaLoRA adapter of a causal LM or a classifier (both keep the Llama under
     `model.`): each module's update is up @ down * scaling. AdaLoRA's down is A's rows scaled by
-    E's values, and its scaling alpha / initial rank."""
+    E's values (scaling: LoRAConfig.scaling)."""
     cfg = read_peft_config(adapter_dir)
     raw = read_json(Path(adapter_dir) / "adapter_config.json")
     adaptive = cfg.adalora is not None
@@ -409,7 +414,7 @@ def lora_updates(adapter_dir: str | Path) -> tuple[Path, dict[str, tuple[torch.T
     if extra:
         raise LlamaforgeError(f"{adapter_dir}/adapter_config.json: {', '.join(extra)} is not supported")
     path, tensors = _read_adapter_tensors(adapter_dir)
-    suffix, scaling = ("", cfg.alpha / (cfg.rank + 1e-5)) if adaptive else (".weight", cfg.alpha / cfg.rank)
+    suffix = "" if adaptive else ".weight"
     prefix = PEFT_PREFIX + "model."
     updates = {}
     for key, a in tensors.items():
@@ -420,7 +425,7 @@ def lora_updates(adapter_dir: str | Path) -> tuple[Path, dict[str, tuple[torch.T
         if b is None or (adaptive and e is None):
             raise LlamaforgeError(f"{path}: tensor {key} has no matching lora_B{' or lora_E' if adaptive else ''}")
         updates[key.removeprefix(prefix).removesuffix(".lora_A" + suffix)] = (a * e if adaptive else a, b)
-    return path, updates, scaling
+    return path, updates, cfg.scaling
 
 
 def merge_lora_into_state(state: dict[str, torch.Tensor], adapter_dir: str | Path):

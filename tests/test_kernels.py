@@ -68,6 +68,55 @@ def test_the_kernels_take_several_rows_and_read_each_weight_once(rows):
     scales = torch.rand(70, generator=g)
     torch.testing.assert_close(gemv_int8(q, scales, x), (x @ q.float().t()) * scales, atol=1e-3, rtol=1e-4)
     assert gemv_bf16(w, x[0]).shape == (70,)
+    # Each output the same whatever else is in the batch: a request decodes alike alone or batched.
+    for i in range(rows):
+        assert torch.equal(gemv_bf16(w, x[i:i + 1]), gemv_bf16(w, x)[i:i + 1])
+        assert torch.equal(gemv_int8(q, scales, x[i:i + 1]), gemv_int8(q, scales, x)[i:i + 1])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_the_rms_norm_kernel_rounds_as_pytorch_does(rows):
+    """x * rsqrt(mean(x^2) + eps) * w in fp32, rounded to bf16 once: F.rms_norm's value, up to
+    the last bit of the mean's sum (summed in another order)."""
+    import torch.nn.functional as F
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses F.rms_norm")
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 3, 96, generator=g) * 3).bfloat16()
+    w = (torch.randn(96, generator=g) * 0.5 + 1).bfloat16()
+    ref, out = F.rms_norm(x, (96,), w, 1e-5), gemv_extension().rms_norm(x, w, 1e-5)
+    assert out.shape == ref.shape and out.dtype == torch.bfloat16
+    assert (out != ref).float().mean() < 0.01                        # all but a rare rounding
+    torch.testing.assert_close(out, ref, atol=0, rtol=2 ** -7)       # and those by one bf16 step
+
+
+def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
+    """use_cpu_kernels: the norms' and the decode step's attention kernels change no logit beyond
+    bf16 rounding, leave training (gradients) on PyTorch's ops, and decode as greedy decoding did."""
+    from llamaforge.model.kernels import KernelRMSNorm, use_cpu_kernels
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses PyTorch's kernels")
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    plain, kernel = build_model(ckpt, "bf16"), build_model(ckpt, "bf16")
+    assert use_cpu_kernels(kernel)
+    assert isinstance(kernel.norm, KernelRMSNorm) and kernel.norm.weight is not plain.norm.weight
+    ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for m in (plain, kernel):
+            m.setup_cache(2, 32)
+        a = [plain(ids[:, :16], cache_pos=0)] + [plain(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
+        b = [kernel(ids[:, :16], cache_pos=0)] + [kernel(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
+    for x, y in zip(a, b, strict=True):
+        assert (x.float() - y.float()).abs().max() <= 0.03 * x.float().abs().max()
+    kernel.clear_cache()
+    loss = kernel(ids).float().logsumexp(-1).mean()   # with gradients: F.rms_norm and SDPA
+    loss.backward()
+    assert kernel.norm.weight.grad is not None
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        ref = [int(t) for t in generate_tokens(plain, [[4, 5, 6]], cfg)]
+        out = [int(t) for t in generate_tokens(kernel, [[4, 5, 6]], cfg)]
+    assert len(out) == 10 and sum(a == b for a, b in zip(ref, out, strict=True)) >= 8
 
 
 def test_decode_attention_matches_sdpa_with_each_rows_length():

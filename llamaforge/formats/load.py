@@ -176,4 +176,7 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
     elif inference:
         from ..model.kernels import use_gemv_kernel
         use_gemv_kernel(net)
+    if inference:
+        from ..model.kernels import use_cpu_kernels
+        use_cpu_kernels(net)
     return net, ckpt.tokenizer

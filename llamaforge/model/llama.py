@@ -21,10 +21,10 @@ from .config import LlamaConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * weight, accumulated in fp32 by PyTorch's fused kernel: equal
@@ -179,6 +179,9 @@ class Attention(nn.Module):
         # Prefix-tuning: learned keys and values (2, n_kv_heads, P, head_dim) that every query sees
         # before the sequence; see adapters.add_prefix. They are not in the KV cache.
         self.prefix: nn.Parameter | None = None
+        # A decode step's attention of one query per row over the whole cache, (q, k, v) -> y or
+        # None: a CPU kernel set by kernels.use_cpu_kernels for inference; None: SDPA.
+        self.decode_attention = None
 
     def with_prefix(self, k, v, mask, q_len: int):
         """Keys and values with the prefix in front, and the mask widened to match."""
@@ -204,11 +207,14 @@ class Attention(nn.Module):
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
-            # A server's cache, whose rows have lengths of their own, attends itself (a kernel).
-            attend = getattr(self.kv_cache, "attend", None)
-            y = attend(q, k, v) if attend is not None and T == 1 and self.prefix is None else None
-            if y is not None:
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+            if T == 1 and self.prefix is None and not torch.compiler.is_compiling():
+                # A server's cache, whose rows have lengths of their own, attends itself (a kernel).
+                attend = getattr(self.kv_cache, "attend", None)
+                if attend is None and mask is None:
+                    attend = self.decode_attention
+                y = attend(q, k, v) if attend is not None else None
+                if y is not None:
+                    return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.prefix is not None:
             k, v, mask = self.with_prefix(k, v, mask, T)
         # Training attention also where a compiled training step reaches a layer whose q, k, v need no

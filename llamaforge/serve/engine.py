@@ -80,14 +80,14 @@ class SlotCache:
         self.v = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
         self.max_len = max_len
 
-    def attach(self, model, rows: slice, step: DecodeStep | None = None):
+    def attach(self, model, rows: slice, step: DecodeStep | None = None, decoding: bool = False):
         """Give every attention layer a view of `rows` for the next forward: a prefill's (a chunk
         at one position of every row), or a decode step's (one key per active row, each at its
-        own position)."""
+        own position: `step`; or one sequence's next token: `decoding`)."""
         for layer, k, v in zip(model.layers, self.k, self.v, strict=True):
             if isinstance(layer.self_attn.kv_cache, torch.nn.Module):
                 del layer.self_attn.kv_cache   # generate()'s cache, a submodule: ours is a plain object
-            layer.self_attn.kv_cache = _Rows(k[rows], v[rows], step)
+            layer.self_attn.kv_cache = _Rows(k[rows], v[rows], step, decoding or step is not None)
 
     @staticmethod
     def detach(model):
@@ -126,8 +126,8 @@ class _Rows:
     cache_pos writes a chunk at that position of every row (a prefill); in a decode step each
     active row writes its one new key at its own position."""
 
-    def __init__(self, k, v, step: DecodeStep | None):
-        self.k, self.v, self.step = k, v, step
+    def __init__(self, k, v, step: DecodeStep | None, decoding: bool):
+        self.k, self.v, self.step, self.decoding = k, v, step, decoding
 
     def update(self, start, k, v):
         step = self.step
@@ -140,9 +140,14 @@ class _Rows:
         return self.k[:, :, :step.length], self.v[:, :, :step.length]
 
     def attend(self, q, k, v):
-        """A decode step's attention, each row over its own length: the kernel, or None (the
-        model then uses SDPA with the step's mask)."""
-        return None if self.step is None else decode_attention(q, k, v, self.step.lengths)
+        """A decode step's attention, each row over its own length (one sequence's: over all it
+        holds): the kernel, or None (the model then uses SDPA with the step's mask). A prefill
+        chunk of one token (a prompt whose every other token was cached) takes SDPA as the
+        whole prompt's prefill did, so a repeated request gets the same answer."""
+        if not self.decoding:
+            return None
+        lengths = torch.full((q.shape[0],), k.shape[2]) if self.step is None else self.step.lengths
+        return decode_attention(q, k, v, lengths)
 
 
 @dataclass
@@ -343,7 +348,7 @@ class Engine:
             slot = self.slots[rows[0]]
             r = slot.request
             self.adapter_rows.rows = torch.tensor([r.adapter])
-            self.cache.attach(self.model, slice(rows[0], rows[0] + 1))
+            self.cache.attach(self.model, slice(rows[0], rows[0] + 1), decoding=True)
             logits = self.decode_one(self.model, torch.tensor([[r.generated[-1]]], device=device), None, r.cached, None)
             r.cached += 1
             slot.tokens.append(r.generated[-1])

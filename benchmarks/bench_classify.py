@@ -2,10 +2,11 @@
 default SmolLM2 weights), same shapes, same hyperparameters, in one run.
 
     .venv/bin/python benchmarks/bench_classify.py [--rounds 3] [--no-memory]
-        [--configs lora-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file]
+        [--configs lora-bf16,short-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file]
 
 Training: batch 8 x 128 tokens with no padding, LoRA r=16 alpha=32 on all seven linear layers
-(dropout 0) or full fine-tuning, AdamW; both sides clip the gradient norm to 1.0 and use the
+(dropout 0) or full fine-tuning, AdamW; `short`: LoRA at 16 x 24 tokens, the shape of a batch of
+SST-2 phrases, where what surrounds the matrix products weighs most; both sides clip the gradient norm to 1.0 and use the
 fused AdamW kernel, as HF's Trainer does by default. transformers computes bf16 the usual way,
 under torch.autocast on an fp32 model; llamaforge keeps frozen weights in bf16 and fp32 master copies
 of the trained ones, and steps through its own trainer (`trainer.fit`); a third column trains
@@ -42,10 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import print_machine  # noqa: E402
 
 
-def batches(n, batch, seed=0):
+def batches(n, batch, seed=0, length=T):
     import torch
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(100, 40000, (batch, T), generator=g), torch.randint(0, 2, (batch,), generator=g))
+    return [(torch.randint(100, 40000, (batch, length), generator=g), torch.randint(0, 2, (batch,), generator=g))
             for _ in range(n)]
 
 
@@ -188,17 +189,18 @@ IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge,
 TRAIN_ONLY = {"llamaforge --compile"}   # compilation is a training option
 
 
-def speed(method, dtype, hf_dir, infer, rounds):
+def speed(method, dtype, hf_dir, infer, rounds, batch=None, length=T):
     """Median step seconds per implementation, in alternating blocks, after one warm-up block."""
     impls = {name: cls(method, dtype, hf_dir, infer) for name, cls in IMPLS.items() if not (infer and name in TRAIN_ONLY)}
-    batch = B_INFER if infer else B
+    batch = batch or (B_INFER if infer else B)
+    blocks = BLOCK if length >= 64 else 4 * BLOCK   # short steps: more of them per block
     times = {name: [] for name in impls}
     for r in range(rounds + 1):
         for name, impl in impls.items():
-            t = impl.block(batches(BLOCK, batch, seed=r))
+            t = impl.block(batches(blocks, batch, seed=r, length=length))
             if r:
                 times[name] += t
-    return {name: batch * (1 if infer else T) / statistics.median(t) for name, t in times.items()}
+    return {name: batch * (1 if infer else length) / statistics.median(t) for name, t in times.items()}
 
 
 def file_speed(dtype, hf_dir, path, rounds):
@@ -231,8 +233,8 @@ def peak_rss(impl, method, dtype, hf_dir, infer):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--configs", default="lora-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file",
-                    help="file: predict on SST-2 dev in bf16 and fp32")
+    ap.add_argument("--configs", default="lora-bf16,short-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file",
+                    help="short: LoRA at 16 x 24 tokens (an SST-2 batch); file: predict on SST-2 dev in bf16 and fp32")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--no-speed", action="store_true", help="only the peak-RSS processes")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
@@ -258,9 +260,10 @@ def main():
         for config in (c for c in configs if c != "file"):
             kind, dtype = config.split("-")
             infer = kind == "infer"
-            method = "lora" if infer else kind
+            method = "lora" if kind in ("infer", "short") else kind
+            shape = dict(batch=16, length=24) if kind == "short" else {}   # SST-2 phrases: ~24 tokens at most
             v = {i: float("nan") for i in ("transformers", "llamaforge")} if args.no_speed else \
-                speed(method, dtype, hf_dir, infer, args.rounds)
+                speed(method, dtype, hf_dir, infer, args.rounds, **shape)
             mem = "" if args.no_memory else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}"
                                                        for i in ("transformers", "llamaforge"))
             row(config, "examples/s" if infer else "tokens/s", v, mem)

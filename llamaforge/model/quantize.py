@@ -14,13 +14,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from .kernels import gemv_extension, gemv_int8
+from .kernels import gemv_extension, gemv_int8, int4pack_to_bf16_t
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
 INT8_KERNEL_MAX_ROWS = 16
-# From this many rows an Int4Linear that kept its dense weight uses it (see Int4Linear.forward):
-# a prefill chunk, not a server's decode step (at most --max-batch rows). Measured in the model,
+# From this many rows an Int4Linear multiplies densely, from its kept copy or from its weights
+# unpacked (see Int4Linear.forward): a prefill chunk, not a server's decode step (at most
+# --max-batch rows). Unpacking pays from 64 rows (120 layers: 60 against 90 ms on an AMX Xeon,
+# about even on AMD by the rates in forward's comment). Measured in the model,
 # where every weight comes from memory, the int4 kernel wins up to 16 rows at least (a 16-row step
 # reads a quarter of the bytes): 16 clients of bench_serve 165 / 183 -> 199 / 234 tokens/s with
 # this at 8 -> 64, in alternation. A matrix alone, in cache, had suggested 8.
@@ -106,16 +108,27 @@ class Int4Linear(nn.Module):
         self.register_buffer("dense", dense, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.group_size = k, n, group_size
+        # Long inputs can be multiplied densely from unpacked weights (see forward) where the
+        # unpacking kernel builds and knows the packing (blocks of 64 output rows).
+        self.unpacks = n % 64 == 0 and group_size % 16 == 0 and dtype == torch.bfloat16 and weight.device.type == "cpu" \
+            and gemv_extension() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The int4 kernel at every length: unlike int8, unpacking is slower than the kernel even
-        # for a 512-token prefill (6.3 ms + 2.6 ms dense vs 5.6 ms for a 1536x576 weight). With a
-        # dense copy kept (a server), a prefill chunk takes the dense bf16 matmul: it computes at
-        # ~870 GFLOP/s where the int4 kernel reaches ~300 (a 3072x576 weight on 2 AVX-512 BF16
-        # cores, 256 rows: 1.0 vs 2.9 ms); decode steps stay on the int4 kernel (DENSE_MIN_ROWS).
+        # Decode steps (up to DENSE_MIN_ROWS rows) take PyTorch's int4 kernel. Long inputs (a
+        # prefill) take the dense bf16 matmul, which computes at ~870 GFLOP/s on 2 AVX-512 BF16
+        # cores and over 1 TFLOP/s on AMX tiles, where the int4 kernel reaches ~170-300: from a
+        # server's kept copy, or from this layer's weights unpacked for the call (the same values).
+        # SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87,
+        # kept copy 63 (benchmarks/bench_gemv.py --int4).
         if self.dense is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
             y = F.linear(x.to(self.dense.dtype), self.dense, self.bias)
             return y.to(x.dtype)
+        if x.numel() >= DENSE_MIN_ROWS * self.in_features and self.unpacks:
+            wt = int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)   # (K, N)
+            y = (x.reshape(-1, self.in_features).to(torch.bfloat16) @ wt).to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
                                                        self.scales_and_zeros).to(x.dtype)

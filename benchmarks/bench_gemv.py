@@ -55,13 +55,13 @@ def int4_layers(runs: int = 7):
         xs = {k: torch.randn(m, k).bfloat16() for k in (576, 1536)}
         pt = stack_ms(lambda xs=xs: [torch.ops.aten._weight_int4pack_mm_for_cpu(
             xs[lin.in_features], lin.weight, 32, lin.scales_and_zeros) for lin in layers])
-        dense = stack_ms(lambda xs=xs: [F.linear(xs[lin.in_features], lin.dense) for lin in layers])
-        dense_copies = [lin.dense for lin in layers]
+        dense = stack_ms(lambda xs=xs: [xs[lin.in_features] @ lin.dense_t for lin in layers])
+        dense_copies = [lin.dense_t for lin in layers]
         for lin in layers:
-            lin.dense = None
+            lin.dense_t = None
         ours = stack_ms(lambda xs=xs: [lin(xs[lin.in_features]) for lin in layers])
         for lin, d in zip(layers, dense_copies, strict=True):
-            lin.dense = d
+            lin.dense_t = d
         print(f"{m:>5}{pt:>14.2f}{dense:>12.2f}{ours:>12.2f}{pt / ours:>11.2f}x")
 
 

@@ -194,3 +194,23 @@ def test_generation_sees_fp32_logits_in_every_dtype(tiny_bpe, path):
     assert (step - exact).abs().max() <= 1e-4 * exact.abs().max()
     # Finer than bf16 could hold: the logits are not bf16 values cast up.
     assert not torch.equal(step, step.bfloat16().float())
+
+
+def test_a_prompt_is_prefilled_in_chunks_to_the_same_logits(tiny_bpe):
+    """prefill runs long prompts a chunk at a time (as a server does): each chunk attends to the
+    cache the earlier ones filled, left padding masked in every chunk, the same logits as one pass."""
+    from llamaforge.model.generation import prefill
+    ckpt, _ = random_model("tiny", tiny_bpe, seed=7)
+    model = build_model(ckpt, "fp32").eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (2, 23), generator=g)
+    key_valid = torch.ones(2, 23, dtype=torch.bool)
+    key_valid[1, :6] = False                                          # row 1 is left-padded
+    position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model.setup_cache(2, 32)
+        whole = prefill(model, ids, position_ids, key_valid, chunk=1000)
+        for chunk in (4, 7):
+            model.setup_cache(2, 32)
+            torch.testing.assert_close(prefill(model, ids, position_ids, key_valid, chunk=chunk), whole,
+                                       atol=1e-5, rtol=1e-5)

@@ -30,7 +30,7 @@ def test_the_quantised_weights_are_the_inference_formats():
     assert ours.weight.dtype == torch.uint8 and ours.weight.shape == (96, 64)   # two values a byte
     # The same levels; only the rounding of each group's offset to bf16 differs.
     step = (w.view(96, 4, 32).amax(-1) - w.view(96, 4, 32).amin(-1)) / 15
-    diff = (ours.dequantized(torch.float32) - int4.dense).view(96, 4, 32).abs().amax(-1)
+    diff = (ours.dequantized(torch.float32) - int4.dense_t.t()).view(96, 4, 32).abs().amax(-1)
     assert (diff <= 0.02 * step + 0.01 * w.abs().max()).all()
     assert (ours.dequantized(torch.float32) - w).abs().max() <= step.max() * 0.51 + 0.02
 

@@ -101,12 +101,13 @@ def test_int4_kept_dense_weights_are_the_int4_values():
     from llamaforge.model.quantize import DENSE_MIN_ROWS, Int4Linear
     w = torch.randn(64, 128) * 0.05
     layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
-    assert not torch.equal(layer.dense, w.bfloat16()), "the dense copy should be the quantised values"
+    assert not torch.equal(layer.dense_t.t(), w.bfloat16()), "the dense copy should be the quantised values"
     x = torch.randn(DENSE_MIN_ROWS, 128).bfloat16()
     one_by_one = torch.cat([layer(row[None]) for row in x])      # the int4 kernel, a row at a time
     torch.testing.assert_close(layer(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
     plain = Int4Linear(w, None, torch.bfloat16)
-    assert plain.dense is None
+    assert plain.dense_t is None
+    assert torch.equal(plain(x), layer(x))   # unpacked for the call or kept: the same product
     torch.testing.assert_close(plain(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
     assert torch.equal(plain(x[:DENSE_MIN_ROWS - 1]), one_by_one[:DENSE_MIN_ROWS - 1])   # fewer: the int4 kernel
 
@@ -123,5 +124,5 @@ def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05
     layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
     assert layer.unpacks
-    assert torch.equal(int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32).t(), layer.dense)
+    assert torch.equal(int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32), layer.dense_t)
     assert not Int4Linear(torch.randn(96, 64), None, torch.bfloat16).unpacks   # not blocks of 64 rows

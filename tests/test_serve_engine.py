@@ -263,3 +263,22 @@ def test_compiled_single_sequence_step_gives_the_same_tokens(tiny):
     finally:
         engine.shutdown()
     assert first.tokens == alone(model, PROMPTS[0], 10) and long.tokens == alone(model, PROMPTS[2], 12)
+
+
+def test_the_default_models_long_prompt_decodes_as_generate_does():
+    """The server's SmolLM2 (int4 with a dense copy for prefill chunks) and generation's (int4,
+    unpacked for a long input) take a prompt longer than a chunk in the same chunks and the same
+    products: their greedy tokens agree."""
+    from llamaforge.formats.load import load
+    served, _ = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
+    plain, tok = load("default", dtype="bf16", quantize="auto", inference=True)
+    text = " ".join(f"Story {i}: a fox named Pip found {i + 2} red stones by the river and hid them." for i in range(30))
+    prompt = tok.encode(text)[:300]
+    assert len(prompt) == 300
+    engine = Engine(served, tok, max_batch=2)
+    try:
+        out = submit(engine, prompt, 24)
+        wait([out])
+    finally:
+        engine.shutdown()
+    assert out.tokens == alone(plain, prompt, 24)

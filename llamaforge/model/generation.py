@@ -90,12 +90,22 @@ def sample_from(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0):
+# Prompts are run through the model in chunks of this many tokens: a server (serve/engine.py)
+# interleaves its chunks with decode steps, and generation takes the same ones, so that a request
+# computes the same numbers in either (a matmul's rounding may depend on its number of rows).
+PREFILL_CHUNK = 256
+
+
+def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0, chunk: int = PREFILL_CHUNK):
     """Run the prompt (B, T) through the model, filling cache slots [start, start + T) (slots
-    before start already hold the prefix); last logits (B, V)."""
+    before start already hold the prefix), `chunk` tokens at a time; last logits (B, V)."""
     T = input_ids.shape[1]
-    mask = None if key_valid is None else attention_mask(key_valid, T, start, start + T)
-    return model(input_ids, position_ids, mask, cache_pos=start, last_only=True, fp32_logits=True)[:, -1]
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        mask = None if key_valid is None else attention_mask(key_valid, b - a, start + a, start + b)
+        logits = model(input_ids[:, a:b], position_ids[:, a:b], mask, cache_pos=start + a, last_only=True,
+                       fp32_logits=True)
+    return logits[:, -1]
 
 
 def decode_one_token(model: Llama, token, position_ids, cache_pos: int, key_valid):

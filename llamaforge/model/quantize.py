@@ -100,12 +100,14 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1)
                              .contiguous().to(dtype))
         # A server's copy in the model dtype, for inputs of many rows (see forward): the int4
-        # values themselves, so that a request computes the same whether batched or alone.
+        # values themselves, transposed (K, N) as the unpacking kernel writes them, so that a
+        # prefill computes the same from either.
         dense = None
         if keep_dense:
             sz = self.scales_and_zeros.float().transpose(0, 1)                  # (N, K/G, 2)
-            dense = ((q.view(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]).view(n, k).to(dtype)
-        self.register_buffer("dense", dense, persistent=False)
+            dense = ((q.view(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]).view(n, k)
+            dense = dense.t().contiguous().to(dtype)
+        self.register_buffer("dense_t", dense, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.group_size = k, n, group_size
         # Long inputs can be multiplied densely from unpacked weights (see forward) where the
@@ -120,12 +122,10 @@ class Int4Linear(nn.Module):
         # server's kept copy, or from this layer's weights unpacked for the call (the same values).
         # SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87,
         # kept copy 63 (benchmarks/bench_gemv.py --int4).
-        if self.dense is not None and x.numel() >= DENSE_MIN_ROWS * self.in_features:
-            y = F.linear(x.to(self.dense.dtype), self.dense, self.bias)
-            return y.to(x.dtype)
-        if x.numel() >= DENSE_MIN_ROWS * self.in_features and self.unpacks:
-            wt = int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)   # (K, N)
-            y = (x.reshape(-1, self.in_features).to(torch.bfloat16) @ wt).to(x.dtype)
+        if x.numel() >= DENSE_MIN_ROWS * self.in_features and (self.dense_t is not None or self.unpacks):
+            wt = self.dense_t if self.dense_t is not None else \
+                int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)      # (K, N)
+            y = (x.reshape(-1, self.in_features).to(wt.dtype) @ wt).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)

@@ -23,6 +23,7 @@ import torch
 from ..model.adapters import AdapterRows
 from ..model.constrained import JSONConstraint
 from ..model.generation import (
+    PREFILL_CHUNK,
     SamplingConfig,
     TextStream,
     compiled_decode_step,
@@ -235,7 +236,7 @@ class Engine:
     submit() from any thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None,
-                 chunk: int = 256, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
+                 chunk: int = PREFILL_CHUNK, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
                  compile: bool = False):
         self.model, self.tok = model, tokenizer
         # --compile: one sequence's decode step through torch.compile (generate --compile's).

@@ -11,7 +11,8 @@ import torch
 from llamaforge.cli import main
 from llamaforge.export import export
 from llamaforge.formats.load import load
-from llamaforge.model.generation import SamplingConfig, generate_tokens
+from llamaforge.model.generation import SamplingConfig, generate_tokens, prefill
+from llamaforge.model.llama import WindowKVCache
 
 SHAPE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=160, max_position_embeddings=256)
@@ -104,6 +105,15 @@ def test_a_mistral_sliding_window_in_training_prefill_and_decoding(tiny_bpe, tmp
     ref = theirs.generate(torch.tensor([long_prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                           pad_token_id=0)[0, len(long_prompt):]
     assert alone[0].tolist() == ref.tolist() == got[0].tolist()
+    # In chunks, as generation takes a prompt longer than PREFILL_CHUNK: the ring carries the
+    # window from one chunk to the next, to transformers' last logits.
+    lp = torch.tensor([long_prompt])
+    with torch.inference_mode():   # as generation runs (its cache was made in inference mode)
+        want = theirs(input_ids=lp).logits[:, -1]
+        for chunk in (7, 16, 40):
+            ours.setup_cache(1, 64)
+            assert isinstance(ours.layers[0].self_attn.kv_cache, WindowKVCache)
+            assert (prefill(ours, lp, torch.arange(40)[None], None, chunk=chunk) - want).abs().max() < 1e-4
     # Through GGUF (written as llama with its window, as llama.cpp does) and back to HF: still
     # Mistral with its window.
     main(["export", str(tmp_path / "m"), "--to", "gguf", str(tmp_path / "w.gguf")])

@@ -264,7 +264,7 @@ def main():
             shape = dict(batch=16, length=24) if kind == "short" else {}   # SST-2 phrases: ~24 tokens at most
             v = {i: float("nan") for i in ("transformers", "llamaforge")} if args.no_speed else \
                 speed(method, dtype, hf_dir, infer, args.rounds, **shape)
-            mem = "" if args.no_memory else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}"
+            mem = "" if args.no_memory or kind == "short" else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}"
                                                        for i in ("transformers", "llamaforge"))
             row(config, "examples/s" if infer else "tokens/s", v, mem)
         if "file" in configs and SST2_DEV.exists() and not args.no_speed:

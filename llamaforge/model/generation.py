@@ -103,8 +103,8 @@ def prefill(model: Llama, input_ids, position_ids, key_valid, start: int = 0, ch
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         mask = None if key_valid is None else attention_mask(key_valid, b - a, start + a, start + b)
-        logits = model(input_ids[:, a:b], position_ids[:, a:b], mask, cache_pos=start + a, last_only=True,
-                       fp32_logits=True)
+        logits = model(input_ids[:, a:b], None if position_ids is None else position_ids[:, a:b], mask,
+                       cache_pos=start + a, last_only=True, fp32_logits=True)
     return logits[:, -1]
 
 

@@ -10,8 +10,8 @@ output projection took 2.4 ms without and 1.6 ms with it.
 
 Beside them, for inference in bf16 (`use_cpu_kernels`): RMSNorm in one pass, and the attention of
 a decode step (one query per row, each row over its own length: a server's batch, or generation's
-one sequence). PyTorch's CPU rms_norm runs op by op in bf16 and its flash attention is made for
-many queries: on the Xeon, ~28 and ~50 us of each SmolLM2 layer's decode step; int4 decoding
+one sequence). PyTorch's CPU rms_norm runs op by op (upcast, pow, mean, rsqrt, two
+products, downcast) and its flash attention is made for many queries: on the Xeon, ~28 and ~50 us of each SmolLM2 layer's decode step; int4 decoding
 went from 65.8 to 76.6 tokens/s with both.
 
 They are compiled on first use with torch.utils.cpp_extension (about 30 s), once per machine, torch
@@ -80,7 +80,7 @@ static inline void row_block(const W& w, int64_t n, int64_t K, int64_t N, const 
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     for (int j = 0; j < NB; ++j) {
-      w.prefetch(n + j + PF, k);
+      if (n + j + PF < N) w.prefetch(n + j + PF, k);
       __m512 wf = w.load(n + j, k);
       for (int i = 0; i < MB; ++i) acc[j][i] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(X + i * K + k), acc[j][i]);
     }
@@ -244,8 +244,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }
 
 // RMSNorm of bf16 rows (M, D) with a bf16 weight (D,): x * rsqrt(mean(x^2) + eps) * w in fp32,
-// rounded to bf16 once, as F.rms_norm computes it. PyTorch's CPU rms_norm runs op by op in bf16
-// (~28 us for one 576-wide row on a Xeon, 61 of them a decode step); this is one pass.
+// rounded to bf16 once, as F.rms_norm computes it. PyTorch's CPU rms_norm runs op by op (eight
+// ops, ~28 us for one 576-wide row on a Xeon, 61 of them a decode step); this is one pass.
 static inline __m256i to_bf16(__m512 f) {   // round to nearest even (finite values)
   __m512i u = _mm512_castps_si512(f);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -288,8 +288,9 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
 // server's dense copy holds. Written k-major, so each k's 64 values are contiguous.
 torch::Tensor int4pack_to_bf16_t(torch::Tensor packed, torch::Tensor sz, int64_t group) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
-  TORCH_CHECK(N % 64 == 0 && K % group == 0 && group % 16 == 0 && sz.size(0) == K / group && sz.size(1) == N,
-              "int4pack_to_bf16_t: blocks of 64 rows");
+  TORCH_CHECK(N % 64 == 0 && K % group == 0 && group % 16 == 0 && sz.size(0) == K / group && sz.size(1) == N &&
+              sz.size(2) == 2 && packed.is_contiguous() && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16,
+              "int4pack_to_bf16_t: blocks of 64 rows, contiguous bf16 scales and zeros");
   auto out = torch::empty({K, N}, torch::dtype(torch::kBFloat16));
   at::BFloat16* O = out.data_ptr<at::BFloat16>();
   const uint8_t* P = packed.data_ptr<uint8_t>();
@@ -426,6 +427,29 @@ def _(packed, scales_and_zeros, group_size):
     return packed.new_empty((packed.shape[1] * 2, packed.shape[0]), dtype=torch.bfloat16)
 
 
+_int4_unpacking: bool | None = None
+
+
+def int4_unpacking_available() -> bool:
+    """Whether long int4 inputs may be unpacked for a dense matmul here: the kernel builds, the CPU
+    multiplies bf16 in hardware (AVX512-BF16 or AMX; elsewhere the dense bf16 product is emulated
+    and unmeasured), and PyTorch packs as the kernel reads (blocks of 64 rows, its AVX-512 path;
+    its AVX2 and default paths use 32): checked once on a small matrix, not assumed."""
+    global _int4_unpacking
+    if _int4_unpacking is None:
+        _int4_unpacking = False
+        if _cpu_flags_have("avx512_bf16") and gemv_extension() is not None:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+            sz = torch.rand(2, 128, 2, generator=g).bfloat16()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            want = ((q.view(128, 2, 32) - 8) * sz.float().transpose(0, 1)[..., :1]
+                    + sz.float().transpose(0, 1)[..., 1:]).view(128, 64).t().bfloat16()
+            _int4_unpacking = packed.shape == (128, 32) and torch.equal(
+                gemv_extension().int4pack_to_bf16_t(packed, sz, 32), want)
+    return _int4_unpacking
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
     """Attention of one new query per row over keys of each row's own length (a server's decode
     step): q (B, H, 1, D), k and v (B, Hkv, S, D) views of a slot cache, lengths (B,). None where
@@ -444,9 +468,9 @@ class KernelRMSNorm(RMSNorm):
     (inference) and nothing traces it (torch.compile fuses its own); F.rms_norm otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled() \
-                and not torch.compiler.is_compiling():
-            return _extension.rms_norm(x, self.weight, self.eps)
+        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and gemv_extension() is not None:
+            return gemv_extension().rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 

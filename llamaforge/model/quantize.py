@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from .kernels import gemv_extension, gemv_int8, int4pack_to_bf16_t
+from .kernels import gemv_extension, gemv_int8, int4_unpacking_available, int4pack_to_bf16_t
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
@@ -113,7 +113,7 @@ class Int4Linear(nn.Module):
         # Long inputs can be multiplied densely from unpacked weights (see forward) where the
         # unpacking kernel builds and knows the packing (blocks of 64 output rows).
         self.unpacks = n % 64 == 0 and group_size % 16 == 0 and dtype == torch.bfloat16 and weight.device.type == "cpu" \
-            and gemv_extension() is not None
+            and int4_unpacking_available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Decode steps (up to DENSE_MIN_ROWS rows) take PyTorch's int4 kernel. Long inputs (a

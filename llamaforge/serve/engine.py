@@ -141,8 +141,9 @@ class _Rows:
         # One index_copy_ into the flat (rows * heads * positions, head_dim) view: each new key to
         # (row, head, its position); advanced-index assignment costs ~3x as much (~37 us a layer).
         B, H, L, D = self.k.shape
-        if step.flat is None or step.flat.numel() != step.rows.numel() * H:
-            step.flat = ((step.rows[:, None] * H + torch.arange(H)) * L + step.at[:, None]).flatten()
+        if step.flat is None:   # the first layer's; every layer has the same shape
+            step.flat = ((step.rows[:, None] * H + torch.arange(H, device=step.rows.device)) * L
+                         + step.at[:, None]).flatten()
         new_k, new_v = (t[:, :, 0] if step.dense else t[step.rows, :, 0] for t in (k, v))
         self.k.view(-1, D).index_copy_(0, step.flat, new_k.reshape(-1, D))
         self.v.view(-1, D).index_copy_(0, step.flat, new_v.reshape(-1, D))
@@ -150,9 +151,11 @@ class _Rows:
 
     def attend(self, q, k, v):
         """A decode step's attention, each row over its own length (one sequence's: over all it
-        holds): the kernel, or None (the model then uses SDPA with the step's mask). A prefill
-        chunk of one token (a prompt whose every other token was cached) takes SDPA as the
-        whole prompt's prefill did, so a repeated request gets the same answer."""
+        holds): the kernel, or None (the model then uses SDPA with the step's mask). No row
+        reaches past a sliding window: the engine caps its context at the window. A prefill
+        chunk of one token (a prompt whose every other token was cached) keeps the prefill's
+        SDPA path (a repeated request has answered alike in the tests; bit-identity with the
+        first prompt's causal attention is not guaranteed)."""
         if not self.decoding:
             return None
         lengths = torch.full((q.shape[0],), k.shape[2]) if self.step is None else self.step.lengths

@@ -46,11 +46,11 @@ def peer(hf_dir: str, train: Path, dev: Path, seed: int) -> tuple[float, float]:
     from transformers import LlamaForSequenceClassification
 
     from llamaforge.data.batching import length_bucketed_batches, pad_right
-    from llamaforge.data.labelled import read_labelled
+    from llamaforge.data.labelled import encode_texts, read_labelled
     from llamaforge.formats.load import load
     _, tok = load("default")
     examples = read_labelled(train, "sentence", "label")
-    seqs = [s[:MAX_LEN] for s in tok.encode_batch([e.text for e in examples])]
+    seqs = encode_texts(tok, examples, MAX_LEN, report=False)   # as `finetune classify` encodes
     labels = [int(e.label) for e in examples]
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification.from_pretrained(hf_dir, num_labels=2, pad_token_id=tok.pad_id,
@@ -80,7 +80,7 @@ def peer(hf_dir: str, train: Path, dev: Path, seed: int) -> tuple[float, float]:
     seconds = time.perf_counter() - t
     model.eval()
     dev_examples = read_labelled(dev, "sentence", "label")
-    dev_seqs = [s[:MAX_LEN] for s in tok.encode_batch([e.text for e in dev_examples])]
+    dev_seqs = encode_texts(tok, dev_examples, MAX_LEN, report=False)
     correct = 0
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         for idx in length_bucketed_batches([len(s) for s in dev_seqs], 32):

@@ -118,8 +118,8 @@ def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     """Without a kept copy, a long input is multiplied by the layer's weights unpacked from
     PyTorch's int4 packing (the kernel reads that layout itself): the unpacked weights are the
     dense copy's, bit for bit, whatever the shape."""
-    from llamaforge.model.kernels import int4_unpacking_available, int4pack_to_bf16_t
-    from llamaforge.model.quantize import Int4Linear
+    from llamaforge.model.kernels import int4pack_to_bf16_t
+    from llamaforge.model.quantize import Int4Linear, int4_unpacking_available
     if not int4_unpacking_available():
         pytest.skip("no AVX512-BF16 / kernel build / AVX-512 packing here: long inputs take PyTorch's int4 kernel")
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05

@@ -43,6 +43,7 @@ class Outputs:
 
     def __init__(self):
         self.tokens, self.text, self.finish, self.error = [], "", None, None
+        self.logprobs: list[float] = []
         self.done = threading.Event()
         self.at: list[float] = []
 
@@ -50,6 +51,8 @@ class Outputs:
         if event.token is not None:
             self.tokens.append(event.token)
             self.at.append(time.perf_counter())
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
         self.text += event.text
         if event.finish:
             self.finish, self.error = event.finish, event.error
@@ -268,9 +271,11 @@ def test_compiled_single_sequence_step_gives_the_same_tokens(tiny):
 def test_the_default_models_long_prompt_decodes_as_generate_does():
     """The server's SmolLM2 (int4 with a dense copy for prefill chunks) and generation's (int4,
     unpacked for a long input) take a prompt longer than a chunk in the same chunks and the same
-    products: their greedy tokens agree."""
+    products: every token's log-probability is the same float, not only the greedy tokens (which
+    agree for this prompt even when the two take other chunks)."""
     from llamaforge.formats.load import load
-    from llamaforge.model.kernels import int4_unpacking_available
+    from llamaforge.model.generation import decode_one_token, prefill
+    from llamaforge.model.quantize import int4_unpacking_available
     if not int4_unpacking_available():
         pytest.skip("generation's long prompts take PyTorch's int4 kernel here, the server's its dense copy")
     served, _ = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
@@ -280,8 +285,18 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
     assert len(prompt) == 300
     engine = Engine(served, tok, max_batch=2)
     try:
-        out = submit(engine, prompt, 24)
+        out = submit(engine, prompt, 24, logprobs=0)
         wait([out])
     finally:
         engine.shutdown()
-    assert out.tokens == alone(plain, prompt, 24)
+    tokens, logprobs = [], []
+    with torch.inference_mode():
+        plain.setup_cache(1, 512)
+        logits = prefill(plain, torch.tensor([prompt]), None, None)
+        for pos in range(len(prompt), len(prompt) + 24):
+            token = int(logits[0].argmax())
+            tokens.append(token)
+            logprobs.append(float(torch.log_softmax(logits[0].float(), -1)[token]))
+            logits = decode_one_token(plain, torch.tensor([[token]]), None, pos, None)
+    assert out.tokens == tokens
+    assert out.logprobs == logprobs

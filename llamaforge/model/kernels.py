@@ -176,8 +176,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
               "decode_attention: unsupported layout");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kFloat32));
-  auto len = lengths.to(torch::kInt64).contiguous();
-  const int64_t* L = len.data_ptr<int64_t>();
+  auto len = lengths.to(torch::kInt64).contiguous();   // empty: every row over all k.size(2) positions
+  const int64_t* L = len.numel() ? len.data_ptr<int64_t>() : nullptr;
   const float* Q = qf.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const at::BFloat16* K = k.data_ptr<at::BFloat16>();
@@ -186,7 +186,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, n = L[b];
+      const int64_t b = bh / H, h = bh % H, n = L ? L[b] : k.size(2);
       const at::BFloat16* kp = K + b * kb + h * kh;
       const at::BFloat16* vp = V + b * vb + h * vh;
       const float* qp = Q + bh * G * D;
@@ -345,7 +345,7 @@ def require_cpp_compiler(option: str):
                               f"one): install g++, or leave out {option}")
 
 
-def _cpu_flags_have(*names: str) -> bool:
+def cpu_flags_have(*names: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -355,7 +355,7 @@ def _cpu_flags_have(*names: str) -> bool:
 
 
 def _cpu_has_avx512() -> bool:
-    return _cpu_flags_have("avx512f", "avx512bw")
+    return cpu_flags_have("avx512f", "avx512bw")
 
 
 def gemv_extension():
@@ -427,38 +427,22 @@ def _(packed, scales_and_zeros, group_size):
     return packed.new_empty((packed.shape[1] * 2, packed.shape[0]), dtype=torch.bfloat16)
 
 
-_int4_unpacking: bool | None = None
+_EVERY_POSITION = torch.empty(0, dtype=torch.long)
 
 
-def int4_unpacking_available() -> bool:
-    """Whether long int4 inputs may be unpacked for a dense matmul here: the kernel builds, the CPU
-    multiplies bf16 in hardware (AVX512-BF16 or AMX; elsewhere the dense bf16 product is emulated
-    and unmeasured), and PyTorch packs as the kernel reads (blocks of 64 rows, its AVX-512 path;
-    its AVX2 and default paths use 32): checked once on a small matrix, not assumed."""
-    global _int4_unpacking
-    if _int4_unpacking is None:
-        _int4_unpacking = False
-        if _cpu_flags_have("avx512_bf16") and gemv_extension() is not None:
-            g = torch.Generator().manual_seed(0)
-            q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
-            sz = torch.rand(2, 128, 2, generator=g).bfloat16()
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            want = ((q.view(128, 2, 32) - 8) * sz.float().transpose(0, 1)[..., :1]
-                    + sz.float().transpose(0, 1)[..., 1:]).view(128, 64).t().bfloat16()
-            _int4_unpacking = packed.shape == (128, 32) and torch.equal(
-                gemv_extension().int4pack_to_bf16_t(packed, sz, 32), want)
-    return _int4_unpacking
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor | None:
     """Attention of one new query per row over keys of each row's own length (a server's decode
-    step): q (B, H, 1, D), k and v (B, Hkv, S, D) views of a slot cache, lengths (B,). None where
-    the kernel is unavailable or the tensors are not bf16 on a CPU (then SDPA with a mask)."""
+    step), or over all S (lengths None: one sequence, or rows all as long): q (B, H, 1, D), k and
+    v (B, Hkv, S, D) views of a cache, lengths (B,). ~5x faster than SDPA's flash attention for one
+    query (50 us a SmolLM2 layer on a Xeon). None where the kernel is unavailable or the tensors
+    are not bf16 on a CPU (then SDPA with a mask)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or D > 256 or H // Hkv > 16 \
             or gemv_extension() is None:
         return None
+    lengths = _EVERY_POSITION if lengths is None else lengths
     out = gemv_extension().decode_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5)
     return out.view(B, H, 1, D)
 
@@ -468,16 +452,11 @@ class KernelRMSNorm(RMSNorm):
     (inference) and nothing traces it (torch.compile fuses its own); F.rms_norm otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and gemv_extension() is not None:
-            return gemv_extension().rms_norm(x, self.weight, self.eps)
+        ext = gemv_extension()
+        if ext is not None and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 \
+                and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return ext.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
-
-
-def _whole_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """One query per row over every cached position (generation's decode step): the server's kernel,
-    ~5x faster than SDPA's flash attention for one query (50 us a SmolLM2 layer on a Xeon)."""
-    return decode_attention(q, k, v, torch.full((q.shape[0],), k.shape[2]))
 
 
 def use_cpu_kernels(model: nn.Module) -> bool:
@@ -495,7 +474,7 @@ def use_cpu_kernels(model: nn.Module) -> bool:
     for block in model.layers:
         block.input_layernorm = kernel_norm(block.input_layernorm)
         block.post_attention_layernorm = kernel_norm(block.post_attention_layernorm)
-        block.self_attn.decode_attention = _whole_cache_attention
+        block.self_attn.decode_attention = decode_attention
     return True
 
 

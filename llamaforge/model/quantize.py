@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from .kernels import gemv_extension, gemv_int8, int4_unpacking_available, int4pack_to_bf16_t
+from .kernels import cpu_flags_have, gemv_extension, gemv_int8, int4pack_to_bf16_t
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
@@ -86,6 +86,35 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def int4_values_t(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """W^T (K, N) fp32 of int4 values q (N, K) with PyTorch's (K/G, N, 2) scales and zeros:
+    (q - 8) * s + z, a product and a sum, as the unpacking kernel computes them."""
+    n, k = q.shape
+    sz = scales_and_zeros.float().transpose(0, 1)                                   # (N, K/G, 2)
+    return ((q.view(n, sz.shape[1], -1) - 8) * sz[..., :1] + sz[..., 1:]).view(n, k).t().contiguous()
+
+
+_int4_unpacking: bool | None = None
+
+
+def int4_unpacking_available() -> bool:
+    """Whether long int4 inputs may be unpacked for a dense matmul here: the kernel builds, the CPU
+    multiplies bf16 in hardware (AVX512-BF16 or AMX; elsewhere the dense bf16 product is emulated
+    and unmeasured), and PyTorch packs as the kernel reads (blocks of 64 rows, its AVX-512 path;
+    its AVX2 and default paths use 32): checked once on a small matrix, not assumed."""
+    global _int4_unpacking
+    if _int4_unpacking is None:
+        _int4_unpacking = False
+        if cpu_flags_have("avx512_bf16") and gemv_extension() is not None:
+            g = torch.Generator().manual_seed(0)
+            q = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+            sz = torch.rand(2, 128, 2, generator=g).bfloat16()
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            _int4_unpacking = packed.shape == (128, 32) and torch.equal(
+                int4pack_to_bf16_t(packed, sz, 32), int4_values_t(q, sz).bfloat16())
+    return _int4_unpacking
+
+
 class Int4Linear(nn.Module):
     """Weight-only int4, asymmetric per group of `group_size` inputs: w = (q - 8) * scale + zero."""
 
@@ -104,9 +133,7 @@ class Int4Linear(nn.Module):
         # prefill computes the same from either.
         dense = None
         if keep_dense:
-            sz = self.scales_and_zeros.float().transpose(0, 1)                  # (N, K/G, 2)
-            dense = ((q.view(n, k // group_size, group_size) - 8) * sz[..., :1] + sz[..., 1:]).view(n, k)
-            dense = dense.t().contiguous().to(dtype)
+            dense = int4_values_t(q, self.scales_and_zeros).to(dtype)
         self.register_buffer("dense_t", dense, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.group_size = k, n, group_size

@@ -158,8 +158,7 @@ class _Rows:
         first prompt's causal attention is not guaranteed)."""
         if not self.decoding:
             return None
-        lengths = torch.full((q.shape[0],), k.shape[2]) if self.step is None else self.step.lengths
-        return decode_attention(q, k, v, lengths)
+        return decode_attention(q, k, v, None if self.step is None else self.step.lengths)
 
 
 @dataclass

@@ -98,11 +98,12 @@ def test_fusing_then_quantising_matches_quantising_alone(tiny_bpe):
 def test_int4_kept_dense_weights_are_the_int4_values():
     """A server's int4 layers keep a dense copy for many-row inputs: it must hold the int4 values
     (not the weights they came from), so a request computes the same batched or alone."""
-    from llamaforge.model.quantize import DENSE_MIN_ROWS, Int4Linear
+    from llamaforge.model.quantize import Int4Linear
     w = torch.randn(64, 128) * 0.05
     layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
     assert not torch.equal(layer.dense_t.t(), w.bfloat16()), "the dense copy should be the quantised values"
-    x = torch.randn(DENSE_MIN_ROWS, 128).bfloat16()
+    dense_min_rows = layer.dense_min_rows   # 64, or 128 where the AMX kernel takes fewer
+    x = torch.randn(dense_min_rows, 128).bfloat16()
     one_by_one = torch.cat([layer(row[None]) for row in x])      # the int4 kernel, a row at a time
     torch.testing.assert_close(layer(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
     plain = Int4Linear(w, None, torch.bfloat16)
@@ -110,7 +111,7 @@ def test_int4_kept_dense_weights_are_the_int4_values():
     if plain.unpacks:   # unpacked for the call or kept: the same product
         assert torch.equal(plain(x), layer(x))
     torch.testing.assert_close(plain(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
-    assert torch.equal(plain(x[:DENSE_MIN_ROWS - 1]), one_by_one[:DENSE_MIN_ROWS - 1])   # fewer: the int4 kernel
+    assert torch.equal(plain(x[:dense_min_rows - 1]), one_by_one[:dense_min_rows - 1])   # fewer: the int4 kernel
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])
@@ -127,3 +128,37 @@ def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     assert layer.unpacks
     assert torch.equal(int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32), layer.dense_t)
     assert not Int4Linear(torch.randn(96, 64), None, torch.bfloat16).unpacks   # not blocks of 64 rows
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])
+def test_int4_amx_kernel_computes_the_int4_product_each_row_alone(shape):
+    """Where the CPU has AMX tiles, int4 inputs of a few rows (decode steps) take our kernel: the
+    product with the int4 values to bf16 rounding, and each row's result bit for bit the same
+    whatever other rows share its call (a request decodes alike alone or in a server's batch)."""
+    from llamaforge.model import kernels
+    from llamaforge.model.quantize import AMX_MAX_ROWS, Int4Linear, int4_groups, int4_values_t
+    g = torch.Generator().manual_seed(shape[1])
+    w = torch.randn(*shape, generator=g) * 0.05
+    layer = Int4Linear(w, None, torch.bfloat16)
+    if not layer.amx:
+        pytest.skip("no AMX-BF16 here (or no kernel build): decode steps take PyTorch's int4 kernel")
+    x = torch.randn(40, shape[1], generator=g).bfloat16()
+    calls = []
+    real = kernels.gemv_extension()
+
+    class Spy:   # shows that the AMX kernel ran
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+    kernels._extension = Spy()
+    try:
+        out = layer(x)
+    finally:
+        kernels._extension = real
+    assert calls == ["int4_mm_amx"] and out.dtype == torch.bfloat16 and out.shape == (40, shape[0])
+    ref = x.float() @ int4_values_t(int4_groups(w)[0].int(), layer.scales_and_zeros)   # the int4 values, fp32
+    torch.testing.assert_close(out.float(), ref, atol=1e-4 * ref.abs().max().item(), rtol=2 ** -8)
+    for rows in (1, 3, 16, 17, 40):   # one tile of rows, several, and parts of one
+        assert torch.equal(layer(x[:rows]), out[:rows])
+    assert torch.equal(torch.cat([layer(row[None]) for row in x]), out)
+    assert layer.dense_min_rows == AMX_MAX_ROWS

@@ -5,7 +5,8 @@ weights move half the bytes of bf16, int4 a quarter. int8 keeps one bf16 scale p
 (symmetric); int4 keeps a scale and an offset per group of 32 inputs, the layout of llama.cpp's
 Q4_1 blocks, so a Q4_1 checkpoint converts without further loss (each block's min and max are
 two of its 16 levels). Decode steps (a few rows of activations) use PyTorch's weight-only
-kernels; long inputs (prefill) dequantise to bf16 and use the dense matmul, faster there.
+kernels, or int4 on AMX tiles where the CPU has them (`kernels.int4_mm_amx`); long inputs
+(prefill) dequantise to bf16 and use the dense matmul, faster there.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from .kernels import cpu_flags_have, gemv_extension, gemv_int8, int4pack_to_bf16_t
+from .kernels import amx_available, cpu_flags_have, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
@@ -27,6 +28,11 @@ INT8_KERNEL_MAX_ROWS = 16
 # reads a quarter of the bytes): 16 clients of bench_serve 165 / 183 -> 199 / 234 tokens/s with
 # this at 8 -> 64, in alternation. A matrix alone, in cache, had suggested 8.
 DENSE_MIN_ROWS = 64
+# Where the CPU has AMX tiles, int4 inputs of fewer rows than this take our AMX kernel
+# (`int4_mm_amx`), prefill chunks of more the dense matmul. SmolLM2's 120 layers on a 2-core AMX
+# Xeon, against PyTorch's int4 kernel / the dense copy: 1 row 4.6 / 5.2 ms, 16 rows 7.0 / 25.2,
+# 64 rows 17 / 26 (dense copy), 128 rows 31 / 30, 256 rows 76 / 42.
+AMX_MAX_ROWS = 128
 
 
 def int8_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,24 +147,33 @@ class Int4Linear(nn.Module):
         # unpacking kernel builds and knows the packing (blocks of 64 output rows).
         self.unpacks = n % 64 == 0 and group_size % 16 == 0 and dtype == torch.bfloat16 and weight.device.type == "cpu" \
             and int4_unpacking_available()
+        # The AMX kernel reads the same packing (and groups of 32), and beats the dense matmul
+        # below AMX_MAX_ROWS rows.
+        self.amx = self.unpacks and group_size == 32 and amx_available()
+        self.dense_min_rows = AMX_MAX_ROWS if self.amx else DENSE_MIN_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Decode steps (up to DENSE_MIN_ROWS rows) take PyTorch's int4 kernel. Long inputs (a
-        # prefill) take the dense bf16 matmul, which computes at ~870 GFLOP/s on 2 AVX-512 BF16
-        # cores and over 1 TFLOP/s on AMX tiles, where the int4 kernel reaches ~170-300: from a
-        # server's kept copy, or from this layer's weights unpacked for the call (the same values).
-        # SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87,
-        # kept copy 63 (benchmarks/bench_gemv.py --int4).
-        if x.numel() >= DENSE_MIN_ROWS * self.in_features and (self.dense_t is not None or self.unpacks):
+        # Few rows (decode steps): our AMX kernel where the CPU has tiles, else PyTorch's int4
+        # kernel. Many rows (a prefill) take the dense bf16 matmul, which computes at ~870 GFLOP/s
+        # on 2 AVX-512 BF16 cores and over 1 TFLOP/s on AMX tiles, where PyTorch's int4 kernel
+        # reaches ~170-300: from a server's kept copy, or from this layer's weights unpacked for the
+        # call (the same values). SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4
+        # kernel 351 ms, unpacked 87, kept copy 63 (benchmarks/bench_gemv.py --int4).
+        rows = x.numel() // self.in_features
+        if self.amx and rows < self.dense_min_rows and x.dtype == torch.bfloat16:   # as few Python ops as can be
+            y = int4_mm_amx(x, self.weight, self.scales_and_zeros)
+            return y if self.bias is None else y + self.bias
+        x2 = x.reshape(rows, self.in_features)
+        if rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
             wt = self.dense_t if self.dense_t is not None else \
                 int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)      # (K, N)
-            y = (x.reshape(-1, self.in_features).to(wt.dtype) @ wt).to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size,
-                                                       self.scales_and_zeros).to(x.dtype)
+            y = x2.to(wt.dtype) @ wt
+        elif self.amx:
+            y = int4_mm_amx(x2.to(torch.bfloat16), self.weight, self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
+                                                           self.group_size, self.scales_and_zeros)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)

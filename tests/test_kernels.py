@@ -154,3 +154,29 @@ def test_decode_attention_matches_sdpa_with_each_rows_length():
     assert out.shape == (B, Hkv * G, 1, D)
     torch.testing.assert_close(out.float(), ref.reshape(B, Hkv * G, 1, D), atol=1e-2, rtol=1e-2)
     assert decode_attention(q.float(), k.float(), v.float(), lengths) is None   # fp32: SDPA's
+
+
+@pytest.mark.parametrize("kernel", ["decode_attention", "decode_attention_amx"])
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96)])
+def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
+    """The AVX-512 and the AMX kernel, each against SDPA: lengths that end inside a block of 16 or
+    32 keys, below 16 and past 64; every position (no lengths); dimensions in one or two groups
+    of 64, and query groups of 1-4 heads."""
+    import torch.nn.functional as F
+
+    from llamaforge.model.kernels import amx_available
+    if gemv_extension() is None or (kernel.endswith("amx") and not amx_available()):
+        pytest.skip(f"no {kernel} here (AVX-512 / AMX-BF16 / compiler)")
+    g = torch.Generator().manual_seed(G * D)
+    B, Hkv, S = 4, 2, 90
+    cache_k = torch.randn(B, Hkv, 128, D, generator=g).bfloat16()
+    cache_v = torch.randn(B, Hkv, 128, D, generator=g).bfloat16()
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    q = torch.randn(B, Hkv, G, D, generator=g).bfloat16()
+    run = getattr(gemv_extension(), kernel)
+    for lengths in (torch.tensor([5, 17, 90, 47]), None):
+        mask = None if lengths is None else (torch.arange(S)[None] < lengths[:, None])[:, None, None]
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        out = run(q, k, v, torch.empty(0, dtype=torch.long) if lengths is None else lengths, D ** -0.5)
+        assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv, G, D)
+        torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)

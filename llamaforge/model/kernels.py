@@ -453,10 +453,159 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
   shape.back() = N;
   return y.view(shape);
 }
+
+// decode_attention on AMX tiles: the same inputs and output. Scores: a tile of 16 keys straight
+// from the cache (16 x 32 bf16 of their dimensions) times the queries' pairs, 16 keys a
+// TDPBF16PS; a tail of fewer than 16 keys in fp32 FMAs. Softmax in fp32, then the probabilities in
+// bf16 (as SDPA and transformers multiply them by the values) times values pair-interleaved
+// 32 keys at a time, accumulated in tiles across all keys. ~5x fewer instructions a key than the
+// AVX-512 path, whose scores need a horizontal sum per key and query: a server's 16-row step
+// reads its keys and values at memory speed.
+// Tiles: 0 keys / interleaved values (16 x 64 B), 1 the queries' pairs (16 x 4G B), 2 scores
+// (16 keys x G), 3 probabilities (G x 32 keys), 4-7 outputs (G x 16 dims each).
+AMX_FN static void configure_attention_tiles(int G) {
+  TileCfg c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  c.rows[0] = 16; c.colsb[0] = 64;
+  c.rows[1] = 16; c.colsb[1] = static_cast<uint16_t>(4 * G);
+  c.rows[2] = 16; c.colsb[2] = static_cast<uint16_t>(4 * G);
+  c.rows[3] = static_cast<uint8_t>(G); c.colsb[3] = 64;
+  for (int t = 4; t < 8; ++t) { c.rows[t] = static_cast<uint8_t>(G); c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+struct AttentionProblem {
+  int64_t B, H, G, D, S;
+  const uint16_t* Q; const uint16_t* K; const uint16_t* V;   // Q (B, H, G, D) contiguous
+  int64_t kb, kh, vb, vh;
+  const int64_t* L;
+  float scale;
+  uint16_t* O;                                               // (B, H, G, D)
+};
+
+AMX_FN static void attention_rows_amx(const AttentionProblem& a, int64_t begin, int64_t end) {
+  const int64_t G = a.G, D = a.D;
+  configure_attention_tiles(static_cast<int>(G));
+  alignas(64) uint32_t qt[8][16][16];    // per 32 dimensions: 16 pairs x G queries (bf16 pairs)
+  alignas(64) float tmp[16][16];
+  alignas(64) uint16_t vp[4][16][32];    // 32 keys' values for 64 dimensions, pair-interleaved
+  alignas(64) float out[16][64];
+  alignas(64) uint16_t pair_lo[32], pair_hi[32];
+  for (int t = 0; t < 16; ++t) { pair_lo[2 * t] = t; pair_lo[2 * t + 1] = 32 + t; pair_hi[2 * t] = 16 + t; pair_hi[2 * t + 1] = 48 + t; }
+  const __m512i IL = _mm512_load_si512(pair_lo), IH = _mm512_load_si512(pair_hi);
+  std::vector<float> scores;
+  std::vector<uint16_t> probs;
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / a.H, h = bh % a.H, n = a.L ? a.L[b] : a.S, n32 = (n + 31) / 32 * 32;
+    const uint16_t* kp = a.K + b * a.kb + h * a.kh;
+    const uint16_t* vq = a.V + b * a.vb + h * a.vh;
+    const uint16_t* qp = a.Q + bh * G * D;
+    for (int64_t c = 0; c < D / 32; ++c)
+      for (int r = 0; r < 16; ++r)
+        for (int64_t g = 0; g < G; ++g)
+          qt[c][r][g] = static_cast<uint32_t>(qp[g * D + 32 * c + 2 * r]) | (static_cast<uint32_t>(qp[g * D + 32 * c + 2 * r + 1]) << 16);
+    scores.resize(G * n);
+    const int64_t full = n / 16 * 16;
+    for (int64_t j = 0; j < full; j += 16) {    // 16 keys a tile product
+      for (int64_t i = 0; i < 16 * D * 2; i += 64)   // the keys 64 ahead, 16 of them
+        _mm_prefetch(reinterpret_cast<const char*>(kp + (j + 64) * D) + i, _MM_HINT_T0);
+      _tile_zero(2);
+      for (int64_t c = 0; c < D / 32; ++c) {
+        _tile_loadd(0, kp + j * D + 32 * c, D * 2);
+        _tile_loadd(1, qt[c], 64);
+        _tile_dpbf16ps(2, 0, 1);
+      }
+      _tile_stored(2, tmp, 64);
+      for (int64_t g = 0; g < G; ++g)
+        for (int i = 0; i < 16; ++i) scores[g * n + j + i] = tmp[i][g];
+    }
+    for (int64_t j = full; j < n; ++j)          // the tail, in fp32
+      for (int64_t g = 0; g < G; ++g) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16)
+          acc = _mm512_fmadd_ps(load_bf16(reinterpret_cast<const at::BFloat16*>(kp + j * D + d)),
+                                load_bf16(reinterpret_cast<const at::BFloat16*>(qp + g * D + d)), acc);
+        scores[g * n + j] = _mm512_reduce_add_ps(acc);
+      }
+    probs.assign(G * n32, 0);
+    const __m512 sc = _mm512_set1_ps(a.scale);
+    for (int64_t g = 0; g < G; ++g) {           // softmax, 16 scores at a time; bf16 probabilities
+      float* s = scores.data() + g * n;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = tail_mask(n - j);
+        mx = _mm512_mask_max_ps(mx, live, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
+      }
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = tail_mask(n - j);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc), m));
+        _mm512_mask_storeu_ps(s + j, live, e);
+        sum = _mm512_mask_add_ps(sum, live, sum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = tail_mask(n - j);
+        _mm256_mask_storeu_epi16(probs.data() + g * n32 + j, live, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), inv)));
+      }
+    }
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {    // weighted values, 64 dimensions at a time
+      const int64_t w = std::min<int64_t>(64, D - d0);
+      _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+      for (int64_t j = 0; j < n32; j += 32) {
+        for (int64_t i = 0; i < 32 * D * 2; i += 64)   // the values 128 ahead, 32 of them
+          _mm_prefetch(reinterpret_cast<const char*>(vq + (j + 128) * D) + i, _MM_HINT_T0);
+        for (int r = 0; r < 16; ++r) {          // keys j + 2r and j + 2r + 1, interleaved (zeros past n)
+          const int64_t k0 = j + 2 * r, k1 = k0 + 1;
+          for (int64_t c = 0; c < w / 32; ++c) {
+            const __m512i a0 = k0 < n ? _mm512_loadu_si512(vq + k0 * D + d0 + 32 * c) : _mm512_setzero_si512();
+            const __m512i a1 = k1 < n ? _mm512_loadu_si512(vq + k1 * D + d0 + 32 * c) : _mm512_setzero_si512();
+            _mm512_store_si512(vp[2 * c][r], _mm512_permutex2var_epi16(a0, IL, a1));
+            _mm512_store_si512(vp[2 * c + 1][r], _mm512_permutex2var_epi16(a0, IH, a1));
+          }
+        }
+        _tile_loadd(3, probs.data() + j, n32 * 2);
+        _tile_loadd(0, vp[0], 64); _tile_dpbf16ps(4, 3, 0);
+        _tile_loadd(0, vp[1], 64); _tile_dpbf16ps(5, 3, 0);
+        if (w > 32) {
+          _tile_loadd(0, vp[2], 64); _tile_dpbf16ps(6, 3, 0);
+          _tile_loadd(0, vp[3], 64); _tile_dpbf16ps(7, 3, 0);
+        }
+      }
+      _tile_stored(4, &out[0][0], 256); _tile_stored(5, &out[0][16], 256);
+      _tile_stored(6, &out[0][32], 256); _tile_stored(7, &out[0][48], 256);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < w; d += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.O + (bh * G + g) * D + d0 + d), to_bf16(_mm512_load_ps(&out[g][d])));
+    }
+  }
+}
+
+AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 32 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D &&
+              q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "decode_attention_amx: unsupported layout");
+  auto qc = q.contiguous();
+  auto len = lengths.to(torch::kInt64).contiguous();
+  auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
+  const AttentionProblem a{B, H, G, D, k.size(2),
+      reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()),
+      reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>()), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+      len.numel() ? len.data_ptr<int64_t>() : nullptr, static_cast<float>(scale),
+      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())};
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { attention_rows_amx(a, begin, end); });
+  return out;
+}
 #else
 bool amx_enable() { return false; }
 torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
   TORCH_CHECK(false, "int4_mm_amx: built by a compiler without AMX intrinsics");
+}
+torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
+  TORCH_CHECK(false, "decode_attention_amx: built by a compiler without AMX intrinsics");
 }
 #endif
 
@@ -468,7 +617,7 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 }
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "int4pack_to_bf16_t", "amx_enable",
-              "int4_mm_amx"]
+              "int4_mm_amx", "decode_attention_amx"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -609,16 +758,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of one new query per row over keys of each row's own length (a server's decode
     step), or over all S (lengths None: one sequence, or rows all as long): q (B, H, 1, D), k and
     v (B, Hkv, S, D) views of a cache, lengths (B,). ~5x faster than SDPA's flash attention for one
-    query (50 us a SmolLM2 layer on a Xeon). None where the kernel is unavailable or the tensors
-    are not bf16 on a CPU (then SDPA with a mask)."""
+    query (50 us a SmolLM2 layer on a Xeon). On AMX tiles where the CPU has them: a server's
+    16-row step of SmolLM2 at 300-640 positions, 30 layers, 10.3 against 14.3 ms, reading the keys
+    and values at ~90% of what a plain sum reads. None where the kernel is unavailable or the
+    tensors are not bf16 on a CPU (then SDPA with a mask)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or D > 256 or H // Hkv > 16 \
             or gemv_extension() is None:
         return None
     lengths = _EVERY_POSITION if lengths is None else lengths
-    out = gemv_extension().decode_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5)
-    return out.view(B, H, 1, D)
+    kernel = gemv_extension().decode_attention_amx if amx_available() and D % 32 == 0 else \
+        gemv_extension().decode_attention
+    return kernel(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5).view(B, H, 1, D)
 
 
 class KernelRMSNorm(RMSNorm):

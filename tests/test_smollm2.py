@@ -79,14 +79,16 @@ def test_fast_inference_paths_track_fp32(default_checkpoint):
 
 
 def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
-    """bf16 prompts of 128+ tokens take the blocked causal attention, whole and after a cached
-    prefix (as a chat's next turn does): on SmolLM2 their logits are as close to fp32 as SDPA's."""
+    """bf16 prompts of 128+ tokens take the blocked causal attention (where SDPA is not the
+    faster: without AMX), whole and after a cached prefix (as a chat's next turn does): on SmolLM2
+    their logits are as close to fp32 as SDPA's, and SDPA's after a cached prefix (its mask) too."""
     import llamaforge.model.llama as model_module
     tok = default_checkpoint.tokenizer
     ids = torch.tensor([tok.encode(" ".join([PROMPT] * 20), add_special_tokens=False)[:300]])
     calls = []
     real = model_module.causal_attention
     monkeypatch.setattr(model_module, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "sdpa_prefills_faster", lambda: False)   # the blocked path on any CPU
     with torch.no_grad():
         ref = build_model(default_checkpoint, "fp32")(ids)[0].float()
         assert not calls   # fp32 keeps SDPA
@@ -96,11 +98,15 @@ def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
         bf16(ids[:, :150], cache_pos=0)
         continued = bf16(ids[:, 150:], cache_pos=150)[0].float()
         assert len(calls) == 3 * bf16.config.n_layers   # per layer: whole, prefix, continuation
-        monkeypatch.setattr(model_module, "BLOCKED_ATTENTION_MIN_LEN", 10**9)   # SDPA everywhere
+        monkeypatch.setattr(model_module, "sdpa_prefills_faster", lambda: True)   # SDPA everywhere (AMX's choice)
         sdpa = bf16(ids)[0].float()
+        bf16(ids[:, :150], cache_pos=0)
+        sdpa_continued = bf16(ids[:, 150:], cache_pos=150)[0].float()
+        assert len(calls) == 3 * bf16.config.n_layers
     err_sdpa = (sdpa - ref).abs().mean()
     assert (blocked - ref).abs().mean() < 1.5 * err_sdpa
     assert (continued - ref[150:]).abs().mean() < 1.5 * err_sdpa
+    assert (sdpa_continued - ref[150:]).abs().mean() < 1.5 * err_sdpa
     agree = (blocked.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree > 0.9, agree
 

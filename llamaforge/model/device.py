@@ -30,6 +30,17 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def cpu_flags_have(*names: str) -> bool:
+    """Whether this machine's CPU lists every one of these flags (Linux's /proc/cpuinfo names:
+    avx512_bf16, amx_bf16, ...); False where there is no /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {name}" in flags for name in names)
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch built on the CPU, on `device`: to a GPU from pinned memory, without waiting for
     the copy (the GPU orders it before the kernels that read it)."""

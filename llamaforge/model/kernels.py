@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from ..files import cache_dir
+from .device import cpu_flags_have
 from .llama import RMSNorm
 
 _SOURCE = r"""
@@ -632,15 +633,6 @@ def require_cpp_compiler(option: str):
     if not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++")):
         raise LlamaforgeError(f"{option} needs a C++ compiler (torch.compile builds its CPU kernels with "
                               f"one): install g++, or leave out {option}")
-
-
-def cpu_flags_have(*names: str) -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return all(f" {name}" in flags for name in names)
 
 
 def _cpu_has_avx512() -> bool:

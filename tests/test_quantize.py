@@ -162,3 +162,37 @@ def test_int4_amx_kernel_computes_the_int4_product_each_row_alone(shape):
         assert torch.equal(layer(x[:rows]), out[:rows])
     assert torch.equal(torch.cat([layer(row[None]) for row in x]), out)
     assert layer.dense_min_rows == AMX_MAX_ROWS
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])
+def test_int8_amx_kernel_sums_exactly_each_row_alone(rows):
+    """Where the CPU has AMX tiles, Int8Linear (the output projection) multiplies on them: each
+    activation as three int8 digits, summed exactly in int32, so the logits are as close to the
+    exact product as fp32 sums are, and a row's logits the same alone or batched (bit for bit)."""
+    from llamaforge.model import kernels
+    from llamaforge.model.quantize import Int8Linear
+    g = torch.Generator().manual_seed(rows)
+    layer = Int8Linear(torch.randn(96, 128, generator=g) * 0.05, None, torch.float32)
+    if not layer.amx:
+        pytest.skip("no AMX here (or no kernel build): the output projection takes gemv_int8")
+    x = torch.randn(rows, 128, generator=g) * 3
+    x[0, :64] *= 1e-3                       # small and large activations in one row
+    calls = []
+    real = kernels.gemv_extension()
+
+    class Spy:   # shows that the AMX kernel ran
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+    kernels._extension = Spy()
+    try:
+        out = layer(x)
+    finally:
+        kernels._extension = real
+    assert calls == ["int8_mm_amx"] and out.dtype == torch.float32 and out.shape == (rows, 96)
+    exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).t()
+    fp32 = x @ (layer.weight.float() * layer.scales[:, None]).t()
+    assert (out.double() - exact).abs().max() <= 4 * (fp32.double() - exact).abs().max() + 1e-6
+    assert torch.equal(torch.cat([layer(row[None]) for row in x]), out)
+    assert layer(x[None]).shape == (1, rows, 96)                                     # leading dims kept
+    assert Int8Linear(torch.randn(96, 128), None, torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16

@@ -338,7 +338,7 @@ torch::Tensor int4pack_to_bf16_t(torch::Tensor packed, torch::Tensor sz, int64_t
 #if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11) || (defined(__clang__) && __clang_major__ >= 12)
 #include <sys/syscall.h>
 #include <unistd.h>
-#define AMX_FN __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#define AMX_FN __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 struct alignas(64) TileCfg { uint8_t palette; uint8_t start_row; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
 
@@ -600,6 +600,110 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { attention_rows_amx(a, begin, end); });
   return out;
 }
+
+// The int8 output projection (gemv_int8's product: fp32 rows x int8 W (N, K) x fp32 scales) on
+// AMX tiles, for every row count, so that a sequence's logits are the same alone or batched. Each
+// row of x becomes three int8 digits, x = s (a0 + a1 / 254 + a2 / 254^2) with s = max|x| / 127
+// (to 2^-24 of max|x|, fp32's resolution), and TDPBSSD sums int8 x int8 exactly in int32, whatever
+// the order; W is read as stored, in the tiles' layout (int8_tiles), with no conversion.
+// Tiles: 0 16 rows x 64 inputs of one digit, 1 64 inputs x 16 outputs of W, 2-7 the three digits'
+// sums for up to 2 x 16 rows; digits, row scale and W's scales combine in fp32 at the end.
+AMX_FN static void configure_head_tiles(int rows) {   // rows of x a tile: 16, or M when fewer
+  TileCfg c;
+  std::memset(&c, 0, sizeof c);
+  c.palette = 1;
+  c.rows[1] = 16; c.colsb[1] = 64;
+  for (int t : {0, 2, 3, 4, 5, 6, 7}) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+struct Int8Problem {
+  int64_t M, K, N;
+  const int8_t* W; const float* S;
+  const int8_t* digits;    // 3 x (M16, K), rows past M zero
+  const float* row_scale;  // (M,)
+  float* Y;                // (M, N)
+};
+
+AMX_FN static void int8_blocks_amx(const Int8Problem& p, int64_t begin, int64_t end) {
+  const int64_t M = p.M, K = p.K, N = p.N, M16 = (M + 15) / 16 * 16;
+  alignas(64) int32_t C[3][16][16];
+  configure_head_tiles(static_cast<int>(std::min<int64_t>(16, M)));
+  const int8_t* d0 = p.digits;
+  const int8_t* d1 = d0 + M16 * K;
+  const int8_t* d2 = d1 + M16 * K;
+  const __m512 unit = _mm512_set1_ps(1.0f / (254.0f * 254.0f));
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int8_t* w = p.W + blk * 16 * K;     // this block's K/4 x 64 bytes
+    const __m512 scale = _mm512_loadu_ps(p.S + blk * 16);
+    for (int64_t g0 = 0; g0 < M; g0 += 32) {   // two tiles of 16 rows at a time
+      const bool two = g0 + 16 < M;
+      _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+      for (int64_t c = 0; c < K / 64; ++c) {
+        for (int i = 0; i < 16; ++i)          // the next block's weights, 16 K ahead
+          _mm_prefetch(reinterpret_cast<const char*>(w + 16 * K + c * 1024 + 64 * i), _MM_HINT_T0);
+        _tile_loadd(1, w + c * 1024, 64);
+        const int64_t at = g0 * K + 64 * c;
+        _tile_loadd(0, d0 + at, K); _tile_dpbssd(2, 0, 1);
+        _tile_loadd(0, d1 + at, K); _tile_dpbssd(3, 0, 1);
+        _tile_loadd(0, d2 + at, K); _tile_dpbssd(4, 0, 1);
+        if (two) {
+          _tile_loadd(0, d0 + at + 16 * K, K); _tile_dpbssd(5, 0, 1);
+          _tile_loadd(0, d1 + at + 16 * K, K); _tile_dpbssd(6, 0, 1);
+          _tile_loadd(0, d2 + at + 16 * K, K); _tile_dpbssd(7, 0, 1);
+        }
+      }
+      for (int half = 0; half < (two ? 2 : 1); ++half) {
+        if (half == 0) { _tile_stored(2, C[0], 64); _tile_stored(3, C[1], 64); _tile_stored(4, C[2], 64); }
+        else { _tile_stored(5, C[0], 64); _tile_stored(6, C[1], 64); _tile_stored(7, C[2], 64); }
+        for (int64_t m = 0; m < 16 && g0 + 16 * half + m < M; ++m) {
+          const int64_t row = g0 + 16 * half + m;
+          __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(C[2][m]));   // (a0 254^2 + a1 254 + a2) / 254^2
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[1][m])), _mm512_set1_ps(254.0f), v);
+          v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(C[0][m])), _mm512_set1_ps(254.0f * 254.0f), v);
+          _mm512_storeu_ps(p.Y + row * N + blk * 16,
+                           _mm512_mul_ps(_mm512_mul_ps(v, unit), _mm512_mul_ps(scale, _mm512_set1_ps(p.row_scale[row]))));
+        }
+      }
+    }
+  }
+}
+
+// y (..., N) fp32 = x (..., K) times W (in int8_tiles' layout) times its scales (N,).
+AMX_FN torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, torch::Tensor x_in) {
+  const int64_t N = packed.size(0) * 16, K = packed.size(1) * 4;
+  auto x = x_in.reshape({-1, K}).to(torch::kFloat32).contiguous();
+  const int64_t M = x.size(0), M16 = (M + 15) / 16 * 16;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous() && packed.scalar_type() == at::kChar,
+              "int8_mm_amx: weights in int8_tiles' layout");
+  auto ss = scales.to(torch::kFloat32).contiguous();
+  std::vector<int8_t> digits(3 * M16 * K, 0);
+  std::vector<float> row_scale(M);
+  const float* X = x.data_ptr<float>();
+  const __m512 lim = _mm512_set1_ps(127.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(X + m * K + k)));
+    const float top = _mm512_reduce_max_ps(mx), s = top > 0.0f ? top / 127.0f : 1.0f;
+    row_scale[m] = s;
+    const __m512 inv = _mm512_set1_ps(1.0f / s);
+    for (int64_t k = 0; k < K; k += 16) {
+      __m512 t = _mm512_mul_ps(_mm512_loadu_ps(X + m * K + k), inv);
+      for (int d = 0; d < 3; ++d) {   // each digit the rounded value, the rest (|r| <= 1/2) scaled by 254
+        const __m512 a = _mm512_roundscale_ps(_mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), t)),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(digits.data() + (d * M16 + m) * K + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(a)));
+        t = _mm512_mul_ps(_mm512_sub_ps(t, a), _mm512_set1_ps(254.0f));
+      }
+    }
+  }
+  auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
+  const Int8Problem p{M, K, N, packed.data_ptr<int8_t>(), ss.data_ptr<float>(), digits.data(), row_scale.data(), y.data_ptr<float>()};
+  at::parallel_for(0, N / 16, 16, [&](int64_t begin, int64_t end) { int8_blocks_amx(p, begin, end); });
+  auto shape = x_in.sizes().vec();
+  shape.back() = N;
+  return y.view(shape);
+}
 #else
 bool amx_enable() { return false; }
 torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
@@ -608,6 +712,10 @@ torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor s
 torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
   TORCH_CHECK(false, "decode_attention_amx: built by a compiler without AMX intrinsics");
 }
+torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, torch::Tensor x) {
+  TORCH_CHECK(false, "int8_mm_amx: built by a compiler without AMX intrinsics");
+}
+
 #endif
 
 // int8 W (N, K) with fp32 scales (N,): (W x) * scales.
@@ -618,7 +726,7 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 }
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "int4pack_to_bf16_t", "amx_enable",
-              "int4_mm_amx", "decode_attention_amx"]
+              "int4_mm_amx", "decode_attention_amx", "int8_mm_amx"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -729,6 +837,32 @@ def int4_mm_amx(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if torch.compiler.is_compiling():
         return _int4_mm_amx_op(x, packed, scales_and_zeros)
     return gemv_extension().int4_mm_amx(x, packed, scales_and_zeros)
+
+
+def int8_tiles(q: torch.Tensor) -> torch.Tensor:
+    """int8 W (N, K) in the AMX tiles' layout that int8_mm_amx reads, (N/16, K/4, 64): for outputs
+    16b..16b+15 and inputs 4r..4r+3, byte 4i + e is W[16b + i, 4r + e]."""
+    n, k = q.shape
+    return q.view(n // 16, 16, k // 4, 4).permute(0, 2, 1, 3).contiguous().view(n // 16, k // 4, 64)
+
+
+def int8_mm_amx(tiles: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(..., N) fp32 = x (..., K) times the int8 weight (in int8_tiles' layout) times its scales
+    (N,), on AMX tiles (see Int8Linear). Called directly outside torch.compile, as int4_mm_amx."""
+    if torch.compiler.is_compiling():
+        return _int8_mm_amx_op(tiles, scales, x)
+    return gemv_extension().int8_mm_amx(tiles, scales, x)
+
+
+@torch.library.custom_op("llamaforge::int8_mm_amx", mutates_args=())
+def _int8_mm_amx_op(tiles: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """int8_mm_amx as an opaque op to torch.compile."""
+    return gemv_extension().int8_mm_amx(tiles, scales, x)
+
+
+@_int8_mm_amx_op.register_fake
+def _(tiles, scales, x):
+    return x.new_empty((*x.shape[:-1], tiles.shape[0] * 16), dtype=torch.float32)
 
 
 @torch.library.custom_op("llamaforge::int4_mm_amx", mutates_args=())

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from .device import cpu_flags_have
-from .kernels import amx_available, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t
+from .kernels import (amx_available, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t, int8_mm_amx,
+                      int8_tiles)
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
@@ -74,9 +75,19 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = k, n
+        # Where the CPU has AMX tiles, every product takes int8_mm_amx, which sums exactly (int32
+        # tiles over three int8 digits of each activation): the output projection of SmolLM2 on
+        # a 2-core Xeon at 16 rows 1.5 against 5.5 ms (gemv_int8), at 1 row 0.6-0.8 against 0.7,
+        # and a row's logits the same in any batch. It reads a copy in the tiles' layout.
+        self.amx = weight.device.type == "cpu" and n % 16 == 0 and k % 64 == 0 and amx_available()
+        self.register_buffer("weight_tiles", int8_tiles(q) if self.amx else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In x's dtype: the model's, or fp32 (the output projection's logits)."""
+        if self.amx and x.device.type == "cpu":
+            y = int8_mm_amx(self.weight_tiles, self.scales, x)
+            y = y if x.dtype == torch.float32 else y.to(x.dtype)
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
         rows, cpu = x2.shape[0], x.device.type == "cpu"
         if x.dtype == torch.float32 and rows <= 64 and cpu and gemv_extension() is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,21 @@ def run_until_first_checkpoint(cmd: list[str], ckpt: Path, env=None) -> int:
     proc.wait()
     from llamaforge.train.checkpoint import read_meta
     return read_meta(ckpt)["state"]["step"]
+
+
+@contextmanager
+def kernel_calls():
+    """The names of the CPU kernels (llamaforge.model.kernels' extension) called inside the
+    block, in order: shows that a kernel ran, not only that the numbers agree."""
+    from llamaforge.model import kernels
+    calls, real = [], kernels.gemv_extension()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+    kernels._extension = Spy()
+    try:
+        yield calls
+    finally:
+        kernels._extension = real

@@ -6,7 +6,7 @@ from llamaforge.formats.load import build_model
 from llamaforge.model.generation import SamplingConfig, generate_tokens
 from llamaforge.model.kernels import GemvLinear, gemv_extension, use_gemv_kernel
 
-from conftest import random_model
+from conftest import kernel_calls, random_model
 
 
 def test_gemv_kernel_matches_pytorch(tiny_bpe):
@@ -101,24 +101,13 @@ def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
     weight = kernel.norm.weight
     assert use_cpu_kernels(kernel)
     assert isinstance(kernel.norm, KernelRMSNorm) and kernel.norm.weight is weight   # the same parameter
-    calls = []
-    real = gemv_extension()
-
-    class Spy:   # counts the kernels' calls, to show that they ran
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real, name)
-    import llamaforge.model.kernels as kernels
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for m in (plain, kernel):
             m.setup_cache(2, 32)
         a = [plain(ids[:, :16], cache_pos=0)] + [plain(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
-        kernels._extension = Spy()
-        try:
+        with kernel_calls() as calls:
             b = [kernel(ids[:, :16], cache_pos=0)] + [kernel(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
-        finally:
-            kernels._extension = real
     assert "rms_norm" in calls and "decode_attention" in calls
     for x, y in zip(a, b, strict=True):
         assert (x.float() - y.float()).abs().max() <= 0.03 * x.float().abs().max()

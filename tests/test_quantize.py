@@ -5,7 +5,7 @@ import torch
 from llamaforge.formats.load import build_model
 from llamaforge.model.quantize import Int4Linear, Int8Linear, quantize_weights
 
-from conftest import random_model
+from conftest import kernel_calls, random_model
 
 
 def test_int8_linear_error_is_bounded_per_row():
@@ -135,7 +135,6 @@ def test_int4_amx_kernel_computes_the_int4_product_each_row_alone(shape):
     """Where the CPU has AMX tiles, int4 inputs of a few rows (decode steps) take our kernel: the
     product with the int4 values to bf16 rounding, and each row's result bit for bit the same
     whatever other rows share its call (a request decodes alike alone or in a server's batch)."""
-    from llamaforge.model import kernels
     from llamaforge.model.quantize import AMX_MAX_ROWS, Int4Linear, int4_groups, int4_values_t
     g = torch.Generator().manual_seed(shape[1])
     w = torch.randn(*shape, generator=g) * 0.05
@@ -143,18 +142,8 @@ def test_int4_amx_kernel_computes_the_int4_product_each_row_alone(shape):
     if not layer.amx:
         pytest.skip("no AMX-BF16 here (or no kernel build): decode steps take PyTorch's int4 kernel")
     x = torch.randn(40, shape[1], generator=g).bfloat16()
-    calls = []
-    real = kernels.gemv_extension()
-
-    class Spy:   # shows that the AMX kernel ran
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real, name)
-    kernels._extension = Spy()
-    try:
+    with kernel_calls() as calls:
         out = layer(x)
-    finally:
-        kernels._extension = real
     assert calls == ["int4_mm_amx"] and out.dtype == torch.bfloat16 and out.shape == (40, shape[0])
     ref = x.float() @ int4_values_t(int4_groups(w)[0].int(), layer.scales_and_zeros)   # the int4 values, fp32
     torch.testing.assert_close(out.float(), ref, atol=1e-4 * ref.abs().max().item(), rtol=2 ** -8)
@@ -169,7 +158,6 @@ def test_int8_amx_kernel_sums_exactly_each_row_alone(rows):
     """Where the CPU has AMX tiles, Int8Linear (the output projection) multiplies on them: each
     activation as three int8 digits, summed exactly in int32, so the logits are as close to the
     exact product as fp32 sums are, and a row's logits the same alone or batched (bit for bit)."""
-    from llamaforge.model import kernels
     from llamaforge.model.quantize import Int8Linear
     g = torch.Generator().manual_seed(rows)
     layer = Int8Linear(torch.randn(96, 128, generator=g) * 0.05, None, torch.float32)
@@ -177,18 +165,8 @@ def test_int8_amx_kernel_sums_exactly_each_row_alone(rows):
         pytest.skip("no AMX here (or no kernel build): the output projection takes gemv_int8")
     x = torch.randn(rows, 128, generator=g) * 3
     x[0, :64] *= 1e-3                       # small and large activations in one row
-    calls = []
-    real = kernels.gemv_extension()
-
-    class Spy:   # shows that the AMX kernel ran
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(real, name)
-    kernels._extension = Spy()
-    try:
+    with kernel_calls() as calls:
         out = layer(x)
-    finally:
-        kernels._extension = real
     assert calls == ["int8_mm_amx"] and out.dtype == torch.float32 and out.shape == (rows, 96)
     exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).t()
     fp32 = x @ (layer.weight.float() * layer.scales[:, None]).t()

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from .device import cpu_flags_have
-from .kernels import (amx_available, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t, int8_mm_amx,
-                      int8_tiles)
+from .kernels import amx_available, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t, int8_mm_amx, int8_tiles
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).

@@ -169,3 +169,32 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
         out = run(q, k, v, torch.empty(0, dtype=torch.long) if lengths is None else lengths, D ** -0.5)
         assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv, G, D)
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+def test_silu_mul_kernel_rounds_once(tiny_bpe):
+    """SwiGLU's silu(gate) * up in one pass: the fp32 value rounded to bf16 once (PyTorch's ops
+    round twice, so they may differ by a step), for rows of any leading shape; in a model with
+    stacked gate and up projections, decoding takes it and gives the same logits."""
+    import torch.nn.functional as F
+
+    from llamaforge.model.kernels import use_cpu_kernels
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses chunk, silu and mul")
+    g = torch.Generator().manual_seed(0)
+    gate_up = (torch.randn(2, 3, 2 * 48, generator=g) * 4).bfloat16()
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    exact = (F.silu(gate) * up).bfloat16()
+    out = gemv_extension().silu_mul(gate_up)
+    assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
+    assert (out != exact).float().mean() < 0.02                                 # all but a rare rounding
+    torch.testing.assert_close(out, exact, atol=1e-6, rtol=2 ** -7)            # and those by one bf16 step
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    plain, kernel = build_model(ckpt, "bf16"), build_model(ckpt, "bf16")
+    for m in (plain, kernel):
+        m.fuse_projections()
+    assert use_cpu_kernels(kernel) and kernel.layers[0].mlp.silu_mul is not None
+    ids = torch.randint(0, 512, (2, 12), generator=g)
+    with torch.no_grad(), kernel_calls() as calls:
+        a, b = plain(ids), kernel(ids)
+    assert "silu_mul" in calls
+    assert (a.float() - b.float()).abs().max() <= 0.03 * a.float().abs().max()

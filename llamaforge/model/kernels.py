@@ -282,6 +282,34 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+// SwiGLU's silu(gate) * up for bf16 rows (..., 2I) that hold gate then up (the stacked gate_up
+// projection's output): in fp32, rounded to bf16 once, in one pass. PyTorch runs chunk, silu and
+// mul as three ops, each a pass over memory and, in a decode step, a Python dispatch.
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  const int64_t I = gate_up.size(-1) / 2;
+  TORCH_CHECK(I % 16 == 0 && gate_up.size(-1) == 2 * I && gate_up.scalar_type() == at::kBFloat16,
+              "silu_mul: bf16 rows of gate then up, 16 values at a time");
+  auto x = gate_up.reshape({-1, 2 * I}).contiguous();
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, I}, torch::dtype(torch::kBFloat16));
+  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
+  at::BFloat16* Y = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      for (int64_t i = 0; i < I; i += 16) {
+        const __m512 g = load_bf16(X + m * 2 * I + i), u = load_bf16(X + m * 2 * I + I + i);
+        // sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below.
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
+        const __m512 d = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+        const __m512 sig = _mm512_mask_mul_ps(d, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), d, e);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(Y + m * I + i), to_bf16(_mm512_mul_ps(_mm512_mul_ps(g, sig), u)));
+      }
+  });
+  auto shape = gate_up.sizes().vec();
+  shape.back() = I;
+  return y.view(shape);
+}
+
 // The transposed weights W^T (K, N) bf16 of PyTorch's CPU int4 packing, for the dense matmul of a
 // long input (a prefill), which oneDNN runs several times faster than PyTorch's int4 kernel (on AMX
 // tiles: ~1.5 TFLOP/s against ~170 GFLOP/s). The packing (`_convert_weight_to_int4pack_for_cpu`,
@@ -726,7 +754,8 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 }
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "int4pack_to_bf16_t", "amx_enable",
-              "int4_mm_amx", "decode_attention_amx", "int8_mm_amx"]
+              "int4_mm_amx", "decode_attention_amx", "int8_mm_amx",
+              "silu_mul"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -899,6 +928,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return kernel(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5).view(B, H, 1, D)
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of bf16 rows (..., 2I) holding gate then up, rounded once (the kernel)."""
+    return gemv_extension().silu_mul(gate_up)
+
+
 class KernelRMSNorm(RMSNorm):
     """An RMSNorm that normalises bf16 rows with the kernel when nothing needs their gradient
     (inference) and nothing traces it (torch.compile fuses its own); F.rms_norm otherwise."""
@@ -912,8 +946,9 @@ class KernelRMSNorm(RMSNorm):
 
 
 def use_cpu_kernels(model: nn.Module) -> bool:
-    """For inference on a CPU in bf16: the kernel's RMSNorm in every norm, and its attention for
-    decode steps. Returns False, changing nothing, where the kernel is unavailable."""
+    """For inference on a CPU in bf16: the kernel's RMSNorm in every norm, its attention for
+    decode steps, and SwiGLU's silu * up in one pass (where gate and up are stacked). Returns
+    False, changing nothing, where the kernel is unavailable."""
     if model.embed_tokens.weight.dtype != torch.bfloat16 or model.embed_tokens.weight.device.type != "cpu" \
             or model.config.dim % 16 or gemv_extension() is None:
         return False
@@ -927,6 +962,8 @@ def use_cpu_kernels(model: nn.Module) -> bool:
         block.input_layernorm = kernel_norm(block.input_layernorm)
         block.post_attention_layernorm = kernel_norm(block.post_attention_layernorm)
         block.self_attn.decode_attention = decode_attention
+        if model.config.intermediate_size % 16 == 0:
+            block.mlp.silu_mul = silu_mul
     return True
 
 

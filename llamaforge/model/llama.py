@@ -259,12 +259,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=bias)
         self.gate_up_proj: nn.Module | None = None   # gate and up stacked; see Llama.fuse_projections
+        # silu(gate) * up of the stacked projection's output in one op, for inference: a CPU
+        # kernel set by kernels.use_cpu_kernels; None: chunk, silu and mul.
+        self.silu_mul = None
 
     def forward(self, x):
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if self.silu_mul is not None and not gate_up.requires_grad and gate_up.dtype == torch.bfloat16 \
+                    and gate_up.device.type == "cpu" and not torch.compiler.is_compiling():
+                return self.down_proj(self.silu_mul(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

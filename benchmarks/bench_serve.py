@@ -117,7 +117,13 @@ def start(name: str, args, max_clients: int) -> Served:
         cmd = [args.llama_server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", threads, "-tb", threads,
                "--parallel", str(max_clients), "-c", str(ctx_per_slot * max_clients), "--cont-batching",
                "--no-webui"]
-        return Served(name, cmd, port, {"ignore_eos": True})
+        try:
+            return Served(name, cmd, port, {"ignore_eos": True})
+        except RuntimeError:
+            # llama.cpp 0.3.36's weight repacking (its AMX / AVX-512 layouts) crashes at start on an
+            # AMX Xeon (segmentation fault after the thread pool starts); without it, it runs.
+            print("llama-server exited at start; again with --no-repack (its weights as stored)", file=sys.stderr)
+            return Served(name, [*cmd, "--no-repack"], port, {"ignore_eos": True})
     if name == "llama-cpp-python":
         # --interrupt_requests False: by default a new request cuts off the stream in progress.
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port), "--host", "127.0.0.1",

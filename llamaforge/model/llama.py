@@ -10,7 +10,7 @@ are in HF's "rotate half" layout, so an HF state dict loads with a prefix strip 
 from __future__ import annotations
 
 import math
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 
 import torch
 import torch.nn as nn
@@ -245,7 +245,7 @@ class Attention(nn.Module):
         else:
             S = k.shape[2]
             if mask is None and T > 1 and S > T:   # SDPA's causal flag would align queries to the first keys
-                mask = attention_mask(None, T, S - T, S, q.device)
+                mask = causal_mask_after(T, S - T, S, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -316,6 +316,14 @@ def attention_mask(key_valid: torch.Tensor | None, q_len: int, cache_pos: int, k
         mask = mask & key_valid[:, None, None, :kv_len]
         mask = mask | (k_idx == q_idx)[None, None]
     return mask
+
+
+@lru_cache(maxsize=4)
+def causal_mask_after(q_len: int, cache_pos: int, kv_len: int, device) -> torch.Tensor:
+    """attention_mask(None, ...): a chunk of queries after cache_pos cached positions. Every layer
+    of a forward asks for the same one (a server's 256-token prefill chunk after others: 30 masks
+    built, ~2 ms), so the last few are kept."""
+    return attention_mask(None, q_len, cache_pos, kv_len, device)
 
 
 def sliding_window_mask(mask, window: int, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:

@@ -171,13 +171,10 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 
 
-def test_silu_mul_kernel_rounds_once(tiny_bpe):
+def test_silu_mul_kernel_rounds_once():
     """SwiGLU's silu(gate) * up in one pass: the fp32 value rounded to bf16 once (PyTorch's ops
-    round twice, so they may differ by a step), for rows of any leading shape; in a model with
-    stacked gate and up projections, decoding takes it and gives the same logits."""
+    round twice, so they may differ by a step), for rows of any leading shape."""
     import torch.nn.functional as F
-
-    from llamaforge.model.kernels import use_cpu_kernels
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: llamaforge uses chunk, silu and mul")
     g = torch.Generator().manual_seed(0)
@@ -188,13 +185,43 @@ def test_silu_mul_kernel_rounds_once(tiny_bpe):
     assert out.shape == (2, 3, 48) and out.dtype == torch.bfloat16
     assert (out != exact).float().mean() < 0.02                                 # all but a rare rounding
     torch.testing.assert_close(out, exact, atol=1e-6, rtol=2 ** -7)            # and those by one bf16 step
-    ckpt, _ = random_model("tiny", tiny_bpe)
+
+
+def test_rope_kernel_rotates_as_apply_rope():
+    """RoPE of a stacked projection's q and k heads in one pass (the v heads after them left out):
+    apply_rope's value in fp32 rounded once, for per-row positions (a server's batch) and one row
+    of positions for all."""
+    from llamaforge.model.config import LlamaConfig
+    from llamaforge.model.llama import apply_rope, rope_cos_sin, rope_inv_freq
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses apply_rope")
+    g = torch.Generator().manual_seed(0)
+    B, T, heads, D = 3, 5, 7, 64
+    qkv = (torch.randn(B, T, heads + 2, D, generator=g) * 3).bfloat16()
+    inv_freq = rope_inv_freq(LlamaConfig(dim=D * 2, n_heads=2, n_layers=1, vocab_size=8))
+    for positions in (torch.randint(0, 4000, (B, T), generator=g), torch.arange(T)[None] + 100):
+        cos, sin = rope_cos_sin(inv_freq, positions, torch.bfloat16)
+        exact = apply_rope(qkv[:, :, :heads].transpose(1, 2).float(), cos.float(), sin.float()).bfloat16()
+        out = gemv_extension().rope(qkv, cos, sin, heads).transpose(1, 2)
+        assert out.shape == (B, heads, T, D)
+        assert (out != exact).float().mean() < 0.02                              # all but a rare rounding
+        torch.testing.assert_close(out, exact, atol=1e-6, rtol=2 ** -7)          # and those by one bf16 step
+
+
+def test_stacked_projection_kernels_in_a_model(tiny_bpe):
+    """Where q/k/v and gate/up are stacked (inference), use_cpu_kernels adds RoPE and silu * up in
+    one pass each: a forward takes them and gives the same logits as PyTorch's ops."""
+    from llamaforge.model.kernels import use_cpu_kernels
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge uses PyTorch's ops")
+    ckpt, _ = random_model("tiny", tiny_bpe, head_dim=32)   # heads 32 wide, as the kernel takes
     plain, kernel = build_model(ckpt, "bf16"), build_model(ckpt, "bf16")
     for m in (plain, kernel):
         m.fuse_projections()
-    assert use_cpu_kernels(kernel) and kernel.layers[0].mlp.silu_mul is not None
-    ids = torch.randint(0, 512, (2, 12), generator=g)
+    assert use_cpu_kernels(kernel)
+    assert kernel.layers[0].self_attn.rope is not None and kernel.layers[0].mlp.silu_mul is not None
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), kernel_calls() as calls:
         a, b = plain(ids), kernel(ids)
-    assert "silu_mul" in calls
+    assert "rope" in calls and "silu_mul" in calls
     assert (a.float() - b.float()).abs().max() <= 0.03 * a.float().abs().max()

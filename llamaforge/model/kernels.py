@@ -310,6 +310,42 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return y.view(shape);
 }
 
+// RoPE ("rotate half") of the first NH heads of bf16 rows x (B, T, >=NH, D), any row strides, with
+// cos and sin (B or 1, 1, T, D): out = x * cos + rotate_half(x) * sin in fp32, rounded once, as
+// (B, T, NH, D). PyTorch's form is six ops (chunk, neg, cat, two muls, an add) a layer.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t heads) {
+  const int64_t B = x.size(0), T = x.size(1), D = x.size(3), half = D / 2;
+  TORCH_CHECK(x.dim() == 4 && half % 16 == 0 && heads <= x.size(2) && x.stride(3) == 1 && x.scalar_type() == at::kBFloat16 &&
+              cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 && cos.size(-1) == D &&
+              cos.size(-2) == T && (cos.size(0) == 1 || cos.size(0) == B), "rope: bf16 (B, T, heads, D) with cos, sin (B|1, 1, T, D)");
+  auto c = cos.contiguous(), sn = sin.contiguous();
+  auto y = torch::empty({B, T, heads, D}, torch::dtype(torch::kBFloat16));
+  const at::BFloat16* X = x.data_ptr<at::BFloat16>();
+  const at::BFloat16* C = c.data_ptr<at::BFloat16>();
+  const at::BFloat16* S = sn.data_ptr<at::BFloat16>();
+  at::BFloat16* Y = y.data_ptr<at::BFloat16>();
+  const int64_t xb = x.stride(0), xt = x.stride(1), xh = x.stride(2), cb = cos.size(0) == 1 ? 0 : T * D;
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / T, t = bt % T;
+      const at::BFloat16* cr = C + b * cb + t * D;
+      const at::BFloat16* sr = S + b * cb + t * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        const at::BFloat16* xr = X + b * xb + t * xt + h * xh;
+        at::BFloat16* yr = Y + (bt * heads + h) * D;
+        for (int64_t i = 0; i < half; i += 16) {
+          const __m512 x1 = load_bf16(xr + i), x2 = load_bf16(xr + half + i);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + i),
+                              to_bf16(_mm512_fnmadd_ps(x2, load_bf16(sr + i), _mm512_mul_ps(x1, load_bf16(cr + i)))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(yr + half + i),
+                              to_bf16(_mm512_fmadd_ps(x1, load_bf16(sr + half + i), _mm512_mul_ps(x2, load_bf16(cr + half + i)))));
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // The transposed weights W^T (K, N) bf16 of PyTorch's CPU int4 packing, for the dense matmul of a
 // long input (a prefill), which oneDNN runs several times faster than PyTorch's int4 kernel (on AMX
 // tiles: ~1.5 TFLOP/s against ~170 GFLOP/s). The packing (`_convert_weight_to_int4pack_for_cpu`,
@@ -755,7 +791,7 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "int4pack_to_bf16_t", "amx_enable",
               "int4_mm_amx", "decode_attention_amx", "int8_mm_amx",
-              "silu_mul"]
+              "silu_mul", "rope"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -928,6 +964,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return kernel(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5).view(B, H, 1, D)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """RoPE of the first `heads` heads of bf16 rows (B, T, >=heads, D): (B, T, heads, D), rounded
+    once (the kernel)."""
+    return gemv_extension().rope(x, cos, sin, heads)
+
+
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of bf16 rows (..., 2I) holding gate then up, rounded once (the kernel)."""
     return gemv_extension().silu_mul(gate_up)
@@ -947,7 +989,7 @@ class KernelRMSNorm(RMSNorm):
 
 def use_cpu_kernels(model: nn.Module) -> bool:
     """For inference on a CPU in bf16: the kernel's RMSNorm in every norm, its attention for
-    decode steps, and SwiGLU's silu * up in one pass (where gate and up are stacked). Returns
+    decode steps, SwiGLU's silu * up and RoPE each in one pass (where the projections are stacked). Returns
     False, changing nothing, where the kernel is unavailable."""
     if model.embed_tokens.weight.dtype != torch.bfloat16 or model.embed_tokens.weight.device.type != "cpu" \
             or model.config.dim % 16 or gemv_extension() is None:
@@ -964,6 +1006,8 @@ def use_cpu_kernels(model: nn.Module) -> bool:
         block.self_attn.decode_attention = decode_attention
         if model.config.intermediate_size % 16 == 0:
             block.mlp.silu_mul = silu_mul
+        if model.config.head_dim % 32 == 0:
+            block.self_attn.rope = rope
     return True
 
 

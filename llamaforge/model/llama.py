@@ -192,6 +192,9 @@ class Attention(nn.Module):
         # A decode step's attention of one query per row over the whole cache, (q, k, v) -> y or
         # None: a CPU kernel set by kernels.use_cpu_kernels for inference; None: SDPA.
         self.decode_attention = None
+        # RoPE of the stacked projection's q and k heads in one op, (qkv, cos, sin, heads) -> (B, T,
+        # heads, hd), for inference: a CPU kernel set by kernels.use_cpu_kernels; None: apply_rope.
+        self.rope = None
 
     def with_prefix(self, k, v, mask, q_len: int):
         """Keys and values with the prefix in front, and the mask widened to match."""
@@ -212,9 +215,13 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             # One matmul for Q, K and V, and one RoPE call for Q and K together.
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)     # (B, H+2Hkv, T, hd)
-            qk = apply_rope(qkv[:, :H + Hkv], cos, sin)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd)                      # (B, T, H+2Hkv, hd)
+            if self.rope is not None and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
+                    and not qkv.requires_grad and cos.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+                qk = self.rope(qkv, cos, sin, H + Hkv).transpose(1, 2)
+            else:
+                qk = apply_rope(qkv[:, :, :H + Hkv].transpose(1, 2), cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:].transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
             if T == 1 and self.prefix is None and not torch.compiler.is_compiling():

@@ -274,15 +274,15 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
     products: every token's log-probability is the same float, not only the greedy tokens (which
     agree for this prompt even when the two take other chunks)."""
     from llamaforge.formats.load import load
-    from llamaforge.model.generation import decode_one_token, prefill
+    from llamaforge.model.generation import PREFILL_CHUNK, decode_one_token, prefill
     from llamaforge.model.quantize import int4_unpacking_available
     if not int4_unpacking_available():
         pytest.skip("generation's long prompts take PyTorch's int4 kernel here, the server's its dense copy")
     served, _ = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
     plain, tok = load("default", dtype="bf16", quantize="auto", inference=True)
-    text = " ".join(f"Story {i}: a fox named Pip found {i + 2} red stones by the river and hid them." for i in range(30))
-    prompt = tok.encode(text)[:300]
-    assert len(prompt) == 300
+    text = " ".join(f"Story {i}: a fox named Pip found {i + 2} red stones by the river and hid them." for i in range(60))
+    prompt = tok.encode(text)[:PREFILL_CHUNK + 44]   # a chunk and part of one
+    assert len(prompt) == PREFILL_CHUNK + 44
     engine = Engine(served, tok, max_batch=2)
     try:
         out = submit(engine, prompt, 24, logprobs=0)
@@ -291,7 +291,7 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
         engine.shutdown()
     tokens, logprobs = [], []
     with torch.inference_mode():
-        plain.setup_cache(1, 512)
+        plain.setup_cache(1, len(prompt) + 24)
         logits = prefill(plain, torch.tensor([prompt]), None, None)
         for pos in range(len(prompt), len(prompt) + 24):
             token = int(logits[0].argmax())

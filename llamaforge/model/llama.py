@@ -328,7 +328,7 @@ def attention_mask(key_valid: torch.Tensor | None, q_len: int, cache_pos: int, k
 @lru_cache(maxsize=4)
 def causal_mask_after(q_len: int, cache_pos: int, kv_len: int, device) -> torch.Tensor:
     """attention_mask(None, ...): a chunk of queries after cache_pos cached positions. Every layer
-    of a forward asks for the same one (a server's 256-token prefill chunk after others: 30 masks
+    of a forward asks for the same one (a server's prefill chunk after others: 30 masks
     built, ~2 ms), so the last few are kept."""
     return attention_mask(None, q_len, cache_pos, kv_len, device)
 

@@ -160,7 +160,7 @@ def test_int8_amx_kernel_sums_exactly_each_row_alone(rows):
     exact product as fp32 sums are, and a row's logits the same alone or batched (bit for bit)."""
     from llamaforge.model.quantize import Int8Linear
     g = torch.Generator().manual_seed(rows)
-    layer = Int8Linear(torch.randn(96, 128, generator=g) * 0.05, None, torch.float32)
+    layer = Int8Linear(torch.randn(96, 128, generator=g) * 0.05, None, torch.float32, tiles=True)
     if not layer.amx:
         pytest.skip("no AMX here (or no kernel build): the output projection takes gemv_int8")
     x = torch.randn(rows, 128, generator=g) * 3
@@ -173,4 +173,8 @@ def test_int8_amx_kernel_sums_exactly_each_row_alone(rows):
     assert (out.double() - exact).abs().max() <= 4 * (fp32.double() - exact).abs().max() + 1e-6
     assert torch.equal(torch.cat([layer(row[None]) for row in x]), out)
     assert layer(x[None]).shape == (1, rows, 96)                                     # leading dims kept
-    assert Int8Linear(torch.randn(96, 128), None, torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+    assert layer(x[:0]).shape == (0, 96)                                              # no rows, no tiles
+    bad = x.clone()
+    bad[0, 5] = float("nan")
+    assert layer(bad)[0].isnan().all() and not layer(bad)[1:].isnan().any()          # NaN stays NaN
+    assert not Int8Linear(torch.randn(96, 128), None, torch.bfloat16).amx            # --quantize int8's layers

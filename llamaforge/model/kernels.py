@@ -42,6 +42,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // Y (M, N) = X (M, K) W^T * scales for a few rows of activations X (a decode step of a batch; M = 1
@@ -501,7 +502,8 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
   const int64_t K = x_in.size(-1), N = packed.size(0), G = K / 32;
   auto x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && N % 64 == 0 && K % 32 == 0 &&
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.device().is_cpu() && packed.device().is_cpu() && sz.dim() == 3 &&
+              N % 64 == 0 && K % 32 == 0 &&
               packed.is_contiguous() && packed.size(1) * 2 == K && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.size(0) == G && sz.size(1) == N && sz.size(2) == 2,
               "int4_mm_amx: contiguous bf16 rows, blocks of 64 outputs, groups of 32 inputs");
@@ -736,10 +738,14 @@ AMX_FN static void int8_blocks_amx(const Int8Problem& p, int64_t begin, int64_t 
 // y (..., N) fp32 = x (..., K) times W (in int8_tiles' layout) times its scales (N,).
 AMX_FN torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, torch::Tensor x_in) {
   const int64_t N = packed.size(0) * 16, K = packed.size(1) * 4;
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous() && packed.scalar_type() == at::kChar &&
+              K % 64 == 0 && x_in.size(-1) == K && scales.numel() == N && x_in.device().is_cpu() && packed.device().is_cpu() &&
+              scales.device().is_cpu(), "int8_mm_amx: CPU rows of K inputs, weights in int8_tiles' layout, N scales");
   auto x = x_in.reshape({-1, K}).to(torch::kFloat32).contiguous();
   const int64_t M = x.size(0), M16 = (M + 15) / 16 * 16;
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 64 && packed.is_contiguous() && packed.scalar_type() == at::kChar,
-              "int8_mm_amx: weights in int8_tiles' layout");
+  auto shape = x_in.sizes().vec();
+  shape.back() = N;
+  if (M == 0) return torch::empty(shape, torch::dtype(torch::kFloat32));   // no tiles of 0 rows
   auto ss = scales.to(torch::kFloat32).contiguous();
   std::vector<int8_t> digits(3 * M16 * K, 0);
   std::vector<float> row_scale(M);
@@ -747,9 +753,14 @@ AMX_FN torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, tor
   const __m512 lim = _mm512_set1_ps(127.0f);
   for (int64_t m = 0; m < M; ++m) {
     __m512 mx = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(X + m * K + k)));
+    __mmask16 nan = 0;   // max drops NaN: a row with one gets NaN logits, as a product would give
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(X + m * K + k);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+    }
     const float top = _mm512_reduce_max_ps(mx), s = top > 0.0f ? top / 127.0f : 1.0f;
-    row_scale[m] = s;
+    row_scale[m] = nan ? std::numeric_limits<float>::quiet_NaN() : s;
     const __m512 inv = _mm512_set1_ps(1.0f / s);
     for (int64_t k = 0; k < K; k += 16) {
       __m512 t = _mm512_mul_ps(_mm512_loadu_ps(X + m * K + k), inv);
@@ -764,8 +775,6 @@ AMX_FN torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, tor
   auto y = torch::empty({M, N}, torch::dtype(torch::kFloat32));
   const Int8Problem p{M, K, N, packed.data_ptr<int8_t>(), ss.data_ptr<float>(), digits.data(), row_scale.data(), y.data_ptr<float>()};
   at::parallel_for(0, N / 16, 16, [&](int64_t begin, int64_t end) { int8_blocks_amx(p, begin, end); });
-  auto shape = x_in.sizes().vec();
-  shape.back() = N;
   return y.view(shape);
 }
 #else
@@ -885,12 +894,13 @@ _amx: bool | None = None
 
 
 def amx_available() -> bool:
-    """Whether int4 matrix products of a few rows run on AMX tiles here (`int4_mm_amx`): the CPU
-    has AMX-BF16, the kernels build, and Linux lends this process the tile state. LLAMAFORGE_NO_AMX=1
+    """Whether the AMX kernels run here (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`):
+    the CPU has AMX tiles (BF16 and INT8), the kernels build, and Linux lends this process the
+    tile state. LLAMAFORGE_NO_AMX=1
     keeps PyTorch's int4 kernel (to compare the two)."""
     global _amx
     if _amx is None:
-        _amx = bool(not os.environ.get("LLAMAFORGE_NO_AMX") and cpu_flags_have("amx_bf16", "amx_tile")
+        _amx = bool(not os.environ.get("LLAMAFORGE_NO_AMX") and cpu_flags_have("amx_bf16", "amx_int8", "amx_tile")
                     and gemv_extension() is not None and gemv_extension().amx_enable())
     return _amx
 

@@ -66,7 +66,8 @@ def int4_groups(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tenso
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, chunk_rows: int = 4096):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, chunk_rows: int = 4096,
+                 tiles: bool = False):
         super().__init__()
         n, k = weight.shape
         q, scales = int8_rows(weight, chunk_rows)
@@ -74,11 +75,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features = k, n
-        # Where the CPU has AMX tiles, every product takes int8_mm_amx, which sums exactly (int32
-        # tiles over three int8 digits of each activation): the output projection of SmolLM2 on
-        # a 2-core Xeon at 16 rows 1.5 against 5.5 ms (gemv_int8), at 1 row 0.6-0.8 against 0.7,
-        # and a row's logits the same in any batch. It reads a copy in the tiles' layout.
-        self.amx = weight.device.type == "cpu" and n % 16 == 0 and k % 64 == 0 and amx_available()
+        # tiles (the output projection's): where the CPU has AMX tiles, every product takes
+        # int8_mm_amx, which sums exactly (int32 tiles over three int8 digits of each activation):
+        # SmolLM2's at 16 rows 1.5 against 5.5 ms (gemv_int8), at 1 row 0.6-0.8 against 0.7, and a
+        # row's logits the same in any batch. It reads a second copy, in the tiles' layout (+28
+        # MB): not for --quantize int8's layers, whose bf16 rows PyTorch's int8 kernel takes.
+        self.amx = tiles and weight.device.type == "cpu" and n % 16 == 0 and k % 64 == 0 and amx_available()
         self.register_buffer("weight_tiles", int8_tiles(q) if self.amx else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,7 +202,7 @@ def quantize_weights(model: nn.Module, bits: int = 8, keep_dense: bool = False) 
     else:
         model.replace_linears(lambda linear: Int8Linear(linear.weight, linear.bias, dtype))
     # fp32 scales: the logits are computed in fp32 (`Llama.logits`).
-    model.lm_head = Int8Linear(model.output_weight, None, torch.float32)
+    model.lm_head = Int8Linear(model.output_weight, None, torch.float32, tiles=True)
     return model
 
 

@@ -10,10 +10,14 @@ output projection took 2.4 ms without and 1.6 ms with it.
 
 Beside them, for inference in bf16 (`use_cpu_kernels`): RMSNorm in one pass, and the attention of
 a decode step (one query per row, each row over its own length: a server's batch, or generation's
-one sequence). On a CPU with AMX tiles, int4 matrix products of a few rows run on them
-(`int4_mm_amx`): a server's 16-row decode step spends 7 ms there instead of 24 in PyTorch's kernel. PyTorch's CPU rms_norm runs op by op (upcast, pow, mean, rsqrt, two
-products, downcast) and its flash attention is made for many queries: on the Xeon, ~28 and ~50 us of each SmolLM2 layer's decode step; int4 decoding
-went from 65.8 to 76.6 tokens/s with both.
+one sequence), RoPE and SwiGLU's silu * up. PyTorch's CPU rms_norm runs op by op and its flash
+attention is made for many queries: on the Xeon, ~28 and ~50 us of each SmolLM2 layer's decode
+step; int4 decoding went from 65.8 to 76.6 tokens/s with both.
+
+On a CPU with AMX tiles, a decode step's int4 products, its int8 output projection and its
+attention run on the tiles (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`), each row
+computed alone so that a sequence decodes bit for bit the same alone or batched: a server's
+16-row step of SmolLM2 spends 7 ms in int4 products instead of 24 in PyTorch's kernel.
 
 They are compiled on first use with torch.utils.cpp_extension (about 30 s), once per machine, torch
 and Python: each build has a directory of its own under ~/.cache/llamaforge/kernels, so two
@@ -42,6 +46,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <vector>
 
@@ -347,6 +352,13 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_
   return y;
 }
 
+// 16 (scale, zero) pairs of bf16, as Int4Linear stores them, to fp32 scales and zeros.
+static inline void scales_zeros(const uint32_t* pairs, __m512& s, __m512& z) {
+  const __m512i sz = _mm512_loadu_si512(pairs);
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+  z = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // The transposed weights W^T (K, N) bf16 of PyTorch's CPU int4 packing, for the dense matmul of a
 // long input (a prefill), which oneDNN runs several times faster than PyTorch's int4 kernel (on AMX
 // tiles: ~1.5 TFLOP/s against ~170 GFLOP/s). The packing (`_convert_weight_to_int4pack_for_cpu`,
@@ -367,11 +379,7 @@ torch::Tensor int4pack_to_bf16_t(torch::Tensor packed, torch::Tensor sz, int64_t
     for (int64_t blk = begin; blk < end; ++blk)
       for (int64_t g = 0; g < K / group; ++g) {
         __m512 s[4], z[4];   // rows 64 blk + 16 c .. + 15
-        for (int c = 0; c < 4; ++c) {
-          const __m512i pair = _mm512_loadu_si512(SZ + g * N + blk * 64 + c * 16);
-          s[c] = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-          z[c] = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        }
+        for (int c = 0; c < 4; ++c) scales_zeros(SZ + g * N + blk * 64 + c * 16, s[c], z[c]);
         for (int64_t k = g * group; k < (g + 1) * group; ++k) {
           const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + (blk * K + k) * 32));
           const __m256i lo = _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
@@ -409,15 +417,30 @@ struct alignas(64) TileCfg { uint8_t palette; uint8_t start_row; uint8_t reserve
 
 bool amx_enable() { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
 
-// Tiles: 0 the activations (rows x 32 bf16), 1 and 6 the unpacked weights (16 pairs of inputs x 16
-// outputs), 2-5 the products for the 4 x 16 outputs of a block (rows x 16 fp32).
-AMX_FN static void configure_tiles(int rows) {
+struct TileShape { int tile, rows, colsb; };
+
+// This thread's tile registers shaped as listed (the others unused), palette 1.
+AMX_FN static void configure(std::initializer_list<TileShape> shapes) {
   TileCfg c;
   std::memset(&c, 0, sizeof c);
   c.palette = 1;
-  for (int t : {1, 6}) { c.rows[t] = 16; c.colsb[t] = 64; }
-  for (int t : {0, 2, 3, 4, 5}) { c.rows[t] = rows; c.colsb[t] = 64; }
+  for (const TileShape& t : shapes) { c.rows[t.tile] = static_cast<uint8_t>(t.rows); c.colsb[t.tile] = static_cast<uint16_t>(t.colsb); }
   _tile_loadconfig(&c);
+}
+
+// vpermt2w indices that interleave two rows of 32 bf16, a and b, into the tiles' pairs: lo holds
+// (a[t], b[t]) for t < 16, hi (a[16 + t], b[16 + t]).
+static inline void pair_indices(__m512i& lo, __m512i& hi) {
+  alignas(64) uint16_t l[32], h[32];
+  for (int t = 0; t < 16; ++t) { l[2 * t] = t; l[2 * t + 1] = 32 + t; h[2 * t] = 16 + t; h[2 * t + 1] = 48 + t; }
+  lo = _mm512_load_si512(l);
+  hi = _mm512_load_si512(h);
+}
+
+// Tiles: 0 the activations (rows x 32 bf16), 1 and 6 the unpacked weights (16 pairs of inputs x 16
+// outputs), 2-5 the products for the 4 x 16 outputs of a block (rows x 16 fp32).
+AMX_FN static void configure_int4_tiles(int rows) {
+  configure({{0, rows, 64}, {1, 16, 64}, {6, 16, 64}, {2, rows, 64}, {3, rows, 64}, {4, rows, 64}, {5, rows, 64}});
 }
 
 struct Int4Problem {
@@ -431,16 +454,14 @@ struct Int4Problem {
 
 AMX_FN static void int4_blocks_amx(const Int4Problem& pr, int64_t begin, int64_t end) {
   const int64_t M = pr.M, K = pr.K, N = pr.N, G = K / 32;
-  alignas(64) uint16_t table[32], pair_lo[32], pair_hi[32];
+  alignas(64) uint16_t table[32];
   for (int i = 0; i < 32; ++i) {   // the bf16 of q - 8 at index q (bits above the low 4 ignored)
     const float f = static_cast<float>((i & 15) - 8);
     uint32_t u; std::memcpy(&u, &f, 4); table[i] = static_cast<uint16_t>(u >> 16);
   }
-  for (int t = 0; t < 16; ++t) {   // interleave inputs k and k + 1 of outputs t (lo) and 16 + t (hi)
-    pair_lo[2 * t] = t; pair_lo[2 * t + 1] = 32 + t; pair_hi[2 * t] = 16 + t; pair_hi[2 * t + 1] = 48 + t;
-  }
-  const __m512i T = _mm512_load_si512(table), IL = _mm512_load_si512(pair_lo), IH = _mm512_load_si512(pair_hi);
-  const __m512i high_half = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i T = _mm512_load_si512(table);
+  __m512i IL, IH;   // inputs k and k + 1 of outputs t (IL) and 16 + t (IH)
+  pair_indices(IL, IH);
   alignas(64) uint16_t B[4][16][32];   // one group's weights for outputs 16j..16j+15, as tiles load them
   alignas(64) float C[4][16][16];
   std::vector<float> acc(M * 64);      // the block's outputs, fp32
@@ -461,14 +482,10 @@ AMX_FN static void int4_blocks_amx(const Int4Problem& pr, int64_t begin, int64_t
         _mm512_store_si512(B[3][r], _mm512_permutexvar_epi16(_mm512_srli_epi16(hi, 4), T));
       }
       __m512 s[4], z[4];
-      for (int j = 0; j < 4; ++j) {
-        const __m512i sz = _mm512_loadu_si512(pr.SZ + g * N + blk * 64 + j * 16);
-        s[j] = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
-        z[j] = _mm512_castsi512_ps(_mm512_and_si512(sz, high_half));
-      }
+      for (int j = 0; j < 4; ++j) scales_zeros(pr.SZ + g * N + blk * 64 + j * 16, s[j], z[j]);
       for (int64_t m0 = 0; m0 < M; m0 += 16) {   // 16 rows a tile
         const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-        if (rows != configured) { configure_tiles(rows); configured = rows; }
+        if (rows != configured) { configure_int4_tiles(rows); configured = rows; }
         _tile_loadd(0, pr.X + m0 * K + g * 32, K * 2);
         _tile_zero(2); _tile_zero(3); _tile_zero(4); _tile_zero(5);
         _tile_loadd(1, B[0], 64); _tile_dpbf16ps(2, 0, 1);
@@ -507,14 +524,14 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
               packed.is_contiguous() && packed.size(1) * 2 == K && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.size(0) == G && sz.size(1) == N && sz.size(2) == 2,
               "int4_mm_amx: contiguous bf16 rows, blocks of 64 outputs, groups of 32 inputs");
-  const uint16_t* X = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const at::BFloat16* XB = x.data_ptr<at::BFloat16>();
   std::vector<float> xsum(M * G);
   for (int64_t i = 0; i < M * G; ++i)   // row m's group g is X[i * 32 ...] (K = 32 G)
-    xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(load_bf16(x.data_ptr<at::BFloat16>() + i * 32),
-                                                 load_bf16(x.data_ptr<at::BFloat16>() + i * 32 + 16)));
+    xsum[i] = _mm512_reduce_add_ps(_mm512_add_ps(load_bf16(XB + i * 32), load_bf16(XB + i * 32 + 16)));
   auto y = torch::empty({M, N}, torch::dtype(torch::kBFloat16));
-  const Int4Problem pr{M, K, N, X, packed.data_ptr<uint8_t>(), reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>()),
-                       xsum.data(), reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
+  const Int4Problem pr{M, K, N, reinterpret_cast<const uint16_t*>(XB), packed.data_ptr<uint8_t>(),
+                       reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>()), xsum.data(),
+                       reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
   at::parallel_for(0, N / 64, 1, [&](int64_t begin, int64_t end) { int4_blocks_amx(pr, begin, end); });
   auto shape = x_in.sizes().vec();
   shape.back() = N;
@@ -531,15 +548,7 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
 // Tiles: 0 keys / interleaved values (16 x 64 B), 1 the queries' pairs (16 x 4G B), 2 scores
 // (16 keys x G), 3 probabilities (G x 32 keys), 4-7 outputs (G x 16 dims each).
 AMX_FN static void configure_attention_tiles(int G) {
-  TileCfg c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  c.rows[0] = 16; c.colsb[0] = 64;
-  c.rows[1] = 16; c.colsb[1] = static_cast<uint16_t>(4 * G);
-  c.rows[2] = 16; c.colsb[2] = static_cast<uint16_t>(4 * G);
-  c.rows[3] = static_cast<uint8_t>(G); c.colsb[3] = 64;
-  for (int t = 4; t < 8; ++t) { c.rows[t] = static_cast<uint8_t>(G); c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  configure({{0, 16, 64}, {1, 16, 4 * G}, {2, 16, 4 * G}, {3, G, 64}, {4, G, 64}, {5, G, 64}, {6, G, 64}, {7, G, 64}});
 }
 
 struct AttentionProblem {
@@ -558,9 +567,8 @@ AMX_FN static void attention_rows_amx(const AttentionProblem& a, int64_t begin, 
   alignas(64) float tmp[16][16];
   alignas(64) uint16_t vp[4][16][32];    // 32 keys' values for 64 dimensions, pair-interleaved
   alignas(64) float out[16][64];
-  alignas(64) uint16_t pair_lo[32], pair_hi[32];
-  for (int t = 0; t < 16; ++t) { pair_lo[2 * t] = t; pair_lo[2 * t + 1] = 32 + t; pair_hi[2 * t] = 16 + t; pair_hi[2 * t + 1] = 48 + t; }
-  const __m512i IL = _mm512_load_si512(pair_lo), IH = _mm512_load_si512(pair_hi);
+  __m512i IL, IH;   // keys j and j + 1 of dimensions t (IL) and 16 + t (IH)
+  pair_indices(IL, IH);
   std::vector<float> scores;
   std::vector<uint16_t> probs;
   for (int64_t bh = begin; bh < end; ++bh) {
@@ -675,12 +683,8 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
 // Tiles: 0 16 rows x 64 inputs of one digit, 1 64 inputs x 16 outputs of W, 2-7 the three digits'
 // sums for up to 2 x 16 rows; digits, row scale and W's scales combine in fp32 at the end.
 AMX_FN static void configure_head_tiles(int rows) {   // rows of x a tile: 16, or M when fewer
-  TileCfg c;
-  std::memset(&c, 0, sizeof c);
-  c.palette = 1;
-  c.rows[1] = 16; c.colsb[1] = 64;
-  for (int t : {0, 2, 3, 4, 5, 6, 7}) { c.rows[t] = static_cast<uint8_t>(rows); c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  configure({{0, rows, 64}, {1, 16, 64}, {2, rows, 64}, {3, rows, 64}, {4, rows, 64}, {5, rows, 64}, {6, rows, 64},
+             {7, rows, 64}});
 }
 
 struct Int8Problem {
@@ -896,8 +900,7 @@ _amx: bool | None = None
 def amx_available() -> bool:
     """Whether the AMX kernels run here (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`):
     the CPU has AMX tiles (BF16 and INT8), the kernels build, and Linux lends this process the
-    tile state. LLAMAFORGE_NO_AMX=1
-    keeps PyTorch's int4 kernel (to compare the two)."""
+    tile state. LLAMAFORGE_NO_AMX=1 turns them off (to compare with the paths other CPUs take)."""
     global _amx
     if _amx is None:
         _amx = bool(not os.environ.get("LLAMAFORGE_NO_AMX") and cpu_flags_have("amx_bf16", "amx_int8", "amx_tile")
@@ -912,6 +915,17 @@ def int4_mm_amx(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.T
     if torch.compiler.is_compiling():
         return _int4_mm_amx_op(x, packed, scales_and_zeros)
     return gemv_extension().int4_mm_amx(x, packed, scales_and_zeros)
+
+
+@torch.library.custom_op("llamaforge::int4_mm_amx", mutates_args=())
+def _int4_mm_amx_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """int4_mm_amx as an opaque op to torch.compile."""
+    return gemv_extension().int4_mm_amx(x, packed, scales_and_zeros)
+
+
+@_int4_mm_amx_op.register_fake
+def _(x, packed, scales_and_zeros):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=torch.bfloat16)
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -938,17 +952,6 @@ def _int8_mm_amx_op(tiles: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) 
 @_int8_mm_amx_op.register_fake
 def _(tiles, scales, x):
     return x.new_empty((*x.shape[:-1], tiles.shape[0] * 16), dtype=torch.float32)
-
-
-@torch.library.custom_op("llamaforge::int4_mm_amx", mutates_args=())
-def _int4_mm_amx_op(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """int4_mm_amx as an opaque op to torch.compile."""
-    return gemv_extension().int4_mm_amx(x, packed, scales_and_zeros)
-
-
-@_int4_mm_amx_op.register_fake
-def _(x, packed, scales_and_zeros):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=torch.bfloat16)
 
 
 _EVERY_POSITION = torch.empty(0, dtype=torch.long)

@@ -60,6 +60,13 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def inference_kernel_takes(t: torch.Tensor) -> bool:
+    """Whether a CPU kernel hook (Attention.rope, MLP.silu_mul; set by kernels.use_cpu_kernels)
+    may replace PyTorch's ops on t: bf16 on a CPU, no gradient to carry, nothing tracing."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not t.requires_grad \
+        and not torch.compiler.is_compiling()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # "Rotate half" pairs dimension i with i + head_dim/2 (HF layout; Meta and GGUF interleave
     # pairs instead, and their loaders permute Q/K rows into this layout).
@@ -216,8 +223,7 @@ class Attention(nn.Module):
         else:
             # One matmul for Q, K and V, and one RoPE call for Q and K together.
             qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd)                      # (B, T, H+2Hkv, hd)
-            if self.rope is not None and qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu" \
-                    and not qkv.requires_grad and cos.dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+            if self.rope is not None and inference_kernel_takes(qkv) and cos.dtype == torch.bfloat16:
                 qk = self.rope(qkv, cos, sin, H + Hkv).transpose(1, 2)
             else:
                 qk = apply_rope(qkv[:, :, :H + Hkv].transpose(1, 2), cos, sin)
@@ -275,8 +281,7 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate_up = self.gate_up_proj(x)
-            if self.silu_mul is not None and not gate_up.requires_grad and gate_up.dtype == torch.bfloat16 \
-                    and gate_up.device.type == "cpu" and not torch.compiler.is_compiling():
+            if self.silu_mul is not None and inference_kernel_takes(gate_up):
                 return self.down_proj(self.silu_mul(gate_up))
             gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -5,8 +5,9 @@ weights move half the bytes of bf16, int4 a quarter. int8 keeps one bf16 scale p
 (symmetric); int4 keeps a scale and an offset per group of 32 inputs, the layout of llama.cpp's
 Q4_1 blocks, so a Q4_1 checkpoint converts without further loss (each block's min and max are
 two of its 16 levels). Decode steps (a few rows of activations) use PyTorch's weight-only
-kernels, or int4 on AMX tiles where the CPU has them (`kernels.int4_mm_amx`); long inputs
-(prefill) dequantise to bf16 and use the dense matmul, faster there.
+kernels, or where the CPU has AMX tiles llamaforge's (`kernels.int4_mm_amx`, and
+`kernels.int8_mm_amx` for the output projection); long inputs (prefill) dequantise to bf16 and
+use the dense matmul, faster there.
 """
 from __future__ import annotations
 
@@ -173,16 +174,15 @@ class Int4Linear(nn.Module):
         # call (the same values). SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4
         # kernel 351 ms, unpacked 87, kept copy 63 (benchmarks/bench_gemv.py --int4).
         rows = x.numel() // self.in_features
-        if self.amx and rows < self.dense_min_rows and x.dtype == torch.bfloat16:   # as few Python ops as can be
-            y = int4_mm_amx(x, self.weight, self.scales_and_zeros)
+        if self.amx and rows < self.dense_min_rows:   # shapes kept by the kernel: few Python ops a call
+            y = int4_mm_amx(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.weight, self.scales_and_zeros)
+            y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(rows, self.in_features)
         if rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
             wt = self.dense_t if self.dense_t is not None else \
                 int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)      # (K, N)
             y = x2.to(wt.dtype) @ wt
-        elif self.amx:
-            y = int4_mm_amx(x2.to(torch.bfloat16), self.weight, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros)

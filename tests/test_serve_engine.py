@@ -21,9 +21,9 @@ from llamaforge.model.adapters import (
 )
 from llamaforge.model.constrained import JSONConstraint
 from llamaforge.model.generation import SamplingConfig, generate_tokens
-from llamaforge.serve.engine import Engine, QueueFull, Request
+from llamaforge.serve.engine import Engine, QueueFull, Request, Scheduler
 
-from conftest import random_model, randomize_parameters
+from conftest import kernel_calls, random_model, randomize_parameters
 
 
 @pytest.fixture(scope="module")
@@ -300,3 +300,31 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
             logits = decode_one_token(plain, torch.tensor([[token]]), None, pos, None)
     assert out.tokens == tokens
     assert out.logprobs == logprobs
+
+
+def test_the_default_model_decodes_a_request_batched_as_alone_on_amx():
+    """On a CPU with AMX tiles every decode kernel computes a row alone (int4 products, the int8
+    output projection, attention, the norms, RoPE, silu * up): the real SmolLM2 server gives a
+    request the same log-probability floats whether it decodes alone or among 7 others of other
+    lengths, and the tile kernels are what ran."""
+    from llamaforge.formats.load import load
+    from llamaforge.model.kernels import amx_available
+    if not amx_available():
+        pytest.skip("no AMX here: a batch's rows may round differently from one row alone (see test_serve's NEAR_TIE)")
+    served, tok = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
+    prompt = tok.encode("Once upon a time, a small fox named Pip lived by a river. One morning")
+    others = [tok.encode(f"Story {i}: " + "the wind carried seeds over the hills. " * (i + 1)) for i in range(7)]
+    running = []   # sequences in each step: the request did share its steps
+    engine = Engine(served, tok, max_batch=8, scheduler=Scheduler(lambda n, waiting: running.append(n)))
+    try:
+        alone_out = submit(engine, prompt, 24, logprobs=0)
+        wait([alone_out])
+        running.clear()
+        with kernel_calls() as calls:
+            batch = [submit(engine, p, 24, logprobs=0) for p in others[:3]] + [submit(engine, prompt, 24, logprobs=0)] + \
+                [submit(engine, p, 24, logprobs=0) for p in others[3:]]
+            wait(batch)
+    finally:
+        engine.shutdown()
+    assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "decode_attention_amx"} <= set(calls)
+    assert batch[3].tokens == alone_out.tokens and batch[3].logprobs == alone_out.logprobs

@@ -171,6 +171,29 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 
 
+def test_cache_write_puts_each_rows_key_at_its_own_position():
+    """A decode step's new keys and values into a server's cache, as index assignment would: only
+    the rows that decode, each at its own position, from strided inputs (views of the stacked
+    projection); out-of-range rows or positions refused before anything is written."""
+    from llamaforge.model.kernels import cache_write
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: the engine uses index_copy_")
+    g = torch.Generator().manual_seed(0)
+    B, H, L, D = 5, 3, 40, 64
+    k_cache, v_cache = torch.randn(B, H, L, D, generator=g).bfloat16(), torch.randn(B, H, L, D, generator=g).bfloat16()
+    qkv = torch.randn(B, 1, 9 + 2 * H, D, generator=g).bfloat16()
+    k, v = qkv[:, :, 9:9 + H].transpose(1, 2), qkv[:, :, 9 + H:].transpose(1, 2)   # (B, H, 1, D), strided
+    rows, at = torch.tensor([0, 2, 3]), torch.tensor([7, 0, 39])
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[rows, :, at], want_v[rows, :, at] = k[rows, :, 0], v[rows, :, 0]
+    assert cache_write(k_cache, v_cache, k, v, rows, at)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    for bad_rows, bad_at in ((torch.tensor([5]), torch.tensor([0])), (torch.tensor([1]), torch.tensor([L]))):
+        with pytest.raises(RuntimeError, match="out of range"):
+            cache_write(k_cache, v_cache, k, v, bad_rows, bad_at)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
 def test_silu_mul_kernel_rounds_once():
     """SwiGLU's silu(gate) * up in one pass: the fp32 value rounded to bf16 once (PyTorch's ops
     round twice, so they may differ by a step), for rows of any leading shape."""

@@ -31,7 +31,7 @@ from ..model.generation import (
     process_logits,
     sample_from,
 )
-from ..model.kernels import decode_attention
+from ..model.kernels import cache_write, decode_attention
 
 
 class QueueFull(Exception):
@@ -138,8 +138,10 @@ class _Rows:
             end = start + k.shape[2]
             self.k[:, :, start:end], self.v[:, :, start:end] = k, v
             return self.k[:, :, :end], self.v[:, :, :end]
-        # One index_copy_ into the flat (rows * heads * positions, head_dim) view: each new key to
-        # (row, head, its position); advanced-index assignment costs ~3x as much (~37 us a layer).
+        if cache_write(self.k, self.v, k, v, step.rows, step.at):
+            return self.k[:, :, :step.length], self.v[:, :, :step.length]
+        # Elsewhere one index_copy_ into the flat (rows * heads * positions, head_dim) view: each new
+        # key to (row, head, its position); advanced-index assignment costs ~3x as much.
         B, H, L, D = self.k.shape
         if step.flat is None:   # the first layer's; every layer has the same shape
             step.flat = ((step.rows[:, None] * H + torch.arange(H, device=step.rows.device)) * L

@@ -73,6 +73,14 @@ def test_best_model_is_kept_and_evaluate_reproduces_it(lora_run, capsys):
     metrics = json.loads((lora_run / "metrics.json").read_text())
     best = max(metrics["evals"], key=lambda e: e["accuracy"])
     assert metrics["final"]["dev"]["accuracy"] == pytest.approx(best["accuracy"])
+    # Each evaluation also records the dev loss: the mean cross-entropy of the dev labels, which
+    # the best model's predictions give again.
+    import csv
+    import math
+    dev = list(csv.DictReader(sentiment_file("dev").open(encoding="utf-8")))
+    rows = predict_classifier(lora_run, data=sentiment_file("dev"))
+    loss = -sum(math.log(r[f"p_{d['label']}"]) for r, d in zip(rows, dev, strict=True)) / len(dev)
+    assert best["loss"] == pytest.approx(loss, rel=1e-3, abs=1e-4)
     main(["evaluate", str(lora_run), "--data", str(sentiment_file("dev")), "--format", "json"])
     report = json.loads(capsys.readouterr().out)
     assert {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "n", "per_class"} <= set(report)

@@ -172,12 +172,22 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     assert abs(next_token_loss(twin, ids, labels)[0].item() - loss_c) > 1e-3
 
 
-def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch, tmp_path):
+    """And with one, torch.compile's code is cached under llamaforge's cache (kept across reboots),
+    unless TORCHINDUCTOR_CACHE_DIR says where."""
+    import os
     import shutil
 
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.model.kernels import require_cpp_compiler
-    require_cpp_compiler("--compile")   # this machine has one
+    from llamaforge.model.kernels import prepare_compile
+    monkeypatch.setenv("LLAMAFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")   # so that monkeypatch restores what was there
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    prepare_compile("--compile")   # this machine has one
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    prepare_compile("--compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(LlamaforgeError, match="--compile needs a C.. compiler"):
-        require_cpp_compiler("--compile")
+        prepare_compile("--compile")

@@ -85,3 +85,66 @@ def test_fit_steps_are_adamw_steps_in_fp32_and_bf16(tmp_path, monkeypatch):
     checkpoint.load(tmp_path / "bf16" / "checkpoint", saved, torch.optim.AdamW([t for _, t in saved], fused=True))
     assert saved[0][1].dtype == torch.float32
     torch.testing.assert_close(saved[0][1].bfloat16(), bf16.weight, atol=0, rtol=0)
+
+
+def test_compile_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
+    """--compile unset: on for CPU runs of enough steps (fewer once this machine has the step
+    compiled) with a C++ compiler; not on a GPU, under FSDP, in a run whose time budget the
+    compilation would eat, or in recipes not measured compiled (AdaLoRA, a quantised base, DPO)."""
+    import shutil
+
+    from llamaforge.train.base import FinetuneConfig
+    from llamaforge.train.distributed import World
+    from llamaforge.train.dpo import DPOConfig
+    from llamaforge.train.trainer import COMPILE_MIN_STEPS, compile_by_default
+    cpu, cached, first = World(), COMPILE_MIN_STEPS["cached"], COMPILE_MIN_STEPS["first"]
+    assert cached < first
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert compile_by_default(TrainConfig(), cached, cpu, None, cached=True)
+    assert not compile_by_default(TrainConfig(), cached, cpu, None, cached=False)
+    assert compile_by_default(TrainConfig(), first, cpu, None, cached=False)
+    assert compile_by_default(FinetuneConfig(), cached, cpu, "ddp", cached=True)
+    assert compile_by_default(TrainConfig(max_minutes=10), cached, cpu, None, cached=True)
+    assert not compile_by_default(TrainConfig(), cached - 1, cpu, None, cached=True)
+    assert not compile_by_default(TrainConfig(), first, World(device=torch.device("cuda")), None, cached=True)
+    assert not compile_by_default(TrainConfig(), first, cpu, "fsdp", cached=True)
+    assert not compile_by_default(TrainConfig(max_minutes=1), first, cpu, None, cached=True)
+    assert not compile_by_default(FinetuneConfig(method="adalora"), first, cpu, None, cached=True)
+    assert not compile_by_default(FinetuneConfig(quantize_base="int4"), first, cpu, None, cached=True)
+    assert not compile_by_default(DPOConfig(), first, cpu, None, cached=True)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert not compile_by_default(TrainConfig(), first, cpu, None, cached=True)
+
+
+def test_fit_compiles_the_blocks_by_default_for_a_long_run(tmp_path, monkeypatch, tiny_bpe):
+    """fit asks its Llama for compiled training blocks when --compile is unset and the run is long
+    enough: longer the first time, shorter once a compiled step left its mark beside torch's cache
+    (thresholds lowered here; compile_for_training recorded, not run: compiled training itself is
+    tested in test_model.py); always with --compile, never with --compile false."""
+    from llamaforge.evaluate.lm import next_token_loss
+    from llamaforge.formats.load import build_model
+    from llamaforge.model.llama import Llama
+    from llamaforge.train import trainer
+
+    from conftest import random_model
+    llama = build_model(random_model("tiny", tiny_bpe)[0], "fp32")
+
+    class NextToken(Regression):
+        def loss(self, model, items):
+            ids = torch.arange(items[0], items[0] + 8)[None] % model.config.vocab_size
+            return next_token_loss(model, ids, ids, reduction="sum")[0], 7
+
+        def units(self, items):
+            return 7
+
+    calls = []
+    monkeypatch.setattr(Llama, "compile_for_training", lambda self: calls.append(self))
+    monkeypatch.setattr(trainer, "COMPILE_MIN_STEPS", {"cached": 3, "first": 5})
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    base = dict(lr=1e-3, metric="loss", greater_is_better=False, save_every=1000)
+    for n, (steps, compile, expected) in enumerate([(3, None, False), (5, None, True), (3, None, True), (2, None, False),
+                                                    (2, True, True), (5, False, False)]):
+        calls.clear()
+        fit(llama, NextToken(), TrainConfig(max_steps=steps, compile=compile, **base), tmp_path / str(n))
+        assert calls == ([llama] if expected else []), (steps, compile)
+    assert len(list((tmp_path / "inductor" / "llamaforge-compiled").iterdir())) == 1

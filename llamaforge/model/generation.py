@@ -14,7 +14,7 @@ import torch
 
 from ..errors import LlamaforgeError
 from ..text.tokenizer import StreamDecoder, Tokenizer
-from .kernels import require_cpp_compiler
+from .kernels import prepare_compile
 from .llama import Llama, WindowKVCache, attention_mask
 
 
@@ -127,7 +127,7 @@ def compiled_decode_step(model: Llama):
     step = getattr(model, "_compiled_decode_step", None)
     if step is None:
         import sys
-        require_cpp_compiler("--compile")
+        prepare_compile("--compile")
         print("compiling the decode step (once per process; about 40 s on 2 cores)...", file=sys.stderr)
         step = torch.compile(decode_one_token, dynamic=True, fullgraph=True)
         model._compiled_decode_step = step

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
-from ..files import cache_dir
+from ..files import cache_dir, keep_compiled_code
 from .device import cpu_flags_have
 from .llama import RMSNorm
 
@@ -842,13 +842,19 @@ _extension = None
 _tried = False
 
 
-def require_cpp_compiler(option: str):
-    """torch.compile builds its CPU kernels with a C++ compiler: without one, refuse `option` in
-    one line now rather than with a compiler traceback at the first step."""
+def has_cpp_compiler() -> bool:
     import shutil
-    if not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++")):
+    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++"))
+
+
+def prepare_compile(option: str):
+    """Before torch.compile. It builds its CPU kernels with a C++ compiler: without one, refuse
+    `option` in one line now rather than with a compiler traceback at the first step. Its compiled
+    code is kept where keep_compiled_code says, if torch has not fixed the place yet."""
+    if not has_cpp_compiler():
         raise LlamaforgeError(f"{option} needs a C++ compiler (torch.compile builds its CPU kernels with "
                               f"one): install g++, or leave out {option}")
+    keep_compiled_code()
 
 
 def _cpu_has_avx512() -> bool:

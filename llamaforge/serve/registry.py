@@ -56,8 +56,8 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
     engines: dict[str, tuple[Engine, object]] = {}   # resolved base path -> (engine, tokenizer)
     scheduler = Scheduler(on_step)
     if compile:
-        from ..model.kernels import require_cpp_compiler
-        require_cpp_compiler("--compile")
+        from ..model.kernels import prepare_compile
+        prepare_compile("--compile")
 
     def engine_for(model: str):
         key = str(resolve_model_path(model).resolve())   # "default" and its file are one base

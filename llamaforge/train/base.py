@@ -67,6 +67,10 @@ class FinetuneConfig(TrainConfig):
             raise LlamaforgeError(f"max-length must be at least 2, got {self.max_length}")
         super().__post_init__()
 
+    def compile_measured(self) -> bool:
+        # AdaLoRA's masks and a quantised base were not measured compiled: --compile only when asked.
+        return self.method != "adalora" and self.quantize_base is None
+
     def lora(self) -> LoRAConfig:
         if self.method == "adalora":
             schedule = AdaLoRASchedule(target_rank=self.target_rank, tinit=self.adalora_tinit or 0,

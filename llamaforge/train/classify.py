@@ -161,7 +161,12 @@ class ClassificationTask:
     def evaluate(self, model, world):
         part = share(self.dev_seqs, world.rank, world.size)
         probs = torch.cat(world.gather(predict_proba(model, part, self.tok.pad_id, self.cfg.eval_batch_size)))
-        return classification_report(self.dev_y, probs.argmax(-1).tolist(), self.labels)
+        report = classification_report(self.dev_y, probs.argmax(-1).tolist(), self.labels)
+        # The mean cross-entropy of the dev labels (HF Trainer's eval_loss): unlike accuracy, it
+        # moves with every example's probability, so it tells close runs apart.
+        true = probs[torch.arange(len(self.dev_y)), torch.tensor(self.dev_y)]
+        report["loss"] = float(-true.clamp(min=1e-12).log().mean())
+        return report
 
     def format_metrics(self, report):
         return format_report(report)

@@ -56,6 +56,9 @@ class DPOConfig(FinetuneConfig):
     # in one epoch, 5e-5 0.55 in two. AdaLoRA 10x LoRA's, as for classification (FinetuneConfig).
     DEFAULT_LR = {"lora": 5e-4, "adalora": 5e-3, "full": 1e-6}
 
+    def compile_measured(self) -> bool:
+        return False   # two models' passes a step (policy and reference): not measured compiled
+
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise LlamaforgeError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")

@@ -155,6 +155,32 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 # --- the app -------------------------------------------------------------------------------------
 
+class AuthAndCount:
+    """For /v1 requests: the API key checked (401 without it), and each answer's status counted.
+    Plain ASGI: Starlette's @app.middleware("http") passes a streamed body through a task and a
+    queue of its own, one more hop for every token of every stream."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app, self.api_key, self.metrics = app, api_key, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if self.api_key:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {self.api_key}":
+                self.metrics.request(path, 401)
+                err = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+                return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.request(path, message["status"])
+            await send(message)
+        await self.app(scope, receive, counted)
+
+
 def create_app(models: dict[str, Served], api_key: str | None = None, metrics: Metrics | None = None) -> FastAPI:
     app = FastAPI(title="llamaforge", version=__version__, docs_url=None, redoc_url=None)
     metrics = metrics or Metrics()
@@ -173,17 +199,7 @@ def create_app(models: dict[str, Served], api_key: str | None = None, metrics: M
     async def llamaforge_error(_, exc: LlamaforgeError):
         return JSONResponse(ApiError(400, str(exc)).body(), status_code=400)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                err = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-                metrics.request(request.url.path, 401)
-                return JSONResponse(err.body(), status_code=401)
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.request(request.url.path, response.status_code)
-        return response
+    app.add_middleware(AuthAndCount, api_key=api_key, metrics=metrics)
 
     def served(name: str, kind: str = "lm") -> Served:
         m = models.get(name)
@@ -413,7 +429,11 @@ async def _stream(http: Request, body, m: Served, jobs: list[Job], chat: bool, r
             await merged.put((i, e))
             if e.finish:
                 return
-    tasks = [asyncio.create_task(forward(i, j)) for i, j in enumerate(jobs)]
+
+    async def only_job():   # n = 1: its own queue, no task to merge the choices' events
+        return 0, await jobs[0].events.get()
+    tasks = [asyncio.create_task(forward(i, j)) for i, j in enumerate(jobs)] if len(jobs) > 1 else []
+    next_event = merged.get if tasks else only_job
     try:
         for i in range(len(jobs)):
             if chat:
@@ -422,7 +442,7 @@ async def _stream(http: Request, body, m: Served, jobs: list[Job], chat: bool, r
             elif echo and echo[i]:
                 yield chunk([{"index": i, "text": echo[i], "logprobs": None, "finish_reason": None}])
         while open_jobs:
-            i, e = await merged.get()
+            i, e = await next_event()
             if e.finish == "error":
                 yield f"data: {json.dumps(ApiError(e.status, e.error or 'generation failed', kind='server_error').body())}\n\n"
                 open_jobs.discard(i)

@@ -107,7 +107,10 @@ def ours(train: Path, dev: Path, out: Path, flags: list[str], seed: int) -> tupl
            "--out", str(out), "--text-column", "sentence", "--lr", str(LR), "--batch-size", str(BATCH),
            "--eval-every", "100000", "--seed", str(seed), *flags]
     t = time.perf_counter()
-    run = subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if run.returncode:
+        sys.stderr.write(run.stderr)
+        raise SystemExit(f"{' '.join(cmd)} failed ({run.returncode})")
     whole = time.perf_counter() - t
     metrics = json.loads((out / "metrics.json").read_text())
     last = metrics["evals"][-1]

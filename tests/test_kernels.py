@@ -192,6 +192,9 @@ def test_cache_write_puts_each_rows_key_at_its_own_position():
         with pytest.raises(RuntimeError, match="out of range"):
             cache_write(k_cache, v_cache, k, v, bad_rows, bad_at)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    for t in (0, 2):   # one new key per row, no more, no fewer
+        with pytest.raises(RuntimeError, match="cache_write"):
+            cache_write(k_cache, v_cache, k.expand(B, H, t, D), v.expand(B, H, t, D), rows, at)
 
 
 def test_silu_mul_kernel_rounds_once():

@@ -87,42 +87,50 @@ def test_fit_steps_are_adamw_steps_in_fp32_and_bf16(tmp_path, monkeypatch):
     torch.testing.assert_close(saved[0][1].bfloat16(), bf16.weight, atol=0, rtol=0)
 
 
-def test_compile_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
-    """--compile unset: on for CPU runs of enough steps (fewer once this machine has the step
-    compiled) with a C++ compiler; not on a GPU, under FSDP, in a run whose time budget the
-    compilation would eat, or in recipes not measured compiled (AdaLoRA, a quantised base, DPO)."""
-    import shutil
+class MeasuredCompiled(TrainConfig):
+    def compile_measured(self):   # as FinetuneConfig's LoRA
+        return True
 
+
+def test_compile_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
+    """--compile unset: on for CPU LoRA runs of enough steps (fewer once this machine has the step
+    compiled) where torch.compile can build; not on a GPU, under FSDP, in a run whose time budget
+    the compilation would eat, or for what was not measured compiled (full fine-tuning, prefix
+    tuning, AdaLoRA, a quantised base, DPO, pretraining)."""
+    from llamaforge.model import kernels
     from llamaforge.train.base import FinetuneConfig
     from llamaforge.train.distributed import World
     from llamaforge.train.dpo import DPOConfig
+    from llamaforge.train.pretrain import PretrainConfig
     from llamaforge.train.trainer import COMPILE_MIN_STEPS, compile_by_default
     cpu, cached, first = World(), COMPILE_MIN_STEPS["cached"], COMPILE_MIN_STEPS["first"]
     assert cached < first
-    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    assert compile_by_default(TrainConfig(), cached, cpu, None, cached=True)
-    assert not compile_by_default(TrainConfig(), cached, cpu, None, cached=False)
-    assert compile_by_default(TrainConfig(), first, cpu, None, cached=False)
+    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    assert compile_by_default(FinetuneConfig(), cached, cpu, None, cached=True)
+    assert not compile_by_default(FinetuneConfig(), cached, cpu, None, cached=False)
+    assert compile_by_default(FinetuneConfig(), first, cpu, None, cached=False)
     assert compile_by_default(FinetuneConfig(), cached, cpu, "ddp", cached=True)
-    assert compile_by_default(TrainConfig(max_minutes=10), cached, cpu, None, cached=True)
-    assert not compile_by_default(TrainConfig(), cached - 1, cpu, None, cached=True)
-    assert not compile_by_default(TrainConfig(), first, World(device=torch.device("cuda")), None, cached=True)
-    assert not compile_by_default(TrainConfig(), first, cpu, "fsdp", cached=True)
-    assert not compile_by_default(TrainConfig(max_minutes=1), first, cpu, None, cached=True)
-    assert not compile_by_default(FinetuneConfig(method="adalora"), first, cpu, None, cached=True)
-    assert not compile_by_default(FinetuneConfig(quantize_base="int4"), first, cpu, None, cached=True)
-    assert not compile_by_default(DPOConfig(), first, cpu, None, cached=True)
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert not compile_by_default(TrainConfig(), first, cpu, None, cached=True)
+    assert compile_by_default(FinetuneConfig(max_minutes=10), cached, cpu, None, cached=True)
+    assert not compile_by_default(FinetuneConfig(), cached - 1, cpu, None, cached=True)
+    assert not compile_by_default(FinetuneConfig(), first, World(device=torch.device("cuda")), None, cached=True)
+    assert not compile_by_default(FinetuneConfig(), first, cpu, "fsdp", cached=True)
+    assert not compile_by_default(FinetuneConfig(max_minutes=1), first, cpu, None, cached=True)
+    for unmeasured in (FinetuneConfig(method="full"), FinetuneConfig(method="adalora"), FinetuneConfig(quantize_base="int4"),
+                       DPOConfig(), PretrainConfig()):
+        assert not compile_by_default(unmeasured, first, cpu, None, cached=True), unmeasured
+    monkeypatch.setattr(kernels, "can_compile", lambda: False)
+    assert not compile_by_default(FinetuneConfig(), first, cpu, None, cached=True)
 
 
 def test_fit_compiles_the_blocks_by_default_for_a_long_run(tmp_path, monkeypatch, tiny_bpe):
     """fit asks its Llama for compiled training blocks when --compile is unset and the run is long
-    enough: longer the first time, shorter once a compiled step left its mark beside torch's cache
-    (thresholds lowered here; compile_for_training recorded, not run: compiled training itself is
-    tested in test_model.py); always with --compile, never with --compile false."""
+    enough: longer the first time, shorter once a step ran them compiled and left its mark beside
+    torch's cache (thresholds lowered here; compile_for_training recorded, not run: compiled
+    training itself is tested in test_model.py); always with --compile, never with --compile
+    false. The decision is written into the config (the model card records it)."""
     from llamaforge.evaluate.lm import next_token_loss
     from llamaforge.formats.load import build_model
+    from llamaforge.model import kernels
     from llamaforge.model.llama import Llama
     from llamaforge.train import trainer
 
@@ -132,19 +140,41 @@ def test_fit_compiles_the_blocks_by_default_for_a_long_run(tmp_path, monkeypatch
     class NextToken(Regression):
         def loss(self, model, items):
             ids = torch.arange(items[0], items[0] + 8)[None] % model.config.vocab_size
+            model.ran_compiled |= reaches["compiled"]   # as a batch of rows would, through the compiled blocks
             return next_token_loss(model, ids, ids, reduction="sum")[0], 7
 
         def units(self, items):
             return 7
 
-    calls = []
+    calls, reaches = [], {"compiled": False}
     monkeypatch.setattr(Llama, "compile_for_training", lambda self: calls.append(self))
+    monkeypatch.setattr(kernels, "can_compile", lambda: True)
     monkeypatch.setattr(trainer, "COMPILE_MIN_STEPS", {"cached": 3, "first": 5})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    base = dict(lr=1e-3, metric="loss", greater_is_better=False, save_every=1000)
-    for n, (steps, compile, expected) in enumerate([(3, None, False), (5, None, True), (3, None, True), (2, None, False),
-                                                    (2, True, True), (5, False, False)]):
+    marks = tmp_path / "inductor" / "llamaforge-compiled"
+    base = dict(lr=1e-3, metric="loss", save_every=1000)
+    # (steps, --compile, whether its steps reach the compiled blocks, compiled?, marked after?)
+    for n, (steps, compile, ran, expected, marked) in enumerate([
+            (3, None, False, False, False), (5, None, False, True, False),   # a batch of one row: eager, no mark
+            (3, None, False, False, False), (5, None, True, True, True),
+            (3, None, True, True, True), (2, None, True, False, True), (2, True, True, True, True),
+            (5, False, True, False, True)]):
         calls.clear()
-        fit(llama, NextToken(), TrainConfig(max_steps=steps, compile=compile, **base), tmp_path / str(n))
+        llama.ran_compiled, reaches["compiled"] = False, ran
+        cfg = MeasuredCompiled(max_steps=steps, compile=compile, **base)
+        fit(llama, NextToken(), cfg, tmp_path / str(n))
         assert calls == ([llama] if expected else []), (steps, compile)
-    assert len(list((tmp_path / "inductor" / "llamaforge-compiled").iterdir())) == 1
+        assert cfg.compile == expected
+        assert (len(list(marks.iterdir())) == 1) == marked, n
+
+
+def test_the_direction_of_the_metric_follows_its_name_unless_given():
+    """As HF's Trainer: a loss (or perplexity) is better lower, anything else higher; --greater-is-better
+    decides where given (classification's dev loss is a metric too)."""
+    from llamaforge.train.classify import ClassifyConfig
+    assert TrainConfig().greater_is_better is True                       # accuracy
+    assert TrainConfig(metric="loss").greater_is_better is False
+    assert TrainConfig(metric="perplexity").greater_is_better is False
+    assert ClassifyConfig(metric="loss").greater_is_better is False
+    assert ClassifyConfig(metric="macro_f1").greater_is_better is True
+    assert TrainConfig(metric="loss", greater_is_better=True).greater_is_better is True

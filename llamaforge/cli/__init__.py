@@ -170,7 +170,8 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
 
 
 COMPILE_HELP = ("torch.compile the blocks' training steps: ~35 s the first time, seconds once cached (counted in "
-                "--max-minutes), then faster steps. Default: on for CPU runs of 100 steps or more (false: never)")
+                "--max-minutes), then faster steps. Default: on for CPU LoRA runs of 500 steps or more, 100 once this "
+                "machine has compiled the same blocks (false: never)")
 FINETUNE_HELP = {
     "train": "training data: CSV, TSV, JSONL or JSON", "dev": "dev data (evaluated each epoch)",
     "test": "test data (reported at the end)", "out": "run directory",

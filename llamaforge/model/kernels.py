@@ -357,8 +357,10 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_
 // last stride. Two index_copy_ calls took ~20-40 us a layer in a 16-row step (their index tensor,
 // a reshape of the new keys, TensorIterator's setup), 1.6-2.3 ms of a ~24 ms step.
 void cache_write(torch::Tensor kc, torch::Tensor vc, torch::Tensor k, torch::Tensor v, torch::Tensor rows, torch::Tensor at) {
+  TORCH_CHECK(kc.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kc.is_cpu() && vc.is_cpu() && k.is_cpu() && v.is_cpu() &&
+              rows.is_cpu() && at.is_cpu(), "cache_write: 4-dimensional CPU tensors");
   const int64_t B = kc.size(0), H = kc.size(1), L = kc.size(2), D = kc.size(3), n = rows.numel();
-  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && k.dim() == 4 && v.dim() == 4 && k.size(1) == H && v.size(1) == H &&
+  TORCH_CHECK(vc.sizes() == kc.sizes() && k.size(1) == H && v.size(1) == H && k.size(2) == 1 && v.size(2) == 1 &&
               k.size(3) == D && v.size(3) == D && k.size(0) == v.size(0) && kc.stride(3) == 1 && vc.stride(3) == 1 &&
               k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == kc.scalar_type() && v.scalar_type() == kc.scalar_type() &&
               vc.scalar_type() == kc.scalar_type() && rows.scalar_type() == at::kLong && at.scalar_type() == at::kLong &&
@@ -845,6 +847,13 @@ _tried = False
 def has_cpp_compiler() -> bool:
     import shutil
     return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++"))
+
+
+def can_compile() -> bool:
+    """A C++ compiler and Python's headers (torch.compile's CPU kernels include Python.h): what a
+    compilation chosen by default needs, so that it never fails where the eager run would not."""
+    import sysconfig
+    return has_cpp_compiler() and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
 
 
 def prepare_compile(option: str):

@@ -362,6 +362,7 @@ class Llama(nn.Module):
         self.cache_tokens: list[int] | None = None
         self._fp32_output = (None, None)   # (weight's identity and version, its fp32 copy): `logits`
         self.checkpoint_blocks = False     # see gradient_checkpointing
+        self.ran_compiled = False          # a forward ran the compiled training blocks (compile_for_training)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -422,6 +423,8 @@ class Llama(nn.Module):
         checkpointed = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and cache_pos is None
         for layer in self.layers:
             block = partial(compiled_block_forward(), layer) if compiled and layer.compile_training else layer
+            if block is not layer:
+                self.ran_compiled = True
             if checkpointed:
                 # Non-reentrant: correct when x needs no gradient (LoRA on a frozen embedding) and
                 # with parameters the block reaches through its module; the RNG state is

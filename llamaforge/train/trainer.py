@@ -58,7 +58,7 @@ class TrainConfig:
     log_every: int = 10                   # steps per training-loss record (metrics.json, TensorBoard, bar)
     save_every: int = 100                 # steps between resumable checkpoints (and at each evaluation)
     metric: str = "accuracy"              # dev metric that picks the best model
-    greater_is_better: bool = True
+    greater_is_better: bool | None = None  # None: False for a loss or perplexity, True otherwise (as HF's)
     patience: int | None = None           # evaluations without improvement before stopping
     compile: bool | None = None           # torch.compile the blocks; None: where it pays (compile_by_default)
     # Where and how it runs; none changes what is computed, so a resumed run may change them.
@@ -76,10 +76,13 @@ class TrainConfig:
         if self.lr <= 0:
             raise LlamaforgeError(f"lr must be positive, got {self.lr}")
         choose_strategy(self.distributed, "full")   # a bad name fails before anything loads
+        if self.greater_is_better is None:
+            self.greater_is_better = not (self.metric.endswith("loss") or self.metric == "perplexity")
 
     def compile_measured(self) -> bool:
-        """Whether this recipe's steps were measured to gain from --compile (compile_by_default)."""
-        return True
+        """Whether this recipe's steps were measured to gain from --compile (compile_by_default):
+        LoRA fine-tuning (FinetuneConfig); not pretraining."""
+        return False
 
 
 class Task(Protocol):
@@ -94,7 +97,7 @@ class Task(Protocol):
 
 
 # --compile unset compiles the blocks where it was measured to pay (README "On Intel AMX"): a CPU
-# run of enough steps. There an SST-2 LoRA step (16 short phrases, the cheapest step a recipe
+# LoRA run of enough steps. There an SST-2 LoRA step (16 short phrases, the cheapest step a recipe
 # takes) went from 0.42 to 0.28 s compiled, and compiling cost ~70 s with torch's cache empty and
 # ~10 s with the step in it (files.keep_compiled_code keeps it): it pays after ~70 steps once this
 # machine has compiled the same blocks (compile_marker), ~500 before. Costlier steps gain more.
@@ -102,22 +105,57 @@ COMPILE_MIN_STEPS = {"cached": 100, "first": 500}
 
 
 def compile_by_default(cfg: TrainConfig, steps: int, world: World, strategy: str | None, cached: bool) -> bool:
-    from ..model.kernels import has_cpp_compiler
+    from ..model.kernels import can_compile
     return (world.device.type == "cpu" and strategy != "fsdp" and cfg.compile_measured()
             and steps >= COMPILE_MIN_STEPS["cached" if cached else "first"]
-            and (cfg.max_minutes is None or cfg.max_minutes >= 3) and has_cpp_compiler())
+            and (cfg.max_minutes is None or cfg.max_minutes >= 3) and can_compile())
 
 
-def compile_marker(llama: Llama, cfg: TrainConfig) -> Path:
+def compile_marker(llama: Llama, cfg: TrainConfig) -> Path | None:
     """A file beside torch's compiled code that says this machine compiled these blocks' training
     step (torch, the model's shape, the block's layers and which of their parameters train):
-    written after a compiled step, gone when that cache is emptied."""
+    written after a step that ran them compiled, gone when that cache is emptied. None where that
+    directory cannot be written (then nothing compiles by default either)."""
     import hashlib
     keep_compiled_code()
     block = llama.layers[0]
     key = "\n".join([torch.__version__, repr(llama.config), repr(block), str(cfg.gradient_checkpointing),
                      *(f"{n} {tuple(p.shape)} {p.dtype} {p.requires_grad}" for n, p in block.named_parameters())])
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "llamaforge-compiled" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    marks = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "llamaforge-compiled"
+    try:
+        marks.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return marks / hashlib.sha256(key.encode()).hexdigest()[:16] if os.access(marks, os.W_OK) else None
+
+
+def resolve_compile(cfg: TrainConfig, llamas: list[Llama], steps: int, world: World, strategy: str | None):
+    """(whether this run compiles the blocks, the marker to write after a compiled step or None).
+    An unset --compile is decided here, by rank 0 for every rank, and written into cfg, so that
+    the model card (and `reproduce`) records what ran."""
+    if not llamas:
+        return bool(cfg.compile), None
+    marker = compile_marker(llamas[0], cfg) if cfg.compile is not False else None
+    compiled = cfg.compile
+    if compiled is None:
+        compiled = marker is not None and compile_by_default(cfg, steps, world, strategy, cached=marker.exists())
+        compiled = bool(world.from_main(compiled))   # a collective: every rank calls it
+        cfg.compile = compiled
+        if compiled:
+            world.log(f"llamaforge: compiling the blocks' training step for this run's {steps} steps "
+                      f"(--compile false to skip): " + ("~10 s, from torch's cache" if marker.exists() else
+                                                        "~70 s on 2 cores, once: later runs find it cached"))
+    return compiled, marker
+
+
+def mark_compiled(marker: Path | None, llamas: list[Llama]):
+    """Write the marker once a step has run the blocks compiled (a step of one row or one position
+    runs them eager: Llama.hidden_states)."""
+    if marker is not None and not marker.exists() and any(m.ran_compiled for m in llamas):
+        try:
+            marker.touch()
+        except OSError:   # a cache that cannot be written only costs the next run its default
+            pass
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -273,14 +311,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
         if cfg.patience is not None and state.bad_evals >= cfg.patience:
             state.stopped = f"early stop: no better dev {cfg.metric} in {cfg.patience} evaluations"
 
-    compiled = cfg.compile
-    marker = compile_marker(llamas[0], cfg) if llamas else None
-    if compiled is None and marker is not None and \
-            compile_by_default(cfg, total - state.step, world, strategy, cached=marker.exists()):
-        compiled = True
-        world.log(f"llamaforge: compiling the blocks' training step for this run's {total - state.step} steps "
-                  f"(--compile false to skip): " + ("~10 s, from torch's cache" if marker.exists() else
-                                                    "~70 s on 2 cores, once: later runs find it cached"))
+    compiled, marker = resolve_compile(cfg, llamas, total - state.step, world, strategy)
     if compiled:
         prepare_compile("--compile")
         for llama in llamas:
@@ -335,9 +366,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                     p.copy_(m)
             state.step += 1
             state.train_seconds += time.perf_counter() - t0
-            if compiled and marker is not None and world.main and not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+            if compiled and world.main:
+                mark_compiled(marker, llamas)
             window_n += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total:

@@ -199,9 +199,12 @@ def test_models_and_health(server, client):
 def test_chat_completion_counts_tokens_exactly(client):
     from llamaforge.formats.load import load_checkpoint
     tok = load_checkpoint("default", weights=False).tokenizer
+    # What the greedy answer says depends on the CPU's kernels (a near-tie: "The capital of France is
+    # Paris." with llamaforge's, "L'Étoile, ..." with PyTorch's alone on an AMX Xeon); the counts do not.
     r = chat(client, "What is the capital of France?", max_tokens=24, temperature=0)
     text = r.choices[0].message.content
-    assert "Paris" in text and r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
+    assert r.object == "chat.completion" and text
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens < 24) in (("stop", True), ("length", False))
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
                         add_special_tokens=False)
     assert r.usage.prompt_tokens == len(prompt)

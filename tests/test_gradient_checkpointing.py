@@ -112,8 +112,10 @@ def test_checkpointing_saves_activation_memory():
     vocabulary so that the blocks' activations dominate), measured in a fresh process."""
     spec = {"model": "mini", "overrides": {"n_layers": 8, "vocab_size": 512}, "dtype": "fp32", "method": "full",
             "batch": 8, "seq_len": 256}
-    plain = measure(spec)
-    checkpointed = measure({**spec, "checkpointing": True})
+    # The least of two fresh processes each: a peak of resident memory only ever gains from noise
+    # (the allocator's pages; one CI run measured 470 MB checkpointed where others measure 358-389).
+    plain = min((measure(spec) for _ in range(2)), key=lambda m: m["measured"])
+    checkpointed = min((measure({**spec, "checkpointing": True}) for _ in range(2)), key=lambda m: m["measured"])
     print(f"\npeak growth of a training step: {plain['measured'] / 2**20:.0f} MB, with gradient checkpointing "
           f"{checkpointed['measured'] / 2**20:.0f} MB (activations estimated {plain['estimate']['activations'] / 2**20:.0f}"
           f" -> {checkpointed['estimate']['activations'] / 2**20:.0f} MB)")

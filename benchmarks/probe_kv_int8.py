@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import held_out_text  # noqa: E402
+from bench_inference import Llamaforge, held_out_text  # noqa: E402
 from machine import print_machine  # noqa: E402
 
 
@@ -26,23 +26,12 @@ def int8_rounded(t: torch.Tensor) -> torch.Tensor:
     return ((t.float() / scale).round().clamp(-127, 127) * scale).to(t.dtype)
 
 
-def perplexity(model, ids: torch.Tensor, window: int = 512) -> float:
-    n = (len(ids) - 1) // window * window
-    total = 0.0
-    with torch.inference_mode():
-        for s in range(0, n, window):
-            x = ids[s:s + window + 1]
-            total += F.cross_entropy(model(x[None, :-1])[0].float(), x[1:], reduction="sum").item()
-    return float(torch.exp(torch.tensor(total / n)))
-
-
 def main():
     import llamaforge.model.llama as llama
-    from llamaforge.formats.load import load
     print_machine()
-    model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
-    ids = torch.tensor(tok.encode(held_out_text(), add_special_tokens=False))
-    base = perplexity(model, ids)
+    ours = Llamaforge("bf16", "int4")   # the CLI default, and bench_inference's perplexity
+    text = held_out_text()
+    base = ours.perplexity(text)
     # Every attention of the forward (SDPA or the blocked causal attention) reads rounded keys and values.
     sdpa, causal = F.scaled_dot_product_attention, llama.causal_attention
 
@@ -55,9 +44,8 @@ def main():
             return sdpa(q, int8_rounded(k), int8_rounded(v), *args, **kwargs)
     llama.F = RoundedF()
     llama.causal_attention = lambda q, k, v, *a, **kw: causal(q, int8_rounded(k), int8_rounded(v), *a, **kw)
-    rounded = perplexity(model, ids)
-    print(f"{len(ids)} tokens: perplexity with bf16 keys and values {base:.4f}, with int8 {rounded:.4f} "
-          f"({(rounded / base - 1) * 100:+.2f}%)")
+    rounded = ours.perplexity(text)
+    print(f"perplexity with bf16 keys and values {base:.4f}, with int8 {rounded:.4f} ({(rounded / base - 1) * 100:+.2f}%)")
 
 
 if __name__ == "__main__":

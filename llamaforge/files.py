@@ -99,12 +99,12 @@ def cache_dir(name: str) -> Path:
     return Path(os.environ.get("LLAMAFORGE_CACHE", Path.home() / ".cache" / "llamaforge")) / name
 
 
-def keep_compiled_code():
-    """torch.compile's compiled code to ~/.cache/llamaforge/inductor (unless TORCHINDUCTOR_CACHE_DIR
-    says where), not /tmp, which a reboot empties: compiling SmolLM2's LoRA training step took ~35
-    s with an empty cache and ~7 s with the step in it (2-core Xeon). Before torch._dynamo is
-    imported (it fixes the directory then): the CLI calls it first thing."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor")))
+def keep_compiled_code() -> Path:
+    """Where torch.compile keeps its compiled code: ~/.cache/llamaforge/inductor (unless
+    TORCHINDUCTOR_CACHE_DIR says where), not /tmp, which a reboot empties: compiling SmolLM2's LoRA
+    training step took ~70 s with an empty cache and ~10 s with the step in it (2-core Xeon). Set
+    before torch._dynamo is imported (it fixes the directory then): the CLI calls it first thing."""
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir("inductor"))))
 
 
 # --- writing -------------------------------------------------------------------------------------

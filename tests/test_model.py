@@ -150,6 +150,7 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     labels[1, 7:] = -100
     for m in models:
         next_token_loss(m, ids, labels)[0].backward()
+    assert compiled.ran_compiled and not eager.ran_compiled   # what the trainer's compile marker reads
     loss_e, loss_c = (next_token_loss(m, ids, labels)[0].item() for m in models)
     assert abs(loss_e - loss_c) < 1e-5
     for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
@@ -159,10 +160,11 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
     calls = []
     real = model_module.compiled_block_forward()
     monkeypatch.setattr(model_module, "_compiled_block_forward", lambda *a: calls.append(1) or real(*a))
+    compiled.ran_compiled = False
     with torch.no_grad():
         compiled(ids)
     next_token_loss(compiled, ids[:1], labels[:1])
-    assert not calls
+    assert not calls and not compiled.ran_compiled
     next_token_loss(compiled, ids, labels)
     assert len(calls) == len(compiled.layers)
     # A copy trains its own weights through the shared compiled function.
@@ -173,8 +175,9 @@ def test_compiled_training_blocks_match_eager(tiny_bpe, monkeypatch):
 
 
 def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch, tmp_path):
-    """And with one, torch.compile's code is cached under llamaforge's cache (kept across reboots),
-    unless TORCHINDUCTOR_CACHE_DIR says where."""
+    """Without a compiler, or without Python's headers, --compile is one error naming what to
+    install. Where it can build, torch.compile's code is cached under llamaforge's cache (kept
+    across reboots), unless TORCHINDUCTOR_CACHE_DIR says where."""
     import os
     import shutil
 
@@ -188,6 +191,11 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch, tmp_path
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
     prepare_compile("--compile")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
+    import sysconfig
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {**paths, "include": str(tmp_path)})   # no Python.h there
+    with pytest.raises(LlamaforgeError, match="--compile needs Python's headers .*python3-dev"):
+        prepare_compile("--compile")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(LlamaforgeError, match="--compile needs a C.. compiler"):
         prepare_compile("--compile")

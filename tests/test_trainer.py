@@ -105,7 +105,7 @@ def test_compile_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
     from llamaforge.train.trainer import COMPILE_MIN_STEPS, compile_by_default
     cpu, cached, first = World(), COMPILE_MIN_STEPS["cached"], COMPILE_MIN_STEPS["first"]
     assert cached < first
-    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    monkeypatch.setattr(kernels, "compile_missing", lambda: None)
     assert compile_by_default(FinetuneConfig(), cached, cpu, None, cached=True)
     assert not compile_by_default(FinetuneConfig(), cached, cpu, None, cached=False)
     assert compile_by_default(FinetuneConfig(), first, cpu, None, cached=False)
@@ -118,7 +118,7 @@ def test_compile_is_the_default_only_where_it_was_measured_to_pay(monkeypatch):
     for unmeasured in (FinetuneConfig(method="full"), FinetuneConfig(method="adalora"), FinetuneConfig(quantize_base="int4"),
                        DPOConfig(), PretrainConfig()):
         assert not compile_by_default(unmeasured, first, cpu, None, cached=True), unmeasured
-    monkeypatch.setattr(kernels, "can_compile", lambda: False)
+    monkeypatch.setattr(kernels, "compile_missing", lambda: "a C++ compiler")
     assert not compile_by_default(FinetuneConfig(), first, cpu, None, cached=True)
 
 
@@ -148,7 +148,7 @@ def test_fit_compiles_the_blocks_by_default_for_a_long_run(tmp_path, monkeypatch
 
     calls, reaches = [], {"compiled": False}
     monkeypatch.setattr(Llama, "compile_for_training", lambda self: calls.append(self))
-    monkeypatch.setattr(kernels, "can_compile", lambda: True)
+    monkeypatch.setattr(kernels, "compile_missing", lambda: None)
     monkeypatch.setattr(trainer, "COMPILE_MIN_STEPS", {"cached": 3, "first": 5})
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     marks = tmp_path / "inductor" / "llamaforge-compiled"

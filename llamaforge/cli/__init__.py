@@ -169,7 +169,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-COMPILE_HELP = ("torch.compile the blocks' training steps: ~35 s the first time, seconds once cached (counted in "
+COMPILE_HELP = ("torch.compile the blocks' training steps: ~70 s the first time, ~10 s once cached (counted in "
                 "--max-minutes), then faster steps. Default: on for CPU LoRA runs of 500 steps or more, 100 once this "
                 "machine has compiled the same blocks (false: never)")
 FINETUNE_HELP = {

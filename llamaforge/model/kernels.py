@@ -844,25 +844,25 @@ _extension = None
 _tried = False
 
 
-def has_cpp_compiler() -> bool:
+def compile_missing() -> str | None:
+    """What torch.compile's CPU kernels need and this machine lacks (a C++ compiler; Python's
+    headers, which they include), as the fix to name; None when nothing is missing."""
     import shutil
-    return any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++"))
-
-
-def can_compile() -> bool:
-    """A C++ compiler and Python's headers (torch.compile's CPU kernels include Python.h): what a
-    compilation chosen by default needs, so that it never fails where the eager run would not."""
     import sysconfig
-    return has_cpp_compiler() and (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file()
+    if not any(c and shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++")):
+        return "a C++ compiler (torch.compile builds its CPU kernels with one): install g++"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "Python's headers (torch.compile's CPU kernels include Python.h): install python3-dev"
+    return None
 
 
 def prepare_compile(option: str):
-    """Before torch.compile. It builds its CPU kernels with a C++ compiler: without one, refuse
-    `option` in one line now rather than with a compiler traceback at the first step. Its compiled
-    code is kept where keep_compiled_code says, if torch has not fixed the place yet."""
-    if not has_cpp_compiler():
-        raise LlamaforgeError(f"{option} needs a C++ compiler (torch.compile builds its CPU kernels with "
-                              f"one): install g++, or leave out {option}")
+    """Before torch.compile: refuse `option` in one line now where it cannot build (rather than with
+    a compiler traceback at the first step), and keep its compiled code where keep_compiled_code
+    says, if torch has not fixed the place yet."""
+    missing = compile_missing()
+    if missing:
+        raise LlamaforgeError(f"{option} needs {missing}, or leave out {option}")
     keep_compiled_code()
 
 

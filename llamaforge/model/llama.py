@@ -519,7 +519,7 @@ class Llama(nn.Module):
         matrix products (norms, RoPE, SiLU, softmax, LoRA scaling, and all their backward passes)
         fuses into a few loops. A LoRA step of SmolLM2 at 8 x 128 tokens in bf16 on 2 cores: 2.03
         -> 1.72 s. The blocks share one compiled graph, with dynamic shapes, so it compiles once
-        (20-40 s) whatever the batch; evaluation keeps the eager blocks, whose inference attention
+        (~70 s on 2 cores the first time, ~10 s from torch's cache) whatever the batch; evaluation keeps the eager blocks, whose inference attention
         loops over the input's length and would recompile for each."""
         for layer in self.layers:
             layer.compile_training = True

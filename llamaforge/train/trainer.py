@@ -105,10 +105,10 @@ COMPILE_MIN_STEPS = {"cached": 100, "first": 500}
 
 
 def compile_by_default(cfg: TrainConfig, steps: int, world: World, strategy: str | None, cached: bool) -> bool:
-    from ..model.kernels import can_compile
+    from ..model.kernels import compile_missing
     return (world.device.type == "cpu" and strategy != "fsdp" and cfg.compile_measured()
             and steps >= COMPILE_MIN_STEPS["cached" if cached else "first"]
-            and (cfg.max_minutes is None or cfg.max_minutes >= 3) and can_compile())
+            and (cfg.max_minutes is None or cfg.max_minutes >= 3) and compile_missing() is None)
 
 
 def compile_marker(llama: Llama, cfg: TrainConfig) -> Path | None:
@@ -117,11 +117,10 @@ def compile_marker(llama: Llama, cfg: TrainConfig) -> Path | None:
     written after a step that ran them compiled, gone when that cache is emptied. None where that
     directory cannot be written (then nothing compiles by default either)."""
     import hashlib
-    keep_compiled_code()
     block = llama.layers[0]
     key = "\n".join([torch.__version__, repr(llama.config), repr(block), str(cfg.gradient_checkpointing),
                      *(f"{n} {tuple(p.shape)} {p.dtype} {p.requires_grad}" for n, p in block.named_parameters())])
-    marks = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "llamaforge-compiled"
+    marks = keep_compiled_code() / "llamaforge-compiled"
     try:
         marks.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -130,32 +129,35 @@ def compile_marker(llama: Llama, cfg: TrainConfig) -> Path | None:
 
 
 def resolve_compile(cfg: TrainConfig, llamas: list[Llama], steps: int, world: World, strategy: str | None):
-    """(whether this run compiles the blocks, the marker to write after a compiled step or None).
+    """(whether this run compiles the blocks, the marker still to write after a compiled step, or None).
     An unset --compile is decided here, by rank 0 for every rank, and written into cfg, so that
     the model card (and `reproduce`) records what ran."""
     if not llamas:
         return bool(cfg.compile), None
     marker = compile_marker(llamas[0], cfg) if cfg.compile is not False else None
+    cached = marker is not None and marker.exists()
     compiled = cfg.compile
     if compiled is None:
-        compiled = marker is not None and compile_by_default(cfg, steps, world, strategy, cached=marker.exists())
+        compiled = marker is not None and compile_by_default(cfg, steps, world, strategy, cached)
         compiled = bool(world.from_main(compiled))   # a collective: every rank calls it
         cfg.compile = compiled
         if compiled:
             world.log(f"llamaforge: compiling the blocks' training step for this run's {steps} steps "
-                      f"(--compile false to skip): " + ("~10 s, from torch's cache" if marker.exists() else
+                      f"(--compile false to skip): " + ("~10 s, from torch's cache" if cached else
                                                         "~70 s on 2 cores, once: later runs find it cached"))
-    return compiled, marker
+    return compiled, (marker if compiled and not cached else None)
 
 
-def mark_compiled(marker: Path | None, llamas: list[Llama]):
-    """Write the marker once a step has run the blocks compiled (a step of one row or one position
-    runs them eager: Llama.hidden_states)."""
-    if marker is not None and not marker.exists() and any(m.ran_compiled for m in llamas):
-        try:
-            marker.touch()
-        except OSError:   # a cache that cannot be written only costs the next run its default
-            pass
+def mark_compiled(marker: Path, llamas: list[Llama]) -> bool:
+    """Write the marker if a step has run the blocks compiled (a step of one row or one position
+    runs them eager: Llama.hidden_states); whether it is done with (written, or unwritable)."""
+    if not any(m.ran_compiled for m in llamas):
+        return False
+    try:
+        marker.touch()
+    except OSError:   # a cache that cannot be written only costs the next run its default
+        pass
+    return True
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
@@ -366,8 +368,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
                     p.copy_(m)
             state.step += 1
             state.train_seconds += time.perf_counter() - t0
-            if compiled and world.main:
-                mark_compiled(marker, llamas)
+            if marker is not None and world.main and mark_compiled(marker, llamas):
+                marker = None
             window_n += 1
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == total:

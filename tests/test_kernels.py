@@ -93,7 +93,7 @@ def test_the_rms_norm_kernel_rounds_as_pytorch_does(rows):
 def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
     """use_cpu_kernels: the norms' and the decode step's attention kernels change no logit beyond
     bf16 rounding, leave training (gradients) on PyTorch's ops, and decode as greedy decoding did."""
-    from llamaforge.model.kernels import KernelRMSNorm, use_cpu_kernels
+    from llamaforge.model.kernels import KernelRMSNorm, amx_available, use_cpu_kernels
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: llamaforge uses PyTorch's kernels")
     ckpt, _ = random_model("tiny", tiny_bpe)
@@ -109,6 +109,8 @@ def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
         with kernel_calls() as calls:
             b = [kernel(ids[:, :16], cache_pos=0)] + [kernel(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
     assert "rms_norm" in calls and "decode_attention" in calls
+    # The prefill's attention on tiles, where the heads' width suits them.
+    assert ("prefill_attention_amx" in calls) == (amx_available() and kernel.config.head_dim % 32 == 0)
     for x, y in zip(a, b, strict=True):
         assert (x.float() - y.float()).abs().max() <= 0.03 * x.float().abs().max()
     kernel.clear_cache()
@@ -169,6 +171,33 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
         out = run(q, k, v, torch.empty(0, dtype=torch.long) if lengths is None else lengths, D ** -0.5)
         assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv, G, D)
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (5, 96), (16, 64)])
+def test_prefill_attention_kernel_matches_causal_sdpa(G, D):
+    """The AMX prefill kernel against causal SDPA in fp32: chunks of 1-70 queries after 0-200
+    cached positions (lengths that end inside a block of 16 or 32 keys and inside a block of
+    queries), keys and values as views of a longer cache, queries as a view of the stacked
+    projection (non-contiguous), two sequences; and None for fp32 (then SDPA)."""
+    import torch.nn.functional as F
+
+    from llamaforge.model.kernels import amx_available, prefill_attention
+    if gemv_extension() is None or not amx_available():
+        pytest.skip("no AMX tiles here: prefill attention runs on SDPA")
+    g = torch.Generator().manual_seed(G * D)
+    B, Hkv = 2, 2
+    for T, cached in ((1, 7), (17, 0), (70, 0), (33, 200), (5, 60)):
+        S = cached + T
+        cache = torch.randn(2, B, Hkv, S + 40, D, generator=g).bfloat16()
+        k, v = cache[0, :, :, :S], cache[1, :, :, :S]
+        qkv = torch.randn(B, T, Hkv * G + 2 * Hkv, D, generator=g).bfloat16()
+        q = qkv[:, :, :Hkv * G].transpose(1, 2)                             # (B, H, T, D), strided
+        mask = torch.ones(T, S, dtype=torch.bool).tril(cached)
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+        out = prefill_attention(q, k, v)
+        assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv * G, T, D)
+        torch.testing.assert_close(out.float(), ref, atol=1.5e-2, rtol=1e-2)
+    assert prefill_attention(q.float(), k.float(), v.float()) is None
 
 
 def test_cache_write_puts_each_rows_key_at_its_own_position():

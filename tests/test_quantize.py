@@ -114,6 +114,32 @@ def test_int4_kept_dense_weights_are_the_int4_values():
     assert torch.equal(plain(x[:dense_min_rows - 1]), one_by_one[:dense_min_rows - 1])   # fewer: the int4 kernel
 
 
+def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
+    """A prefill's dense product takes its rows padded to a multiple of ROW_BUCKET (oneDNN builds a
+    kernel per shape it meets): the padding changes no row, the result has the rows asked for,
+    and warm_dense_shapes multiplies exactly the padded row counts a chunk can have."""
+    from llamaforge.model import quantize
+    g = torch.Generator().manual_seed(0)
+    wt = torch.randn(96, 160, generator=g).bfloat16()
+    for rows in (1, 15, 16, 130):
+        x = torch.randn(rows, 96, generator=g).bfloat16()
+        out = quantize.dense_matmul(x, wt)
+        assert out.shape == (rows, 160) and out.is_contiguous()
+        torch.testing.assert_close(out.float(), x.float() @ wt.float(), atol=5e-2, rtol=1e-2)
+    model = quantize_weights(build_model(random_model("tiny", tiny_bpe)[0], "bf16"), bits=4, keep_dense=True)
+    seen = []
+    real = torch.Tensor.__matmul__
+    try:
+        torch.Tensor.__matmul__ = lambda a, b: seen.append((a.shape[0], tuple(b.shape))) or real(a, b)
+        quantize.warm_dense_shapes(model, 200)
+    finally:
+        torch.Tensor.__matmul__ = real
+    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    expected = {(r, tuple(m.dense_t.shape)) for m in layers   # from each layer's first dense row count
+                for r in range(-(-m.dense_min_rows // 16) * 16, 208 + 1, quantize.ROW_BUCKET)}
+    assert set(seen) == expected and len(seen) == len(expected)
+
+
 @pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])
 def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     """Without a kept copy, a long input is multiplied by the layer's weights unpacked from

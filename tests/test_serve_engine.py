@@ -326,5 +326,6 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx():
             wait(batch)
     finally:
         engine.shutdown()
-    assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "decode_attention_amx", "cache_write"} <= set(calls)
+    assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "decode_attention_amx", "cache_write",
+                                   "prefill_attention_amx"} <= set(calls)
     assert batch[3].tokens == alone_out.tokens and batch[3].logprobs == alone_out.logprobs

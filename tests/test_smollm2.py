@@ -1,12 +1,13 @@
 """Integration on the real default model, SmolLM2-135M-Instruct (Q4_1 GGUF), against transformers
 reading the same file."""
+import pytest
 import torch
 
 from llamaforge.formats import hf as hf_format
 from llamaforge.formats.load import build_model
 from llamaforge.model.generation import SamplingConfig, encode_prompt, generate_tokens
 
-from conftest import hf_model_from_dir, randomize_parameters
+from conftest import hf_model_from_dir, kernel_calls, randomize_parameters
 
 PROMPT = "The llama is a domesticated South American camelid. Llamas are social animals and"
 
@@ -109,6 +110,38 @@ def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
     assert (sdpa_continued - ref[150:]).abs().mean() < 1.5 * err_sdpa
     agree = (blocked.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree > 0.9, agree
+
+
+def test_amx_prefill_attention_tracks_fp32_as_sdpa_does(default_checkpoint):
+    """On AMX tiles a prefill's attention is the kernel's (use_cpu_kernels), whole and after a
+    cached prefix (a chat's next turn, a long prompt's second chunk): SmolLM2's bf16 logits over
+    300 tokens are as close to fp32 as with SDPA, and pick the same tokens."""
+    from llamaforge.model.kernels import amx_available, use_cpu_kernels
+    if not amx_available():
+        pytest.skip("no AMX tiles here: prefill attention runs on SDPA")
+    tok = default_checkpoint.tokenizer
+    ids = torch.tensor([tok.encode(" ".join([PROMPT] * 20), add_special_tokens=False)[:300]])
+    with torch.no_grad():
+        ref = build_model(default_checkpoint, "fp32")(ids)[0].float()
+        bf16 = build_model(default_checkpoint, "bf16")
+        assert use_cpu_kernels(bf16)
+        bf16.setup_cache(1, 300)
+
+        def whole_and_continued():
+            whole = bf16(ids, cache_pos=0)[0].float()
+            bf16(ids[:, :150], cache_pos=0)
+            return whole, bf16(ids[:, 150:], cache_pos=150)[0].float()
+
+        with kernel_calls() as calls:
+            kernel, kernel_continued = whole_and_continued()
+        assert calls.count("prefill_attention_amx") == 3 * bf16.config.n_layers
+        for layer in bf16.layers:
+            layer.self_attn.prefill_attention = None
+        sdpa, sdpa_continued = whole_and_continued()
+    err_sdpa = (sdpa - ref).abs().mean()
+    assert (kernel - ref).abs().mean() < 1.2 * err_sdpa
+    assert (kernel_continued - ref[150:]).abs().mean() < 1.2 * (sdpa_continued - ref[150:]).abs().mean()
+    assert (kernel.argmax(-1) == ref.argmax(-1)).float().mean() >= (sdpa.argmax(-1) == ref.argmax(-1)).float().mean() - 0.02
 
 
 def test_compiled_bf16_training_step_matches_eager(default_checkpoint):

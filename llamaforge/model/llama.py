@@ -202,6 +202,9 @@ class Attention(nn.Module):
         # RoPE of the stacked projection's q and k heads in one op, (qkv, cos, sin, heads) -> (B, T,
         # heads, hd), for inference: a CPU kernel set by kernels.use_cpu_kernels; None: apply_rope.
         self.rope = None
+        # Causal attention of a prefill chunk (no mask), (q, k, v) -> y or None, for inference: the
+        # AMX kernel set by kernels.use_cpu_kernels where the CPU has tiles; None: `attention`.
+        self.prefill_attention = None
 
     def with_prefix(self, k, v, mask, q_len: int):
         """Keys and values with the prefix in front, and the mask widened to match."""
@@ -211,6 +214,30 @@ class Attention(nn.Module):
         mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], dim=-1)
         pk, pv = (t[None].expand(B, -1, -1, -1).to(k.dtype) for t in self.prefix)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
+
+    def attention(self, q, k, v, mask):
+        """Attention of q (B, H, T, hd) over k, v (B, Hkv, S, hd) with PyTorch's ops: (B, H, T, hd)."""
+        B, T = q.shape[0], q.shape[2]
+        # Training attention also where a compiled training step reaches a layer whose q, k, v need no
+        # gradient: the inference path's loop over the length would recompile for every length.
+        # On a GPU, training takes SDPA below (its flash and memory-efficient kernels).
+        if q.device.type == "cpu" and torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()):
+            return attention_for_training(q, k, v, mask)
+        if (mask is None and T >= BLOCKED_ATTENTION_MIN_LEN and q.device.type == "cpu"
+                and q.dtype != torch.float32 and not sdpa_prefills_faster()):
+            return causal_attention(q, k, v)
+        if T == 1 and self.n_heads != self.n_kv_heads:
+            # Decoding: the query heads sharing a KV head become that head's rows of queries, a
+            # plain attention over (B, Hkv). Same result; bf16 SDPA with enable_gqa is 3-5x slower
+            # here (74 us vs 22 us per layer at 128 cached positions on a 2-core AVX-512 CPU).
+            return F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
+                                                  attn_mask=mask).reshape(B, self.n_heads, 1, self.head_dim)
+        S = k.shape[2]
+        if mask is None and T > 1 and S > T:   # SDPA's causal flag would align queries to the first keys
+            mask = causal_mask_after(T, S - T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                              enable_gqa=self.n_heads != self.n_kv_heads)
 
     def forward(self, x, cos, sin, mask, cache_pos):
         B, T, _ = x.shape
@@ -240,27 +267,12 @@ class Attention(nn.Module):
                     return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.prefix is not None:
             k, v, mask = self.with_prefix(k, v, mask, T)
-        # Training attention also where a compiled training step reaches a layer whose q, k, v need no
-        # gradient: the inference path's loop over the length would recompile for every length.
-        # On a GPU, training takes SDPA below (its flash and memory-efficient kernels).
-        if q.device.type == "cpu" and torch.is_grad_enabled() and (
-                q.requires_grad or k.requires_grad or v.requires_grad or torch.compiler.is_compiling()):
-            y = attention_for_training(q, k, v, mask)
-        elif (mask is None and T >= BLOCKED_ATTENTION_MIN_LEN and q.device.type == "cpu"
-              and q.dtype != torch.float32 and not sdpa_prefills_faster()):
-            y = causal_attention(q, k, v)
-        elif T == 1 and self.n_heads != self.n_kv_heads:
-            # Decoding: the query heads sharing a KV head become that head's rows of queries, a
-            # plain attention over (B, Hkv). Same result; bf16 SDPA with enable_gqa is 3-5x slower
-            # here (74 us vs 22 us per layer at 128 cached positions on a 2-core AVX-512 CPU).
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v,
-                                               attn_mask=mask).reshape(B, self.n_heads, 1, self.head_dim)
-        else:
-            S = k.shape[2]
-            if mask is None and T > 1 and S > T:   # SDPA's causal flag would align queries to the first keys
-                mask = causal_mask_after(T, S - T, S, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        y = None
+        if self.prefill_attention is not None and mask is None and T > 1 \
+                and all(inference_kernel_takes(t) for t in (q, k, v)):
+            y = self.prefill_attention(q, k, v)   # None where the kernel does not take these tensors
+        if y is None:
+            y = self.attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

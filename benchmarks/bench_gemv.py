@@ -9,8 +9,10 @@ bandwidth reference. The kernel is compiled on first use (~30 s, then cached).
 
 --int4: the int4 linear layers of SmolLM2-135M (30 blocks x 4 stacked projections, each its own
 weights, so they come from memory as in the model) at 1 to 512 rows of activations, ms for all
-120: PyTorch's int4 kernel, a kept dense bf16 copy (a server's), and `Int4Linear` itself, which
-from DENSE_MIN_ROWS rows unpacks each layer's weights (`int4pack_to_bf16_t`) for the dense matmul.
+120: PyTorch's int4 kernel, oneDNN's product with a dense bf16 copy of the same values (what a
+server keeps where the CPU has no AMX tiles), and `Int4Linear` itself: from DENSE_MIN_ROWS rows it
+unpacks each layer's weights (`int4pack_to_bf16_t`) for the dense matmul; on AMX tiles it takes
+`int4_mm_amx` below AMX_MAX_ROWS rows and `int4_dense_mm_amx` from there.
 """
 import argparse
 import statistics
@@ -41,28 +43,25 @@ def gb_per_s(fn, nbytes, runs=30):
 
 
 def int4_layers(runs: int = 7):
-    from llamaforge.model.quantize import DENSE_MIN_ROWS, Int4Linear
+    from llamaforge.model.kernels import int4pack_to_bf16_t
+    from llamaforge.model.quantize import Int4Linear
     shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30   # qkv, o, gate_up, down
-    layers = [Int4Linear(torch.randn(n, k) * 0.02, None, torch.bfloat16, keep_dense=True) for n, k in shapes]
+    layers = [Int4Linear(torch.randn(n, k) * 0.02, None, torch.bfloat16) for n, k in shapes]
+    dense_copies = [int4pack_to_bf16_t(lin.weight, lin.scales_and_zeros, 32) for lin in layers]   # (K, N)
 
     def stack_ms(fn):
         return median_seconds(fn, runs, warmup=1) * 1e3
 
-    print(f"\nint4, SmolLM2's 120 linear layers, ms for all (medians of {runs}); Int4Linear unpacks from "
-          f"{DENSE_MIN_ROWS} rows")
-    print(f"{'rows':>5}{'PyTorch int4':>14}{'dense copy':>12}{'Int4Linear':>12}{'vs PyTorch':>12}")
+    print(f"\nint4, SmolLM2's 120 linear layers, ms for all (medians of {runs}); Int4Linear multiplies densely "
+          f"from {layers[0].dense_min_rows} rows")
+    print(f"{'rows':>5}{'PyTorch int4':>14}{'dense copy':>12}{'Int4Linear':>12}{'vs PyTorch':>12}{'vs copy':>10}")
     for m in (1, 16, 32, 64, 128, 256, 512):
         xs = {k: torch.randn(m, k).bfloat16() for k in (576, 1536)}
         pt = stack_ms(lambda xs=xs: [torch.ops.aten._weight_int4pack_mm_for_cpu(
             xs[lin.in_features], lin.weight, 32, lin.scales_and_zeros) for lin in layers])
-        dense = stack_ms(lambda xs=xs: [xs[lin.in_features] @ lin.dense_t for lin in layers])
-        dense_copies = [lin.dense_t for lin in layers]
-        for lin in layers:
-            lin.dense_t = None
+        dense = stack_ms(lambda xs=xs: [xs[lin.in_features] @ copy for lin, copy in zip(layers, dense_copies, strict=True)])
         ours = stack_ms(lambda xs=xs: [lin(xs[lin.in_features]) for lin in layers])
-        for lin, d in zip(layers, dense_copies, strict=True):
-            lin.dense_t = d
-        print(f"{m:>5}{pt:>14.2f}{dense:>12.2f}{ours:>12.2f}{pt / ours:>11.2f}x")
+        print(f"{m:>5}{pt:>14.2f}{dense:>12.2f}{ours:>12.2f}{pt / ours:>11.2f}x{dense / ours:>9.2f}x")
 
 
 def main():

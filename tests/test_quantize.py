@@ -95,29 +95,55 @@ def test_fusing_then_quantising_matches_quantising_alone(tiny_bpe):
                 assert (a - b).abs().max() <= 0.02 * a.abs().max()
 
 
-def test_int4_kept_dense_weights_are_the_int4_values():
-    """A server's int4 layers keep a dense copy for many-row inputs: it must hold the int4 values
-    (not the weights they came from), so a request computes the same batched or alone."""
-    from llamaforge.model.quantize import Int4Linear
+def test_int4_many_rows_multiply_the_int4_values():
+    """Many-row inputs (prefill chunks) multiply the int4 values densely (not the weights they came
+    from), so a request computes the same batched or alone, with or without a server's kept copy:
+    on AMX tiles int4_dense_mm_amx dequantises them itself (no copy is kept), elsewhere a server
+    keeps them in bf16."""
+    from llamaforge.model.quantize import Int4Linear, int4_groups, int4_values_t
     w = torch.randn(64, 128) * 0.05
     layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
-    assert not torch.equal(layer.dense_t.t(), w.bfloat16()), "the dense copy should be the quantised values"
-    dense_min_rows = layer.dense_min_rows   # 64, or 128 where the AMX kernel takes fewer
-    x = torch.randn(dense_min_rows, 128).bfloat16()
+    q, _, _ = int4_groups(w, 32)
+    values_t = int4_values_t(q.to(torch.int32), layer.scales_and_zeros).bfloat16()   # (K, N)
+    assert not torch.equal(values_t.t(), w.bfloat16()), "the int4 values should differ from the weights"
+    if layer.amx:
+        assert layer.dense_t is None
+    else:
+        assert torch.equal(layer.dense_t, values_t)
+    dense_min_rows = layer.dense_min_rows   # 64, where AMX's decode kernel and PyTorch's take fewer
+    x = torch.randn(dense_min_rows + 5, 128).bfloat16()                    # padded to 16 rows on AMX
     one_by_one = torch.cat([layer(row[None]) for row in x])      # the int4 kernel, a row at a time
     torch.testing.assert_close(layer(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(layer(x).float(), (x.float() @ values_t.float()).bfloat16().float(), atol=2e-2, rtol=1e-2)
     plain = Int4Linear(w, None, torch.bfloat16)
     assert plain.dense_t is None
     if plain.unpacks:   # unpacked for the call or kept: the same product
         assert torch.equal(plain(x), layer(x))
-    torch.testing.assert_close(plain(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
     assert torch.equal(plain(x[:dense_min_rows - 1]), one_by_one[:dense_min_rows - 1])   # fewer: the int4 kernel
+    assert torch.equal(layer(x)[:7], layer(x[:dense_min_rows])[:7])   # a row's result is its own
+
+
+@pytest.mark.skipif("not __import__('llamaforge.model.kernels', fromlist=['x']).amx_available()",
+                    reason="no AMX tiles here: many int4 rows take oneDNN's product")
+@pytest.mark.parametrize("rows,K,N", [(16, 64, 128), (80, 576, 960), (48, 1536, 576)])
+def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N):
+    """int4_dense_mm_amx: the product of x and the values int4pack_to_bf16_t unpacks (oneDNN's
+    product of them, to a bf16 step), whatever the row count (padded to 16 inside)."""
+    from llamaforge.model.kernels import int4_dense_mm_amx, int4pack_to_bf16_t
+    g = torch.Generator().manual_seed(rows)
+    layer = Int4Linear(torch.randn(N, K, generator=g) * 0.05, None, torch.bfloat16)
+    x = torch.randn(rows + 3, K, generator=g).bfloat16()
+    out = int4_dense_mm_amx(x, layer.weight, layer.scales_and_zeros)
+    ref = x.float() @ int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32).float()
+    assert out.shape == (rows + 3, N) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)
 
 
 def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
     """A prefill's dense product takes its rows padded to a multiple of ROW_BUCKET (oneDNN builds a
     kernel per shape it meets): the padding changes no row, the result has the rows asked for,
-    and warm_dense_shapes multiplies exactly the padded row counts a chunk can have."""
+    and warm_dense_shapes multiplies exactly the padded row counts a chunk can have (with the
+    server's kept copies: not on AMX tiles, whose kernel keeps none)."""
     from llamaforge.model import quantize
     g = torch.Generator().manual_seed(0)
     wt = torch.randn(96, 160, generator=g).bfloat16()
@@ -134,8 +160,8 @@ def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
         quantize.warm_dense_shapes(model, 200)
     finally:
         torch.Tensor.__matmul__ = real
-    layers = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    expected = {(r, tuple(m.dense_t.shape)) for m in layers   # from each layer's first dense row count
+    kept = [m for m in model.modules() if isinstance(m, Int4Linear) and m.dense_t is not None]   # none on AMX
+    expected = {(r, tuple(m.dense_t.shape)) for m in kept   # from each layer's first dense row count
                 for r in range(-(-m.dense_min_rows // 16) * 16, 208 + 1, quantize.ROW_BUCKET)}
     assert set(seen) == expected and len(seen) == len(expected)
 
@@ -146,13 +172,15 @@ def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     PyTorch's int4 packing (the kernel reads that layout itself): the unpacked weights are the
     dense copy's, bit for bit, whatever the shape."""
     from llamaforge.model.kernels import int4pack_to_bf16_t
-    from llamaforge.model.quantize import Int4Linear, int4_unpacking_available
+    from llamaforge.model.quantize import Int4Linear, int4_groups, int4_unpacking_available, int4_values_t
     if not int4_unpacking_available():
         pytest.skip("no AVX512-BF16 / kernel build / AVX-512 packing here: long inputs take PyTorch's int4 kernel")
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[1])) * 0.05
-    layer = Int4Linear(w, None, torch.bfloat16, keep_dense=True)
+    layer = Int4Linear(w, None, torch.bfloat16)
     assert layer.unpacks
-    assert torch.equal(int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32), layer.dense_t)
+    q, _, _ = int4_groups(w, 32)   # the values a kept copy holds (int4_values_t), and the AMX kernel dequantises to
+    values_t = int4_values_t(q.to(torch.int32), layer.scales_and_zeros).bfloat16()
+    assert torch.equal(int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32), values_t)
     assert not Int4Linear(torch.randn(96, 64), None, torch.bfloat16).unpacks   # not blocks of 64 rows
 
 

@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from ..errors import LlamaforgeError
 from .device import cpu_flags_have
-from .kernels import amx_available, gemv_extension, gemv_int8, int4_mm_amx, int4pack_to_bf16_t, int8_mm_amx, int8_tiles
+from .kernels import (
+    amx_available,
+    gemv_extension,
+    gemv_int8,
+    int4_dense_mm_amx,
+    int4_mm_amx,
+    int4pack_to_bf16_t,
+    int8_mm_amx,
+    int8_tiles,
+)
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
 # AVX-512 CPU: 1 row 53 us vs 93 us for a 1536x576 weight; 512 rows 7.4 ms vs 2.4 ms).
@@ -30,11 +39,12 @@ INT8_KERNEL_MAX_ROWS = 16
 # reads a quarter of the bytes): 16 clients of bench_serve 165 / 183 -> 199 / 234 tokens/s with
 # this at 8 -> 64, in alternation. A matrix alone, in cache, had suggested 8.
 DENSE_MIN_ROWS = 64
-# Where the CPU has AMX tiles, int4 inputs of fewer rows than this take our AMX kernel
-# (`int4_mm_amx`), prefill chunks of more the dense matmul. SmolLM2's 120 layers on a 2-core AMX
-# Xeon, against PyTorch's int4 kernel / the dense copy: 1 row 4.6 / 5.2 ms, 16 rows 7.0 / 25.2,
-# 64 rows 17 / 26 (dense copy), 128 rows 31 / 30, 256 rows 76 / 42.
-AMX_MAX_ROWS = 128
+# Where the CPU has AMX tiles, int4 inputs of fewer rows than this take the decode kernel
+# (`int4_mm_amx`), others the dense one (`int4_dense_mm_amx`). SmolLM2's 120 layers on a 2-core AMX
+# Xeon, weights from memory: 16 rows 5.0 / 8.1 ms, 32 rows 7.3 / 9.1, 48 rows 10.6 / 10.1, 64 rows
+# 17.8 / 15.3, 128 rows 35.8 / 27.8. A server's decode step of more rows than this would round
+# differently from its rows alone (--max-batch 64 and up).
+AMX_MAX_ROWS = 64
 # A dense product's rows are padded up to a multiple of this (see dense_matmul).
 ROW_BUCKET = 16
 
@@ -150,38 +160,42 @@ class Int4Linear(nn.Module):
         # (K/G, N, 2): per group, the scale and the value that q = 8 stands for.
         self.register_buffer("scales_and_zeros", torch.stack([scale, lo + 8 * scale], -1).transpose(0, 1)
                              .contiguous().to(dtype))
-        # A server's copy in the model dtype, for inputs of many rows (see forward): the int4
-        # values themselves, transposed (K, N) as the unpacking kernel writes them, so that a
-        # prefill computes the same from either.
-        dense = None
-        if keep_dense:
-            dense = int4_values_t(q, self.scales_and_zeros).to(dtype)
-        self.register_buffer("dense_t", dense, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.in_features, self.out_features, self.group_size = k, n, group_size
         # Long inputs can be multiplied densely from unpacked weights (see forward) where the
         # unpacking kernel builds and knows the packing (blocks of 64 output rows).
         self.unpacks = n % 64 == 0 and group_size % 16 == 0 and dtype == torch.bfloat16 and weight.device.type == "cpu" \
             and int4_unpacking_available()
-        # The AMX kernel reads the same packing (and groups of 32), and beats the dense matmul
-        # below AMX_MAX_ROWS rows.
+        # The AMX kernels read the same packing (and groups of 32): int4_mm_amx below AMX_MAX_ROWS
+        # rows, int4_dense_mm_amx from there.
         self.amx = self.unpacks and group_size == 32 and amx_available()
         self.dense_min_rows = AMX_MAX_ROWS if self.amx else DENSE_MIN_ROWS
+        # A server's copy in the model dtype, for inputs of many rows (see forward): the int4
+        # values themselves, transposed (K, N) as the unpacking kernel writes them, so that a
+        # prefill computes the same from either. Not on AMX tiles, whose kernel dequantises
+        # faster than oneDNN multiplies a kept copy.
+        dense = None
+        if keep_dense and not self.amx:
+            dense = int4_values_t(q, self.scales_and_zeros).to(dtype)
+        self.register_buffer("dense_t", dense, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Few rows (decode steps): our AMX kernel where the CPU has tiles, else PyTorch's int4
-        # kernel. Many rows (a prefill) take the dense bf16 matmul, which computes at ~870 GFLOP/s
-        # on 2 AVX-512 BF16 cores and over 1 TFLOP/s on AMX tiles, where PyTorch's int4 kernel
-        # reaches ~170-300: from a server's kept copy, or from this layer's weights unpacked for the
-        # call (the same values). SmolLM2's 120 layers at 256 rows on a 2-core AMX Xeon: int4
-        # kernel 351 ms, unpacked 87, kept copy 63 (benchmarks/bench_gemv.py --int4).
+        # kernel. Many rows (a prefill): on AMX tiles our dense kernel (int4_dense_mm_amx), else
+        # the dense bf16 matmul, which computes at ~870 GFLOP/s on 2 AVX-512 BF16 cores, where
+        # PyTorch's int4 kernel reaches ~170-300: from a server's kept copy, or from this layer's
+        # weights unpacked for the call (the same values). SmolLM2's 120 layers at 256 rows on a
+        # 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87, kept copy 63
+        # (benchmarks/bench_gemv.py --int4), int4_dense_mm_amx ~35.
         rows = x.numel() // self.in_features
         if self.amx and rows < self.dense_min_rows:   # shapes kept by the kernel: few Python ops a call
             y = int4_mm_amx(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.weight, self.scales_and_zeros)
             y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(rows, self.in_features)
-        if rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
+        if self.amx and not torch.compiler.is_compiling():
+            y = int4_dense_mm_amx(x2.to(torch.bfloat16), self.weight, self.scales_and_zeros)
+        elif rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
             wt = self.dense_t if self.dense_t is not None else \
                 int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)      # (K, N)
             y = dense_matmul(x2.to(wt.dtype), wt)

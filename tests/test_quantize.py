@@ -121,6 +121,8 @@ def test_int4_many_rows_multiply_the_int4_values():
         assert torch.equal(plain(x), layer(x))
     assert torch.equal(plain(x[:dense_min_rows - 1]), one_by_one[:dense_min_rows - 1])   # fewer: the int4 kernel
     assert torch.equal(layer(x)[:7], layer(x[:dense_min_rows])[:7])   # a row's result is its own
+    if layer.amx:   # a decode step (one position a row) of any batch: each row as alone
+        assert torch.equal(layer(x[:, None]).squeeze(1), one_by_one)
 
 
 @pytest.mark.skipif("not __import__('llamaforge.model.kernels', fromlist=['x']).amx_available()",

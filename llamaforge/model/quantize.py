@@ -42,8 +42,8 @@ DENSE_MIN_ROWS = 64
 # Where the CPU has AMX tiles, int4 inputs of fewer rows than this take the decode kernel
 # (`int4_mm_amx`), others the dense one (`int4_dense_mm_amx`). SmolLM2's 120 layers on a 2-core AMX
 # Xeon, weights from memory: 16 rows 5.0 / 8.1 ms, 32 rows 7.3 / 9.1, 48 rows 10.6 / 10.1, 64 rows
-# 17.8 / 15.3, 128 rows 35.8 / 27.8. A server's decode step of more rows than this would round
-# differently from its rows alone (--max-batch 64 and up).
+# 17.8 / 15.3, 128 rows 35.8 / 27.8. A decode step (one position a row) takes the decode kernel
+# whatever its rows (see Int4Linear.forward).
 AMX_MAX_ROWS = 64
 # A dense product's rows are padded up to a multiple of this (see dense_matmul).
 ROW_BUCKET = 16
@@ -188,7 +188,10 @@ class Int4Linear(nn.Module):
         # 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87, kept copy 63
         # (benchmarks/bench_gemv.py --int4), int4_dense_mm_amx ~35.
         rows = x.numel() // self.in_features
-        if self.amx and rows < self.dense_min_rows:   # shapes kept by the kernel: few Python ops a call
+        # A decode step (one position a row) takes the decode kernel whatever its rows, so that a
+        # server's step of any --max-batch computes each row as it would alone.
+        decoding = x.dim() > 2 and x.shape[-2] == 1
+        if self.amx and (rows < self.dense_min_rows or decoding):   # shapes kept by the kernel: few Python ops a call
             y = int4_mm_amx(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.weight, self.scales_and_zeros)
             y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
             return y if self.bias is None else y + self.bias

@@ -113,6 +113,29 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny):
     assert long.tokens == alone(model, list(range(10, 130)), 4)
 
 
+def test_short_prompts_share_a_steps_prefill_budget(tiny):
+    """A step prefills as many whole chunks as fit in `chunk` tokens, oldest request first, a
+    shorter later prompt going where a longer one does not fit; every request still decodes what
+    it would alone."""
+    ckpt, tok = tiny
+    model = inference_model(ckpt)
+    engine = Engine(model, tok, max_batch=4, chunk=16, scheduler=Scheduler())
+    engine.scheduler.shutdown("stepped by this test")
+    prompts = [list(range(20, 26)), list(range(30, 42)), list(range(50, 57)), list(range(60, 100))]   # 6, 12, 7, 40
+    outs = [Outputs() for _ in prompts]
+    engine.waiting.extend(Request(p, SamplingConfig(max_new_tokens=3, temperature=0, ignore_eos=True), o)
+                          for p, o in zip(prompts, outs, strict=True))
+    cached = []
+    while engine.busy:
+        engine.admit()
+        engine.step()
+        cached.append([len(s.tokens) for s in engine.slots])
+    # Step 1: 6 + 7 tokens (12 would not fit after 6); step 2: 12; steps 3-5: 16, 16, 8 of the 40.
+    assert cached[0][:3] == [7, 0, 8] and cached[1][1] == 13 and cached[2][3] == 16 and cached[4][3] == 41
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.tokens == alone(model, p, 3)
+
+
 def test_a_shared_prefix_is_not_computed_again(tiny, monkeypatch):
     ckpt, tok = tiny
     model = inference_model(ckpt)

@@ -120,14 +120,15 @@ def test_int4_many_rows_multiply_the_int4_values():
     if plain.unpacks:   # unpacked for the call or kept: the same product
         assert torch.equal(plain(x), layer(x))
     assert torch.equal(plain(x[:dense_min_rows - 1]), one_by_one[:dense_min_rows - 1])   # fewer: the int4 kernel
-    assert torch.equal(layer(x)[:7], layer(x[:dense_min_rows])[:7])   # a row's result is its own
-    if layer.amx:   # a decode step (one position a row) of any batch: each row as alone
+    if layer.amx:   # a row's result is its own (oneDNN, elsewhere, promises no such thing)
+        assert torch.equal(layer(x)[:7], layer(x[:dense_min_rows])[:7])
+        # A decode step (one position a row) of any batch: each row as alone.
         assert torch.equal(layer(x[:, None]).squeeze(1), one_by_one)
 
 
 @pytest.mark.skipif("not __import__('llamaforge.model.kernels', fromlist=['x']).amx_available()",
                     reason="no AMX tiles here: many int4 rows take oneDNN's product")
-@pytest.mark.parametrize("rows,K,N", [(16, 64, 128), (80, 576, 960), (48, 1536, 576)])
+@pytest.mark.parametrize("rows,K,N", [(13, 64, 128), (80, 576, 960), (45, 1536, 576)])   # 16, 96, 48 padded
 def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N):
     """int4_dense_mm_amx: the product of x and the values int4pack_to_bf16_t unpacks (oneDNN's
     product of them, to a bf16 step), whatever the row count (padded to 16 inside)."""
@@ -143,7 +144,7 @@ def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N)
 
 def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
     """A prefill's dense product takes its rows padded to a multiple of ROW_BUCKET (oneDNN builds a
-    kernel per shape it meets): the padding changes no row, the result has the rows asked for,
+    kernel per shape it meets): the rows are the product's (to bf16 rounding), as many as asked,
     and warm_dense_shapes multiplies exactly the padded row counts a chunk can have (with the
     server's kept copies: not on AMX tiles, whose kernel keeps none)."""
     from llamaforge.model import quantize

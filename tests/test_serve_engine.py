@@ -136,6 +136,20 @@ def test_short_prompts_share_a_steps_prefill_budget(tiny):
         assert o.tokens == alone(model, p, 3)
 
 
+def test_a_step_prefills_at_most_a_few_prompts(tiny):
+    """However short the prompts, a step runs at most PREFILLS_A_STEP prefill passes (each costs
+    a pass over every layer), so the running streams wait about one chunk's time at most."""
+    from llamaforge.serve.engine import PREFILLS_A_STEP
+    ckpt, tok = tiny
+    engine = Engine(inference_model(ckpt), tok, max_batch=PREFILLS_A_STEP + 2, chunk=64, scheduler=Scheduler())
+    engine.scheduler.shutdown("stepped by this test")
+    engine.waiting.extend(Request([7 + i, 8 + i], SamplingConfig(max_new_tokens=2, temperature=0, ignore_eos=True), Outputs())
+                          for i in range(PREFILLS_A_STEP + 2))
+    engine.admit()
+    engine.step()
+    assert sum(len(s.tokens) > 0 for s in engine.slots) == PREFILLS_A_STEP
+
+
 def test_a_shared_prefix_is_not_computed_again(tiny, monkeypatch):
     ckpt, tok = tiny
     model = inference_model(ckpt)

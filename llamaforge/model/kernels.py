@@ -669,8 +669,10 @@ AMX_FN static void dense_blocks_amx(const DenseProblem& d, int64_t begin, int64_
 AMX_FN torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && M % 16 == 0 && K % 32 == 0 &&
-              N % 64 == 0 && packed.is_contiguous() && packed.size(1) * 2 == K && sz.is_contiguous() &&
-              sz.scalar_type() == at::kBFloat16 && sz.size(0) == K / 32 && sz.size(1) == N,
+              N % 64 == 0 && packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+              packed.size(1) * 2 == K && sz.dim() == 3 && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
+              sz.size(0) == K / 32 && sz.size(1) == N && sz.size(2) == 2 && x.device().is_cpu() &&
+              packed.device().is_cpu() && sz.device().is_cpu(),
               "int4_dense_mm_amx: contiguous bf16 rows (a multiple of 16), blocks of 64 outputs, groups of 32 inputs");
   auto y = torch::empty({M, N}, torch::dtype(torch::kBFloat16));
   const DenseProblem d{M, K, N, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), packed.data_ptr<uint8_t>(),
@@ -941,7 +943,9 @@ AMX_FN torch::Tensor prefill_attention_amx(torch::Tensor q, torch::Tensor k, tor
   const int64_t G = H / Hkv, P = 16 / std::max<int64_t>(G, 1), S32 = (S + 31) / 32 * 32;
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 &&
               G >= 1 && G <= 16 && H % Hkv == 0 && D % 32 == 0 && D <= 256 && T <= S && q.stride(3) == 1 &&
-              k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) % 2 == 0 && v.size(2) == S,
+              k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) % 2 == 0 && v.size(2) == S && q.dim() == 4 &&
+              k.dim() == 4 && v.dim() == 4 && k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && k.size(3) == D &&
+              v.size(3) == D && q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "prefill_attention_amx: unsupported layout");
   auto out = torch::empty({B, T, H, D}, torch::dtype(torch::kBFloat16));
   auto kt = torch::empty({B * Hkv * (D / 2) * S32}, torch::dtype(torch::kInt32));
@@ -1302,8 +1306,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     tiles, not bf16 on a CPU, more than 16 query heads a key head): then SDPA."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 32 or D > 256 or H // Hkv > 16 \
-            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not amx_available():
+    if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or q.device.type != "cpu" \
+            or D % 32 or D > 256 or H // Hkv > 16 or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
+            or k.stride(-2) % 2 or not amx_available():
         return None
     return gemv_extension().prefill_attention_amx(q, k, v, D ** -0.5).transpose(1, 2)
 

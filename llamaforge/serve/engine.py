@@ -34,6 +34,9 @@ from ..model.generation import (
 from ..model.kernels import cache_write, decode_attention
 from ..model.quantize import warm_dense_shapes
 
+# At most this many prompts' prefill chunks in one step (see Engine._step).
+PREFILLS_A_STEP = 4
+
 
 class QueueFull(Exception):
     """More requests wait than --max-queue allows."""
@@ -347,11 +350,12 @@ class Engine:
             if slot.request and slot.request.cancelled:
                 self._finish(slot, None)
         # Prefill chunks, oldest request first, as many whole chunks as fit in `chunk` tokens (the oldest
-        # always does, a longer one's chunk waits for the next step while shorter ones go): a step
-        # carries no more prefill than one chunk, and a prompt is cut where generate() cuts it (its
-        # keys and values are computed alike). Several short prompts a step leave fewer steps in
-        # which the running sequences wait for a prefill (16 clients of 64-512 tokens: 16 -> ~10).
-        budget = self.chunk
+        # always does, a longer one's chunk waits for the next step while shorter ones go), at most
+        # PREFILLS_A_STEP of them (each pass has a cost of its own): a step carries no more prefill
+        # than about one chunk, and a prompt is cut where it would be alone (where generate() cuts
+        # it too, with the default chunk and no cached prefix). Several short prompts a step leave
+        # fewer steps in which the running sequences wait (16 clients of 64-512 tokens: 16 -> 12).
+        budget, passes = self.chunk, 0
         for slot in sorted((s for s in self.slots if s.request and s.request.cached < len(s.request.prompt)),
                            key=lambda s: s.request.arrived):
             r = slot.request
@@ -359,7 +363,9 @@ class Engine:
             if size > budget:   # a later, shorter one may still fit
                 continue
             self._prefill(slot)
-            budget -= size
+            budget, passes = budget - size, passes + 1
+            if passes == PREFILLS_A_STEP:
+                break
         decoding = [i for i, s in enumerate(self.slots) if s.request and s.request.cached >= len(s.request.prompt)
                     and s.request.generated]
         if decoding:

@@ -17,7 +17,8 @@ step; int4 decoding went from 65.8 to 76.6 tokens/s with both.
 On a CPU with AMX tiles, a decode step's int4 products, its int8 output projection and its
 attention run on the tiles (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`), each row
 computed alone so that a sequence decodes bit for bit the same alone or batched: a server's
-16-row step of SmolLM2 spends 7 ms in int4 products instead of 24 in PyTorch's kernel.
+16-row step of SmolLM2 spends 7 ms in int4 products instead of 24 in PyTorch's kernel. So do a
+prefill chunk's int4 products and causal attention (`int4_dense_mm_amx`, `prefill_attention_amx`).
 
 They are compiled on first use with torch.utils.cpp_extension (about 30 s), once per machine, torch
 and Python: each build has a directory of its own under ~/.cache/llamaforge/kernels, so two

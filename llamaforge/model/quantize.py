@@ -7,7 +7,8 @@ Q4_1 blocks, so a Q4_1 checkpoint converts without further loss (each block's mi
 two of its 16 levels). Decode steps (a few rows of activations) use PyTorch's weight-only
 kernels, or where the CPU has AMX tiles llamaforge's (`kernels.int4_mm_amx`, and
 `kernels.int8_mm_amx` for the output projection); long inputs (prefill) dequantise to bf16 and
-use the dense matmul, faster there.
+use the dense matmul, faster there (on AMX tiles, `kernels.int4_dense_mm_amx`, which dequantises
+block by block as it multiplies).
 """
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def main():
                                                                           ignore_eos=True), lambda event: None))
     engine.waiting.extend(requests)
     prefill = decode = 0.0
-    steps = 0
+    steps = prefill_steps = 0
     t0 = time.perf_counter()
     with torch.inference_mode():
         while engine.busy:
@@ -57,13 +57,15 @@ def main():
             engine.step()
             if chunk:
                 prefill += time.perf_counter() - t
+                prefill_steps += 1
             else:
                 decode += time.perf_counter() - t
                 steps += 1
     total = time.perf_counter() - t0
     tokens = sum(len(r.generated) for r in requests)
     print(f"{args.clients} clients, {sum(len(r.prompt) for r in requests)} prompt tokens, {tokens} new: "
-          f"{tokens / total:.1f} tokens/s in {total:.2f} s; steps with a prefill chunk {prefill:.2f} s, "
+          f"{tokens / total:.1f} tokens/s in {total:.2f} s; steps with a prefill chunk {prefill:.2f} s "
+          f"({prefill_steps}), "
           f"decode-only steps {decode:.2f} s ({steps}, {decode / max(steps, 1) * 1000:.1f} ms each)")
 
 

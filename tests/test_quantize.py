@@ -111,8 +111,8 @@ def test_int4_many_rows_multiply_the_int4_values():
     else:
         assert torch.equal(layer.dense_t, values_t)
     dense_min_rows = layer.dense_min_rows   # 64, where AMX's decode kernel and PyTorch's take fewer
-    x = torch.randn(dense_min_rows + 5, 128).bfloat16()                    # padded to 16 rows on AMX
-    one_by_one = torch.cat([layer(row[None]) for row in x])      # the int4 kernel, a row at a time
+    x = torch.randn(dense_min_rows + 5, 128).bfloat16()                 # not a multiple of 16 rows
+    one_by_one = torch.cat([layer(row[None]) for row in x])   # the decode kernel, a row at a time
     torch.testing.assert_close(layer(x).float(), one_by_one.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(layer(x).float(), (x.float() @ values_t.float()).bfloat16().float(), atol=2e-2, rtol=1e-2)
     plain = Int4Linear(w, None, torch.bfloat16)
@@ -126,23 +126,23 @@ def test_int4_many_rows_multiply_the_int4_values():
         assert torch.equal(layer(x[:, None]).squeeze(1), one_by_one)
 
 
-@pytest.mark.skipif("not __import__('llamaforge.model.kernels', fromlist=['x']).amx_available()",
-                    reason="no AMX tiles here: many int4 rows take oneDNN's product")
-@pytest.mark.parametrize("rows,K,N", [(13, 64, 128), (80, 576, 960), (45, 1536, 576)])   # 16, 96, 48 padded
+@pytest.mark.parametrize("rows,K,N", [(16, 64, 128), (83, 576, 960), (48, 1536, 576)])   # 16, 96, 48 padded
 def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N):
-    """int4_dense_mm_amx: the product of x and the values int4pack_to_bf16_t unpacks (oneDNN's
-    product of them, to a bf16 step), whatever the row count (padded to 16 inside)."""
+    """int4_dense_mm_amx: the fp32 product of x and the values int4pack_to_bf16_t unpacks, to bf16
+    rounding, whatever the row count (padded to 16 inside; 16 and 48 leave a single 16-row tile)."""
     from llamaforge.model.kernels import int4_dense_mm_amx, int4pack_to_bf16_t
     g = torch.Generator().manual_seed(rows)
     layer = Int4Linear(torch.randn(N, K, generator=g) * 0.05, None, torch.bfloat16)
-    x = torch.randn(rows + 3, K, generator=g).bfloat16()
+    if not layer.amx:
+        pytest.skip("no AMX tiles here: many int4 rows take oneDNN's product")
+    x = torch.randn(rows, K, generator=g).bfloat16()
     out = int4_dense_mm_amx(x, layer.weight, layer.scales_and_zeros)
     ref = x.float() @ int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32).float()
-    assert out.shape == (rows + 3, N) and out.dtype == torch.bfloat16
+    assert out.shape == (rows, N) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)
 
 
-def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
+def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe, monkeypatch):
     """A prefill's dense product takes its rows padded to a multiple of ROW_BUCKET (oneDNN builds a
     kernel per shape it meets): the rows are the product's (to bf16 rounding), as many as asked,
     and warm_dense_shapes multiplies exactly the padded row counts a chunk can have (with the
@@ -158,22 +158,21 @@ def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe):
     model = quantize_weights(build_model(random_model("tiny", tiny_bpe)[0], "bf16"), bits=4, keep_dense=True)
     seen = []
     real = torch.Tensor.__matmul__
-    try:
-        torch.Tensor.__matmul__ = lambda a, b: seen.append((a.shape[0], tuple(b.shape))) or real(a, b)
-        quantize.warm_dense_shapes(model, 200)
-    finally:
-        torch.Tensor.__matmul__ = real
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: seen.append((a.shape[0], tuple(b.shape))) or real(a, b))
+    quantize.warm_dense_shapes(model, 200)
+    monkeypatch.undo()
     kept = [m for m in model.modules() if isinstance(m, Int4Linear) and m.dense_t is not None]   # none on AMX
     expected = {(r, tuple(m.dense_t.shape)) for m in kept   # from each layer's first dense row count
-                for r in range(-(-m.dense_min_rows // 16) * 16, 208 + 1, quantize.ROW_BUCKET)}
+                for r in range(quantize.padded(m.dense_min_rows, quantize.ROW_BUCKET),
+                               quantize.padded(200, quantize.ROW_BUCKET) + 1, quantize.ROW_BUCKET)}
     assert set(seen) == expected and len(seen) == len(expected)
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])
 def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
-    """Without a kept copy, a long input is multiplied by the layer's weights unpacked from
-    PyTorch's int4 packing (the kernel reads that layout itself): the unpacked weights are the
-    dense copy's, bit for bit, whatever the shape."""
+    """Without a kept copy (where the CPU has no AMX tiles), a long input is multiplied by the
+    layer's weights unpacked from PyTorch's int4 packing (the kernel reads that layout itself): the
+    unpacked weights are the dense copy's, bit for bit, whatever the shape."""
     from llamaforge.model.kernels import int4pack_to_bf16_t
     from llamaforge.model.quantize import Int4Linear, int4_groups, int4_unpacking_available, int4_values_t
     if not int4_unpacking_available():

@@ -306,9 +306,9 @@ def test_compiled_single_sequence_step_gives_the_same_tokens(tiny):
 
 
 def test_the_default_models_long_prompt_decodes_as_generate_does():
-    """The server's SmolLM2 (int4 with a dense copy for prefill chunks) and generation's (int4,
-    unpacked for a long input) take a prompt longer than a chunk in the same chunks and the same
-    products: every token's log-probability is the same float, not only the greedy tokens (which
+    """The server's SmolLM2 (int4 with a dense copy for prefill chunks; on AMX tiles none, both
+    take int4_dense_mm_amx) and generation's (int4, unpacked for a long input) take a prompt
+    longer than a chunk in the same chunks and the same products: every token's log-probability is the same float, not only the greedy tokens (which
     agree for this prompt even when the two take other chunks)."""
     from llamaforge.formats.load import load
     from llamaforge.model.generation import PREFILL_CHUNK, decode_one_token, prefill

@@ -99,7 +99,7 @@ def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
         bf16(ids[:, :150], cache_pos=0)
         continued = bf16(ids[:, 150:], cache_pos=150)[0].float()
         assert len(calls) == 3 * bf16.config.n_layers   # per layer: whole, prefix, continuation
-        monkeypatch.setattr(model_module, "sdpa_prefills_faster", lambda: True)   # SDPA everywhere (AMX's choice)
+        monkeypatch.setattr(model_module, "sdpa_prefills_faster", lambda: True)   # SDPA (AMX's, without the tile kernel)
         sdpa = bf16(ids)[0].float()
         bf16(ids[:, :150], cache_pos=0)
         sdpa_continued = bf16(ids[:, 150:], cache_pos=150)[0].float()
@@ -115,7 +115,8 @@ def test_bf16_blocked_prefill_tracks_fp32(default_checkpoint, monkeypatch):
 def test_amx_prefill_attention_tracks_fp32_as_sdpa_does(default_checkpoint):
     """On AMX tiles a prefill's attention is the kernel's (use_cpu_kernels), whole and after a
     cached prefix (a chat's next turn, a long prompt's second chunk): SmolLM2's bf16 logits over
-    300 tokens are as close to fp32 as with SDPA, and pick the same tokens."""
+    300 tokens are as close to fp32 as with SDPA, and their argmax agrees with fp32's as often
+    (within 2 points)."""
     from llamaforge.model.kernels import amx_available, use_cpu_kernels
     if not amx_available():
         pytest.skip("no AMX tiles here: prefill attention runs on SDPA")

@@ -146,8 +146,9 @@ def load(model: str | os.PathLike = "default", dtype: str | torch.dtype | None =
     then holds them at their own precision) and the dtype is bf16, else nothing.
     inference: set up for generation only: stacked input projections (`Llama.fuse_projections`)
     and, for dense bf16 on an AVX-512 CPU, the hand-written decode kernel (`model/kernels.py`).
-    batched: for a server, whose steps have many rows: int4 layers keep their bf16 weights too
-    (the int4 kernel for one row, the dense matmul, three times faster, for prefill and batches).
+    batched: for a server: int4 layers keep their int4 values also in bf16 for prefill chunks,
+    where the dense matmul is three times PyTorch's int4 kernel (not where the CPU has AMX tiles:
+    int4_dense_mm_amx dequantises as it multiplies).
     """
     if quantize not in (None, "none", "auto", "int8", "int4"):
         raise LlamaforgeError(f"unknown quantization {quantize!r}; use int8, int4 or auto")

@@ -393,11 +393,12 @@ static inline void scales_zeros(const uint32_t* pairs, __m512& s, __m512& z) {
 }
 
 // The transposed weights W^T (K, N) bf16 of PyTorch's CPU int4 packing, for the dense matmul of a
-// long input (a prefill), which oneDNN runs several times faster than PyTorch's int4 kernel (on AMX
-// tiles: ~1.5 TFLOP/s against ~170 GFLOP/s). The packing (`_convert_weight_to_int4pack_for_cpu`,
+// long input (a prefill) where the CPU has no AMX tiles (or under torch.compile), which oneDNN runs
+// several times faster than PyTorch's int4 kernel (~870 GFLOP/s on 2 AVX-512 BF16 cores against
+// ~170-300; on AMX, int4_dense_mm_amx dequantises to the same values as it multiplies). The packing (`_convert_weight_to_int4pack_for_cpu`,
 // checked by a test): blocks of 64 output rows; for each input k, 32 bytes whose byte i holds row
 // 64b + i in its low nibble and row 64b + 32 + i in its high one. Scales and zeros (K/G, N, 2) bf16:
-// w = (q - 8) * s + z, computed in fp32 as a mul and an add and rounded once, which is what the
+// w = (q - 8) * s + z, computed in fp32 as a mul and an add and rounded once, which is what a
 // server's dense copy holds. Written k-major, so each k's 64 values are contiguous.
 torch::Tensor int4pack_to_bf16_t(torch::Tensor packed, torch::Tensor sz, int64_t group) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
@@ -578,16 +579,16 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
 // bf16 once per block of 32 outputs, w = (q - 8) * s + z rounded once (int4pack_to_bf16_t's values),
 // into the tiles' layout, then every 32 rows of x times them, the sums kept in tiles over all K (the
 // decode kernel above scales each group's sums instead, which costs more than the products at many
-// rows). SmolLM2's 120 products of a 320-row chunk on a 2-core Xeon, weights from memory: ~40 ms,
-// against ~50 for oneDNN on a kept bf16 copy of the same values (it reorders the weights at every
-// call) and ~70 for unpacking them first. Rows: a multiple of 16.
+// rows). SmolLM2's 120 products on a 2-core Xeon, weights from memory (bench_gemv.py --int4): 128
+// rows 18.8 ms against 29.2 for oneDNN on a kept bf16 copy of the same values (which it reorders at
+// every call), 256 rows 35.5 against 70.9, 512 rows 63.8 against 59.9. Rows: a multiple of 16.
 // Tiles: 0, 1 two blocks of 16 rows x 32 inputs; 2, 3 weights (16 input pairs x 16 outputs);
 // 4-7 the 2 x 2 blocks of sums (16 rows x 16 outputs).
-AMX_FN static void configure_gemm_tiles() {
+AMX_FN static void configure_dense_tiles() {
   configure({{0, 16, 64}, {1, 16, 64}, {2, 16, 64}, {3, 16, 64}, {4, 16, 64}, {5, 16, 64}, {6, 16, 64}, {7, 16, 64}});
 }
 
-struct DenseProblem {
+struct Int4DenseProblem {
   int64_t M, K, N;
   const uint16_t* X;     // (M, K) bf16
   const uint8_t* P;      // PyTorch's int4 packing (see int4pack_to_bf16_t)
@@ -597,7 +598,7 @@ struct DenseProblem {
 
 // Outputs 32 u .. 32 u + 31 (half u % 2 of the 64-output block u / 2: its low nibbles, or its high
 // ones) as two columns of tiles, (2, K/32, 16, 32), pairs of inputs interleaved.
-AMX_FN static void dequantise_block(const DenseProblem& d, int64_t u, uint16_t* out) {
+AMX_FN static void dequantise_block(const Int4DenseProblem& d, int64_t u, uint16_t* out) {
   const int64_t K = d.K, blk = u / 2, KB = K / 32;
   const bool high = u % 2;
   __m512i IL, IH;
@@ -630,9 +631,9 @@ AMX_FN static void dequantise_block(const DenseProblem& d, int64_t u, uint16_t* 
   }
 }
 
-AMX_FN static void dense_blocks_amx(const DenseProblem& d, int64_t begin, int64_t end) {
+AMX_FN static void dense_blocks_amx(const Int4DenseProblem& d, int64_t begin, int64_t end) {
   const int64_t M = d.M, K = d.K, N = d.N, KB = K / 32;
-  configure_gemm_tiles();
+  configure_dense_tiles();
   std::vector<uint16_t> buffer(2 * KB * 512 + 32);   // this block's weights, two columns of tiles
   uint16_t* B0 = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
   const uint16_t* B1 = B0 + KB * 512;
@@ -676,7 +677,7 @@ AMX_FN torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, to
               packed.device().is_cpu() && sz.device().is_cpu(),
               "int4_dense_mm_amx: contiguous bf16 rows (a multiple of 16), blocks of 64 outputs, groups of 32 inputs");
   auto y = torch::empty({M, N}, torch::dtype(torch::kBFloat16));
-  const DenseProblem d{M, K, N, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), packed.data_ptr<uint8_t>(),
+  const Int4DenseProblem d{M, K, N, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), packed.data_ptr<uint8_t>(),
                        reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>()),
                        reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>())};
   at::parallel_for(0, N / 32, 1, [&](int64_t begin, int64_t end) { dense_blocks_amx(d, begin, end); });
@@ -828,7 +829,8 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
 // 32 dimensions) times kt, 16 keys a tile product, straight into each row's fp32 scores; softmax in
 // fp32 over the row's own length, its e^(s - max) in bf16 (zeros past the length) times vp,
 // accumulated in tiles; each output row divided by its sum at the end, as flash attention does.
-// A SmolLM2 layer's 316-token prefill on a 2-core Xeon: PyTorch's flash attention ~0.55 ms.
+// A SmolLM2 layer's 316-token prefill on a 2-core Xeon: 0.20 ms, against 0.55 for PyTorch's flash
+// attention (512 tokens: 0.53 against 0.83).
 // Tiles: 0 queries (R x 32 bf16), 1 keys / values (16 pairs x 16), 2 scores (R x 16 keys),
 // 3 probabilities (R x 32 keys), 4-7 outputs (R x 16 dimensions each).
 AMX_FN static void configure_prefill_tiles(int R) {
@@ -1209,7 +1211,8 @@ _amx: bool | None = None
 
 
 def amx_available() -> bool:
-    """Whether the AMX kernels run here (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`):
+    """Whether the AMX kernels run here (`int4_mm_amx`, `int8_mm_amx`, `decode_attention_amx`,
+    `int4_dense_mm_amx`, `prefill_attention_amx`):
     the CPU has AMX tiles (BF16 and INT8), the kernels build, and Linux lends this process the
     tile state. LLAMAFORGE_NO_AMX=1 turns them off (to compare with the paths other CPUs take)."""
     global _amx
@@ -1245,10 +1248,18 @@ def int4_dense_mm_amx(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: t
     values int4pack_to_bf16_t gives, the sums kept in tiles over all K. The rows are padded to a
     multiple of 16 here (the tiles' height); each row's result depends on that row alone."""
     rows = x.shape[0]
-    pad = -rows % 16
-    y = gemv_extension().int4_dense_mm_amx(F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous(), packed,
-                                           scales_and_zeros)
-    return y[:rows] if pad else y
+    return gemv_extension().int4_dense_mm_amx(pad_rows(x, 16), packed, scales_and_zeros)[:rows]
+
+
+def padded(rows: int, multiple: int) -> int:
+    """rows rounded up to a multiple of `multiple`."""
+    return -(-rows // multiple) * multiple
+
+
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x (M, K) contiguous, with zero rows after it up to a multiple of `multiple` rows."""
+    pad = padded(x.shape[0], multiple) - x.shape[0]
+    return F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:
@@ -1302,9 +1313,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     """Causal attention of a prefill chunk on AMX tiles: q (B, H, T, D) are the last T of the S
-    positions of k and v (B, Hkv, S, D; views of a cache, or of the projection). (B, H, T, D) (a view of a (B, T, H, D)
-    tensor, as the output projection reads it), or None where the kernel does not run (no AMX
-    tiles, not bf16 on a CPU, more than 16 query heads a key head): then SDPA."""
+    positions of k and v (B, Hkv, S, D; views of a cache, or of the projection). Returns
+    (B, H, T, D), a view of a (B, T, H, D) tensor as the output projection reads it; or None where
+    the kernel does not run (no AMX tiles, not bf16 on a CPU, more than 16 query heads a key head,
+    odd strides): then PyTorch's attention."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     if q.dtype != torch.bfloat16 or k.dtype != torch.bfloat16 or v.dtype != torch.bfloat16 or q.device.type != "cpu" \

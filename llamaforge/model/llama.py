@@ -61,7 +61,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 
 def inference_kernel_takes(t: torch.Tensor) -> bool:
-    """Whether a CPU kernel hook (Attention.rope, MLP.silu_mul; set by kernels.use_cpu_kernels)
+    """Whether a CPU kernel hook (Attention.rope and .prefill_attention, MLP.silu_mul; set by
+    kernels.use_cpu_kernels)
     may replace PyTorch's ops on t: bf16 on a CPU, no gradient to carry, nothing tracing."""
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not t.requires_grad \
         and not torch.compiler.is_compiling()
@@ -150,7 +151,8 @@ def sdpa_prefills_faster() -> bool:
     """Whether a bf16 prefill takes SDPA rather than causal_attention: on a CPU with AMX tiles,
     PyTorch's flash attention multiplies on them and is the faster (SmolLM2 layer on a 2-core
     Xeon: 256 new of 512 positions 0.63 vs 1.67 ms, 512 of 512 0.96 vs 2.49 ms); on AVX-512
-    alone the blocked matmuls are (2.5 vs 4.5 ms at 512, on a 2-core EPYC)."""
+    alone the blocked matmuls are (2.5 vs 4.5 ms at 512, on a 2-core EPYC). Where use_cpu_kernels
+    has set Attention.prefill_attention (AMX with llamaforge's kernels), that kernel goes first."""
     return cpu_flags_have("amx_bf16")
 
 
@@ -203,7 +205,7 @@ class Attention(nn.Module):
         # heads, hd), for inference: a CPU kernel set by kernels.use_cpu_kernels; None: apply_rope.
         self.rope = None
         # Causal attention of a prefill chunk (no mask), (q, k, v) -> y or None, for inference: the
-        # AMX kernel set by kernels.use_cpu_kernels where the CPU has tiles; None: `attention`.
+        # AMX kernel set by kernels.use_cpu_kernels where the CPU has tiles; None: `torch_attention`.
         self.prefill_attention = None
 
     def with_prefix(self, k, v, mask, q_len: int):
@@ -215,7 +217,7 @@ class Attention(nn.Module):
         pk, pv = (t[None].expand(B, -1, -1, -1).to(k.dtype) for t in self.prefix)
         return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask
 
-    def attention(self, q, k, v, mask):
+    def torch_attention(self, q, k, v, mask):
         """Attention of q (B, H, T, hd) over k, v (B, Hkv, S, hd) with PyTorch's ops: (B, H, T, hd)."""
         B, T = q.shape[0], q.shape[2]
         # Training attention also where a compiled training step reaches a layer whose q, k, v need no
@@ -272,7 +274,7 @@ class Attention(nn.Module):
                 and all(inference_kernel_takes(t) for t in (q, k, v)):
             y = self.prefill_attention(q, k, v)   # None where the kernel does not take these tensors
         if y is None:
-            y = self.attention(q, k, v, mask)
+            y = self.torch_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

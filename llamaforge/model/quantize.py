@@ -27,6 +27,8 @@ from .kernels import (
     int4pack_to_bf16_t,
     int8_mm_amx,
     int8_tiles,
+    pad_rows,
+    padded,
 )
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
@@ -42,10 +44,11 @@ INT8_KERNEL_MAX_ROWS = 16
 DENSE_MIN_ROWS = 64
 # Where the CPU has AMX tiles, int4 inputs of fewer rows than this take the decode kernel
 # (`int4_mm_amx`), others the dense one (`int4_dense_mm_amx`). SmolLM2's 120 layers on a 2-core AMX
-# Xeon, weights from memory: 16 rows 5.0 / 8.1 ms, 32 rows 7.3 / 9.1, 48 rows 10.6 / 10.1, 64 rows
-# 17.8 / 15.3, 128 rows 35.8 / 27.8. A decode step (one position a row) takes the decode kernel
-# whatever its rows (see Int4Linear.forward).
-AMX_MAX_ROWS = 64
+# Xeon, weights from memory, decode kernel / dense kernel: 16 rows 4.9 / 8.2 ms, 32 rows 7.6 / 9.2,
+# 48 rows 11.4 / 10.4, 64 rows 15.3 / 11.2, 128 rows 27.2 / 17.0 (one run of 30 layers' shapes,
+# 2026-12-03). A decode step (one position a row) takes the decode kernel whatever its rows (see
+# Int4Linear.forward).
+AMX_MAX_ROWS = 48
 # A dense product's rows are padded up to a multiple of this (see dense_matmul).
 ROW_BUCKET = 16
 
@@ -173,8 +176,10 @@ class Int4Linear(nn.Module):
         self.dense_min_rows = AMX_MAX_ROWS if self.amx else DENSE_MIN_ROWS
         # A server's copy in the model dtype, for inputs of many rows (see forward): the int4
         # values themselves, transposed (K, N) as the unpacking kernel writes them, so that a
-        # prefill computes the same from either. Not on AMX tiles, whose kernel dequantises
-        # faster than oneDNN multiplies a kept copy.
+        # prefill computes the same from either. Not on AMX tiles, whose kernel dequantises as it
+        # multiplies, without the copy (-212 MB for SmolLM2): faster than oneDNN with the copy up to
+        # ~300 rows, about even at 512 (bench_gemv.py --int4: 128 rows 18.8 / 29.2 ms, 256 rows
+        # 35.5 / 70.9, 512 rows 63.8 / 59.9).
         dense = None
         if keep_dense and not self.amx:
             dense = int4_values_t(q, self.scales_and_zeros).to(dtype)
@@ -186,8 +191,8 @@ class Int4Linear(nn.Module):
         # the dense bf16 matmul, which computes at ~870 GFLOP/s on 2 AVX-512 BF16 cores, where
         # PyTorch's int4 kernel reaches ~170-300: from a server's kept copy, or from this layer's
         # weights unpacked for the call (the same values). SmolLM2's 120 layers at 256 rows on a
-        # 2-core AMX Xeon: int4 kernel 351 ms, unpacked 87, kept copy 63
-        # (benchmarks/bench_gemv.py --int4), int4_dense_mm_amx ~35.
+        # 2-core AMX Xeon (benchmarks/bench_gemv.py --int4): int4 kernel 351 ms, unpacked 87, kept
+        # copy 63 (2026-11; 70.9 on 2026-12-03, when int4_dense_mm_amx took 35.5).
         rows = x.numel() // self.in_features
         # A decode step (one position a row) takes the decode kernel whatever its rows, so that a
         # server's step of any --max-batch computes each row as it would alone.
@@ -197,6 +202,8 @@ class Int4Linear(nn.Module):
             y = y if x.dtype == torch.bfloat16 else y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(rows, self.in_features)
+        # Traced by torch.compile (no custom op wraps the dense kernel): unpacked and oneDNN's product,
+        # the same values to bf16 rounding.
         if self.amx and not torch.compiler.is_compiling():
             y = int4_dense_mm_amx(x2.to(torch.bfloat16), self.weight, self.scales_and_zeros)
         elif rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
@@ -216,14 +223,13 @@ def dense_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ wt (K, N), x's rows padded with zeros up to a multiple of ROW_BUCKET. oneDNN
     builds a kernel for each (M, K, N) it has not met (~3 ms on a 2-core AMX Xeon, against 0.5 ms
     for the product itself at 300 x 576 x 3072), and a server's prompts come in every length: 16
-    fresh prompts cost their prefill 1.81 s against 1.46 s for the same prompts again. Padded,
-    a chunk of at most 512 rows meets at most 32 shapes per weight, built once a process
-    (`warm_dense_shapes`); the padding costs up to 15 rows of work, within the product's noise."""
+    fresh prompts cost their prefill 1.81 s against 1.46 s for the same prompts again (measured on
+    AMX before int4_dense_mm_amx took these products there; on CPUs without AMX, where this path
+    runs now, oneDNN builds its kernels alike, but the gain is unmeasured). Padded, a chunk of at
+    most 512 rows meets at most 32 shapes per weight, built once a process (`warm_dense_shapes`);
+    the padding costs up to 15 rows of work, within the product's noise."""
     rows = x.shape[0]
-    pad = -rows % ROW_BUCKET
-    if pad == 0:
-        return x @ wt
-    return (F.pad(x, (0, 0, 0, pad)) @ wt)[:rows]
+    return (pad_rows(x, ROW_BUCKET) @ wt)[:rows]
 
 
 def warm_dense_shapes(model: nn.Module, max_rows: int):
@@ -235,8 +241,7 @@ def warm_dense_shapes(model: nn.Module, max_rows: int):
         if isinstance(m, Int4Linear) and m.dense_t is not None:
             shapes.setdefault(tuple(m.dense_t.shape), m)
     for m in shapes.values():
-        first = -(-m.dense_min_rows // ROW_BUCKET) * ROW_BUCKET
-        for rows in range(first, max_rows + ROW_BUCKET, ROW_BUCKET):
+        for rows in range(padded(m.dense_min_rows, ROW_BUCKET), max_rows + ROW_BUCKET, ROW_BUCKET):
             torch.zeros(rows, m.in_features, dtype=m.dense_t.dtype) @ m.dense_t
 
 

@@ -142,32 +142,6 @@ def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N)
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)
 
 
-def test_dense_products_pad_their_rows_to_a_few_shapes(tiny_bpe, monkeypatch):
-    """A prefill's dense product takes its rows padded to a multiple of ROW_BUCKET (oneDNN builds a
-    kernel per shape it meets): the rows are the product's (to bf16 rounding), as many as asked,
-    and warm_dense_shapes multiplies exactly the padded row counts a chunk can have (with the
-    server's kept copies: not on AMX tiles, whose kernel keeps none)."""
-    from llamaforge.model import quantize
-    g = torch.Generator().manual_seed(0)
-    wt = torch.randn(96, 160, generator=g).bfloat16()
-    for rows in (1, 15, 16, 130):
-        x = torch.randn(rows, 96, generator=g).bfloat16()
-        out = quantize.dense_matmul(x, wt)
-        assert out.shape == (rows, 160) and out.is_contiguous()
-        torch.testing.assert_close(out.float(), x.float() @ wt.float(), atol=5e-2, rtol=1e-2)
-    model = quantize_weights(build_model(random_model("tiny", tiny_bpe)[0], "bf16"), bits=4, keep_dense=True)
-    seen = []
-    real = torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: seen.append((a.shape[0], tuple(b.shape))) or real(a, b))
-    quantize.warm_dense_shapes(model, 200)
-    monkeypatch.undo()
-    kept = [m for m in model.modules() if isinstance(m, Int4Linear) and m.dense_t is not None]   # none on AMX
-    expected = {(r, tuple(m.dense_t.shape)) for m in kept   # from each layer's first dense row count
-                for r in range(quantize.padded(m.dense_min_rows, quantize.ROW_BUCKET),
-                               quantize.padded(200, quantize.ROW_BUCKET) + 1, quantize.ROW_BUCKET)}
-    assert set(seen) == expected and len(seen) == len(expected)
-
-
 @pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])
 def test_int4_weights_unpack_to_the_values_the_int4_kernel_uses(shape):
     """Without a kept copy (where the CPU has no AMX tiles), a long input is multiplied by the

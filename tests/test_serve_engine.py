@@ -306,13 +306,15 @@ def test_compiled_single_sequence_step_gives_the_same_tokens(tiny):
 
 
 def test_the_default_models_long_prompt_decodes_as_generate_does():
-    """The server's SmolLM2 (int4 with a dense copy for prefill chunks; on AMX tiles none, both
-    take int4_dense_mm_amx) and generation's (int4, unpacked for a long input) take a prompt
-    longer than a chunk in the same chunks and the same products: every token's log-probability is the same float, not only the greedy tokens (which
-    agree for this prompt even when the two take other chunks)."""
+    """The server's SmolLM2 (int4 with a dense copy for prefill chunks) and generation's (int4,
+    unpacked for a long input) take a prompt longer than a chunk in the same chunks and the same
+    products: every token's log-probability is the same float, not only the greedy tokens (which
+    agree for this prompt even when the two take other chunks). On AMX tiles both prefill with
+    the tile kernels (int4_dense_mm_amx, prefill_attention_amx), and the server keeps no copy."""
     from llamaforge.formats.load import load
     from llamaforge.model.generation import PREFILL_CHUNK, decode_one_token, prefill
-    from llamaforge.model.quantize import int4_unpacking_available
+    from llamaforge.model.kernels import amx_available
+    from llamaforge.model.quantize import Int4Linear, int4_unpacking_available
     if not int4_unpacking_available():
         pytest.skip("generation's long prompts take PyTorch's int4 kernel here, the server's its dense copy")
     served, _ = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
@@ -322,12 +324,13 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
     assert len(prompt) == PREFILL_CHUNK + 44
     engine = Engine(served, tok, max_batch=2)
     try:
-        out = submit(engine, prompt, 24, logprobs=0)
-        wait([out])
+        with kernel_calls() as served_calls:
+            out = submit(engine, prompt, 24, logprobs=0)
+            wait([out])
     finally:
         engine.shutdown()
     tokens, logprobs = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), kernel_calls() as generated_calls:
         plain.setup_cache(1, len(prompt) + 24)
         logits = prefill(plain, torch.tensor([prompt]), None, None)
         for pos in range(len(prompt), len(prompt) + 24):
@@ -337,6 +340,10 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
             logits = decode_one_token(plain, torch.tensor([[token]]), None, pos, None)
     assert out.tokens == tokens
     assert out.logprobs == logprobs
+    if amx_available():
+        tiles = {"int4_dense_mm_amx", "prefill_attention_amx"}
+        assert tiles <= set(served_calls) and tiles <= set(generated_calls)
+        assert all(m.dense_t is None for m in served.modules() if isinstance(m, Int4Linear))
 
 
 def test_the_default_model_decodes_a_request_batched_as_alone_on_amx():

@@ -1247,19 +1247,9 @@ def int4_dense_mm_amx(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: t
     many rows (a prefill chunk), on AMX tiles: the weights dequantised block by block to the
     values int4pack_to_bf16_t gives, the sums kept in tiles over all K. The rows are padded to a
     multiple of 16 here (the tiles' height); each row's result depends on that row alone."""
-    rows = x.shape[0]
-    return gemv_extension().int4_dense_mm_amx(pad_rows(x, 16), packed, scales_and_zeros)[:rows]
-
-
-def padded(rows: int, multiple: int) -> int:
-    """rows rounded up to a multiple of `multiple`."""
-    return -(-rows // multiple) * multiple
-
-
-def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """x (M, K) contiguous, with zero rows after it up to a multiple of `multiple` rows."""
-    pad = padded(x.shape[0], multiple) - x.shape[0]
-    return F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    rows, pad = x.shape[0], -x.shape[0] % 16
+    x = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    return gemv_extension().int4_dense_mm_amx(x, packed, scales_and_zeros)[:rows]
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,6 @@ from .kernels import (
     int4pack_to_bf16_t,
     int8_mm_amx,
     int8_tiles,
-    pad_rows,
-    padded,
 )
 
 # Up to this many activation rows the int8 kernel beats dequantise + dense (measured on a 2-core
@@ -49,8 +47,6 @@ DENSE_MIN_ROWS = 64
 # 2026-12-03). A decode step (one position a row) takes the decode kernel whatever its rows (see
 # Int4Linear.forward).
 AMX_MAX_ROWS = 48
-# A dense product's rows are padded up to a multiple of this (see dense_matmul).
-ROW_BUCKET = 16
 
 
 def int8_rows(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +205,7 @@ class Int4Linear(nn.Module):
         elif rows >= self.dense_min_rows and (self.dense_t is not None or self.unpacks):
             wt = self.dense_t if self.dense_t is not None else \
                 int4pack_to_bf16_t(self.weight, self.scales_and_zeros, self.group_size)      # (K, N)
-            y = dense_matmul(x2.to(wt.dtype), wt)
+            y = x2.to(wt.dtype) @ wt
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.weight,
                                                            self.group_size, self.scales_and_zeros)
@@ -217,32 +213,6 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
-
-
-def dense_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ wt (K, N), x's rows padded with zeros up to a multiple of ROW_BUCKET. oneDNN
-    builds a kernel for each (M, K, N) it has not met (~3 ms on a 2-core AMX Xeon, against 0.5 ms
-    for the product itself at 300 x 576 x 3072), and a server's prompts come in every length: 16
-    fresh prompts cost their prefill 1.81 s against 1.46 s for the same prompts again (measured on
-    AMX before int4_dense_mm_amx took these products there; on CPUs without AMX, where this path
-    runs now, oneDNN builds its kernels alike, but the gain is unmeasured). Padded, a chunk of at
-    most 512 rows meets at most 32 shapes per weight, built once a process (`warm_dense_shapes`);
-    the padding costs up to 15 rows of work, within the product's noise."""
-    rows = x.shape[0]
-    return (pad_rows(x, ROW_BUCKET) @ wt)[:rows]
-
-
-def warm_dense_shapes(model: nn.Module, max_rows: int):
-    """Build oneDNN's kernels for every padded row count of a prefill chunk of up to max_rows rows,
-    for each weight shape of the model's int4 layers that keep a dense copy (a server's), so that
-    no request pays for them (~0.4 s for SmolLM2's four shapes and chunks of 512)."""
-    shapes = {}
-    for m in model.modules():
-        if isinstance(m, Int4Linear) and m.dense_t is not None:
-            shapes.setdefault(tuple(m.dense_t.shape), m)
-    for m in shapes.values():
-        for rows in range(padded(m.dense_min_rows, ROW_BUCKET), max_rows + ROW_BUCKET, ROW_BUCKET):
-            torch.zeros(rows, m.in_features, dtype=m.dense_t.dtype) @ m.dense_t
 
 
 def quantize_weights(model: nn.Module, bits: int = 8, keep_dense: bool = False) -> nn.Module:

@@ -32,7 +32,6 @@ from ..model.generation import (
     sample_from,
 )
 from ..model.kernels import cache_write, decode_attention
-from ..model.quantize import warm_dense_shapes
 
 # At most this many prompts' prefill chunks in one step (see Engine._step): a bound on the passes a
 # step makes, not a measured optimum (16 clients of 64-512-token prompts fit at most 3 a step).
@@ -309,13 +308,10 @@ class Engine:
     # --- on the scheduler's thread --------------------------------------------------------------
     def warm_up(self):
         """One decode step of a dummy token in slot 0 (which holds no tokens, so nothing reuses
-        it): loads the kernels and, with --compile, compiles the step before the first request;
-        and the dense products of every prefill chunk's padded length (where int4 layers keep a
-        dense copy: not on AMX tiles)."""
+        it): loads the kernels and, with --compile, compiles the step before the first request."""
         self.cache.attach(self.model, slice(0, 1))
         try:
             with torch.inference_mode():
-                warm_dense_shapes(self.model, self.chunk)
                 self.decode_one(self.model, torch.zeros(1, 1, dtype=torch.long, device=self.model.embed_tokens.weight.device),
                                 None, 0, None)
         finally:

@@ -78,6 +78,17 @@ def alone(model, prompt, n):
         return [int(t[0]) for t in generate_tokens(model, [prompt], cfg)]
 
 
+def fed_tokens(monkeypatch, model) -> list[int]:
+    """The tokens that each pass through `model` feeds from now on (0 for a pass of several rows)."""
+    fed, hidden_states = [], type(model).hidden_states
+
+    def counting(self, tokens, *args, **kw):
+        fed.append(tokens.shape[1] if tokens.shape[0] == 1 else 0)
+        return hidden_states(self, tokens, *args, **kw)
+    monkeypatch.setattr(type(model), "hidden_states", counting)
+    return fed
+
+
 PROMPTS = [[5, 17, 300, 42, 9], [7, 8], list(range(100, 150)), [11] * 3, list(range(200, 237)), [400, 401]]
 
 
@@ -114,12 +125,12 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny):
 
 
 def test_short_prompts_share_a_steps_prefill_budget(tiny):
-    """A step prefills as many whole chunks as fit in `chunk` tokens, oldest request first, a
+    """A step prefills as many whole chunks as fit in `prefill_tokens`, oldest request first, a
     shorter later prompt going where a longer one does not fit; every request still decodes what
     it would alone."""
     ckpt, tok = tiny
     model = inference_model(ckpt)
-    engine = Engine(model, tok, max_batch=4, chunk=16, scheduler=Scheduler())
+    engine = Engine(model, tok, max_batch=4, chunk=16, prefill_tokens=16, scheduler=Scheduler())
     engine.scheduler.shutdown("stepped by this test")
     prompts = [list(range(20, 26)), list(range(30, 42)), list(range(50, 57)), list(range(60, 100))]   # 6, 12, 7, 40
     outs = [Outputs() for _ in prompts]
@@ -134,6 +145,51 @@ def test_short_prompts_share_a_steps_prefill_budget(tiny):
     assert cached[0][:3] == [7, 0, 8] and cached[1][1] == 13 and cached[2][3] == 16 and cached[4][3] == 41
     for p, o in zip(prompts, outs, strict=True):
         assert o.tokens == alone(model, p, 3)
+
+
+def test_prompts_share_a_prefill_pass_and_get_their_numbers_alone(tiny, monkeypatch):
+    """Where every product computes a row alone (int4 layers and the int8 head on AMX tiles), the
+    chunks of several prompts go through the model in one pass, each written to its own slot and
+    attending to its own keys: each request gets the log-probability floats it gets with a pass
+    of its own. A chunk shorter than the dense kernel's rows (which alone would take the decode
+    kernel) still takes a pass of its own."""
+    from llamaforge.model.kernels import amx_available, use_cpu_kernels
+    from llamaforge.model.quantize import prefill_rows_alone, quantize_weights
+    if not amx_available():
+        pytest.skip("no AMX tiles here: each prompt takes a pass of its own (prefill_rows_alone is None)")
+    _, tok = tiny
+    ckpt, _ = random_model("tiny-llama3", tok, seed=5, dim=128, n_heads=4, n_kv_heads=2, head_dim=32,
+                           intermediate_size=256)
+    model = quantize_weights(build_model(ckpt, "bf16").eval().fuse_projections(), bits=4)
+    use_cpu_kernels(model)
+    assert prefill_rows_alone(model) == 48
+    passes = fed_tokens(monkeypatch, model)
+    prompts = [list(range(10, 60)), list(range(100, 160)), list(range(200, 270)), list(range(300, 320))]  # 50 60 70 20
+
+    def served(packs: bool):
+        engine = Engine(model, tok, max_batch=4, chunk=128, scheduler=Scheduler())
+        engine.scheduler.shutdown("stepped by this test")
+        if not packs:
+            engine.packs_from = None
+        outs = [Outputs() for _ in prompts]
+        engine.waiting.extend(Request(p, SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True), o, logprobs=0)
+                              for p, o in zip(prompts, outs, strict=True))
+        passes.clear()
+        with kernel_calls() as calls:
+            engine.admit()
+            engine.step()
+        first_step = [n for n in passes if n > 1]
+        while engine.busy:
+            engine.admit()
+            engine.step()
+        return outs, first_step, calls
+    packed, first_step, calls = served(True)
+    assert sorted(first_step) == [20, 180], "the three longer prompts did not share one pass"
+    assert {"int4_dense_mm_amx", "prefill_attention_amx"} <= set(calls)
+    alone_outs, first_step, _ = served(False)
+    assert sorted(first_step) == [20, 50, 60, 70]
+    for a, b in zip(packed, alone_outs, strict=True):
+        assert a.tokens == b.tokens and a.logprobs == b.logprobs and len(a.tokens) == 6
 
 
 def test_a_step_prefills_at_most_a_few_prompts(tiny):
@@ -153,13 +209,7 @@ def test_a_step_prefills_at_most_a_few_prompts(tiny):
 def test_a_shared_prefix_is_not_computed_again(tiny, monkeypatch):
     ckpt, tok = tiny
     model = inference_model(ckpt)
-    fed = []
-    forward = type(model).forward
-
-    def counting(self, tokens, *args, **kw):
-        fed.append(tokens.shape[1] if tokens.shape[0] == 1 else 0)
-        return forward(self, tokens, *args, **kw)
-    monkeypatch.setattr(type(model), "forward", counting)
+    fed = fed_tokens(monkeypatch, model)
     engine = Engine(model, tok, max_batch=2, chunk=64)
     system = list(range(100, 140))
     try:
@@ -346,18 +396,26 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
         assert all(m.dense_t is None for m in served.modules() if isinstance(m, Int4Linear))
 
 
-def test_the_default_model_decodes_a_request_batched_as_alone_on_amx():
+def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch):
     """On a CPU with AMX tiles every decode kernel computes a row alone (int4 products, the int8
-    output projection, attention, the norms, RoPE, silu * up): the real SmolLM2 server gives a
-    request the same log-probability floats whether it decodes alone or among 7 others of other
-    lengths, and the tile kernels are what ran."""
+    output projection, attention, the norms, RoPE, silu * up), and so does every prefill product
+    from 48 rows: the real SmolLM2 server gives a request the same log-probability floats whether
+    it runs alone or among 7 others of other lengths, its prompt prefilled in one pass with
+    others', and the tile kernels are what ran."""
     from llamaforge.formats.load import load
     from llamaforge.model.kernels import amx_available
     if not amx_available():
         pytest.skip("no AMX here: a batch's rows may round differently from one row alone (see test_serve's NEAR_TIE)")
     served, tok = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
-    prompt = tok.encode("Once upon a time, a small fox named Pip lived by a river. One morning")
+    prompt = tok.encode("Once upon a time, a small fox named Pip lived by a river. One morning she found a map "
+                        "under a stone, with a red cross drawn beside the old mill and a line of tiny footprints "
+                        "leading up the hill. She folded it, tucked it under her paw and set off")
     others = [tok.encode(f"Story {i}: " + "the wind carried seeds over the hills. " * (i + 1)) for i in range(7)]
+    assert len(prompt) >= 48 and sum(len(p) >= 48 for p in others) >= 2
+    shared = []   # the prompts (their lengths) of each pass that packed several
+    packed = Engine._prefill_packed
+    monkeypatch.setattr(Engine, "_prefill_packed",
+                        lambda self, slots: shared.append([len(s.request.prompt) for s in slots]) or packed(self, slots))
     running = []   # sequences in each step: the request did share its steps
     engine = Engine(served, tok, max_batch=8, scheduler=Scheduler(lambda n, waiting: running.append(n)))
     try:
@@ -371,5 +429,6 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx():
     finally:
         engine.shutdown()
     assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "decode_attention_amx", "cache_write",
-                                   "prefill_attention_amx"} <= set(calls)
+                                   "prefill_attention_amx", "int4_dense_mm_amx"} <= set(calls)
+    assert any(len(prompt) in lengths and len(lengths) > 1 for lengths in shared), shared
     assert batch[3].tokens == alone_out.tokens and batch[3].logprobs == alone_out.logprobs

@@ -259,23 +259,30 @@ class Attention(nn.Module):
             q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:].transpose(1, 2)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)                                # (B, Hkv, S, hd)
-            if T == 1 and self.prefix is None and not torch.compiler.is_compiling():
-                # A server's cache, whose rows have lengths of their own, attends itself (a kernel).
+            if self.prefix is None and not torch.compiler.is_compiling():
+                # A server's cache, whose rows have lengths of their own, attends itself: a decode
+                # step's kernel, or each prompt's own keys in a prefill that packs several.
                 attend = getattr(self.kv_cache, "attend", None)
-                if attend is None and mask is None:
-                    attend = self.decode_attention
-                y = attend(q, k, v) if attend is not None else None
+                y = None
+                if attend is not None:
+                    y = attend(q, k, v, self.attention)
+                elif T == 1 and mask is None and self.decode_attention is not None:
+                    y = self.decode_attention(q, k, v)
                 if y is not None:
                     return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if self.prefix is not None:
             k, v, mask = self.with_prefix(k, v, mask, T)
+        y = self.attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attention(self, q, k, v, mask):
+        """Attention of q (B, H, T, hd), the last T of the S positions of k, v (B, Hkv, S, hd), causal
+        where mask is None: the prefill kernel where it takes them, else `torch_attention`."""
         y = None
-        if self.prefill_attention is not None and mask is None and T > 1 \
+        if self.prefill_attention is not None and mask is None and q.shape[2] > 1 \
                 and all(inference_kernel_takes(t) for t in (q, k, v)):
             y = self.prefill_attention(q, k, v)   # None where the kernel does not take these tensors
-        if y is None:
-            y = self.torch_attention(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return y if y is not None else self.torch_attention(q, k, v, mask)
 
 
 class MLP(nn.Module):
@@ -419,8 +426,8 @@ class Llama(nn.Module):
 
         position_ids: (B, T), default cache_pos + arange(T). mask: boolean (B|1, 1, T, S), default
         causal. cache_pos: write keys/values to the KV cache from this slot (needs `setup_cache`),
-        or, for one token per row, a (B,) tensor of each row's own slot (a server's cache, whose
-        `update` takes it: the model hands cache_pos to the cache as it is).
+        or a tensor for a server's cache, whose `update` takes it as it is: each row's own slot
+        (B,) for one token per row, or each token's (T,) for prompts packed in one row.
         """
         B, T = input_ids.shape
         if position_ids is None:

@@ -229,6 +229,21 @@ def quantize_weights(model: nn.Module, bits: int = 8, keep_dense: bool = False) 
     return model
 
 
+def prefill_rows_alone(model: nn.Module) -> int | None:
+    """The fewest rows of a prefill from which every matrix product of an inference model computes
+    each row as it would alone, whatever rows come with it: int4 layers on AMX tiles (their dense
+    kernel, from dense_min_rows up; fewer rows take the decode kernel, which rounds otherwise) and
+    an int8 output projection on tiles. Then prompts may share a pass and get the numbers they get
+    alone. None where some product's rounding depends on its shape (oneDNN's and PyTorch's kernels
+    pick their blocking by it)."""
+    head = model.lm_head
+    products = [m for m in model.layers.modules() if hasattr(m, "out_features") and hasattr(m, "weight")]
+    if not (isinstance(head, Int8Linear) and head.amx and products
+            and all(isinstance(m, Int4Linear) and m.amx for m in products)):
+        return None
+    return max(m.dense_min_rows for m in products)
+
+
 # --- QLoRA: frozen quantised weights that gradients flow through -----------------------------------
 
 class FrozenQuantizedLinear(nn.Module):

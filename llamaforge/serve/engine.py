@@ -32,10 +32,16 @@ from ..model.generation import (
     sample_from,
 )
 from ..model.kernels import cache_write, decode_attention
+from ..model.quantize import prefill_rows_alone
 
-# At most this many prompts' prefill chunks in one step (see Engine._step): a bound on the passes a
-# step makes, not a measured optimum (16 clients of 64-512-token prompts fit at most 3 a step).
+# At most this many passes of prefill chunks in one step (see Engine._step): a bound on the passes
+# a step makes, not a measured optimum. Chunks that share a pass count once.
 PREFILLS_A_STEP = 4
+# A step's prefill chunks hold at most this many chunks' tokens: fewer, larger prefill steps finish a
+# burst of prompts sooner, and running streams wait longer in those steps. 16 clients of 64-512-token
+# prompts, packed, on a 2-core AMX Xeon (bench_engine.py): 1, 1.5, 2, 3 chunks (512 tokens each)
+# 4.05-4.14, 4.00, 3.90, 3.77 s (12, 8, 6, 4 prefill steps); a step of 1024 tokens takes ~0.2 s.
+PREFILL_CHUNKS_A_STEP = 2
 
 
 class QueueFull(Exception):
@@ -97,6 +103,11 @@ class SlotCache:
             views = self._views[rows.start, rows.stop] = [(k[rows], v[rows]) for k, v in zip(self.k, self.v, strict=True)]
         for layer, (k, v) in zip(model.layers, views, strict=True):
             _set_kv_cache(layer.self_attn, _Rows(k, v, step, decoding or step is not None))
+
+    def attach_packed(self, model, segments: list[tuple[int, int, int, int]]):
+        """Give every attention layer the prefill chunks of several prompts in one row (`_Packed`)."""
+        for layer, k, v in zip(model.layers, self.k, self.v, strict=True):
+            _set_kv_cache(layer.self_attn, _Packed(k, v, segments))
 
     @staticmethod
     def detach(model):
@@ -167,7 +178,7 @@ class _Rows:
         self.v.view(-1, D).index_copy_(0, step.flat, new_v.reshape(-1, D))
         return self.k[:, :, :step.length], self.v[:, :, :step.length]
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, attention=None):
         """A decode step's attention, each row over its own length (one sequence's: over all it
         holds): the kernel, or None (the model then uses SDPA with the step's mask). No row
         reaches past a sliding window: the engine caps its context at the window. A prefill
@@ -177,6 +188,27 @@ class _Rows:
         if not self.decoding:
             return None
         return decode_attention(q, k, v, None if self.step is None else self.step.lengths)
+
+
+class _Packed:
+    """What `Attention` calls `kv_cache.update` and `attend` on in a packed prefill: the chunks of
+    several prompts side by side in one row, `segments` of (slot, position of its first token,
+    start and end in the row). Each chunk's keys and values go to its own slot at its own
+    position, and its queries attend to that slot's keys alone, through the layer's own causal
+    attention: each prompt's numbers are those of its chunk alone."""
+
+    def __init__(self, k, v, segments: list[tuple[int, int, int, int]]):
+        self.k, self.v, self.segments = k, v, segments   # the layer's whole cache (slots, Hkv, L, hd)
+
+    def update(self, positions, k, v):
+        for slot, at, a, b in self.segments:
+            self.k[slot, :, at:at + b - a], self.v[slot, :, at:at + b - a] = k[0, :, a:b], v[0, :, a:b]
+        return k, v
+
+    def attend(self, q, k, v, attention):
+        out = [attention(q[:, :, a:b], self.k[slot:slot + 1, :, :at + b - a], self.v[slot:slot + 1, :, :at + b - a],
+                         None).transpose(1, 2) for slot, at, a, b in self.segments]   # each (1, T, H, hd)
+        return torch.cat(out, dim=1).transpose(1, 2)
 
 
 @dataclass
@@ -256,7 +288,7 @@ class Engine:
     submit() from any thread."""
 
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, ctx: int | None = None,
-                 chunk: int = PREFILL_CHUNK, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
+                 chunk: int = PREFILL_CHUNK, prefill_tokens: int | None = None, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
                  compile: bool = False):
         self.model, self.tok = model, tokenizer
         # --compile: one sequence's decode step through torch.compile (generate --compile's).
@@ -266,6 +298,12 @@ class Engine:
         # (the decode kernel attends to each row's whole length).
         self.ctx = min(ctx or 4096, model.config.max_seq_len, model.config.sliding_window or model.config.max_seq_len)
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
+        self.prefill_tokens = prefill_tokens or PREFILL_CHUNKS_A_STEP * chunk   # a step's prefill, at most
+        # Prefill chunks of at least this many tokens share one pass (`_Packed`), where every product
+        # computes a row alone (see prefill_rows_alone); None: a pass each. Not with prefix-tuning
+        # (its keys are not in the cache) nor for LoRA adapters (their updates' products round by
+        # their shapes): those prompts take a pass each.
+        self.packs_from = prefill_rows_alone(model) if model.layers[0].self_attn.prefix is None else None
         self.cache = SlotCache(model, max_batch, self.ctx)
         self.slots = [Slot() for _ in range(max_batch)]
         self.waiting: list[Request] = []
@@ -349,23 +387,31 @@ class Engine:
         for slot in self.slots:   # a client that went away frees its slot now
             if slot.request and slot.request.cancelled:
                 self._finish(slot, None)
-        # Prefill chunks, oldest request first, as many whole chunks as fit in `chunk` tokens (the oldest
-        # always does, a longer one's chunk waits for the next step while shorter ones go), at most
-        # PREFILLS_A_STEP of them (each pass has a cost of its own): a step carries no more prefill
-        # than about one chunk, and a prompt is cut where it would be alone (where generate() cuts
-        # it too, with the default chunk and no cached prefix). Several short prompts a step leave
-        # fewer steps in which the running sequences wait (16 clients of 64-512 tokens: 16 -> 12).
-        budget, passes = self.chunk, 0
+        # Prefill chunks, oldest request first, one chunk a prompt (`chunk` tokens at most, so one long
+        # prompt never freezes the others' streams), as many whole chunks as fit in `prefill_tokens`
+        # (the oldest always does; a longer one waits for the next step while shorter ones go), in
+        # at most PREFILLS_A_STEP passes (each has a cost of its own). A prompt is cut where it
+        # would be alone (where generate() cuts it too, with the default chunk and no cached
+        # prefix). Where chunks can share a pass (`packs_from`), those that can go in one: a pass
+        # costs ~19 ms besides its tokens' (SmolLM2 int4: unpacking the weights, 30 layers of
+        # small ops), and a burst of prompts is prefilled in fewer steps, in which the running
+        # sequences wait (16 clients of 64-512 tokens: 16 passes in 12 steps -> 6 in 6).
+        budget, packed, alone = self.prefill_tokens, [], []
         for slot in sorted((s for s in self.slots if s.request and s.request.cached < len(s.request.prompt)),
                            key=lambda s: s.request.arrived):
             r = slot.request
             size = min(self.chunk, len(r.prompt) - r.cached)
             if size > budget:   # a later, shorter one may still fit
                 continue
+            packs = self.packs_from is not None and r.adapter == 0 and size >= self.packs_from
+            if len(alone) + bool(packed) == PREFILLS_A_STEP and not (packs and packed):
+                continue        # it would be a pass too many
+            (packed if packs else alone).append(slot)
+            budget -= size
+        if len(packed) > 1:
+            self._prefill_packed(packed)
+        for slot in alone + packed[:len(packed) == 1]:
             self._prefill(slot)
-            budget, passes = budget - size, passes + 1
-            if passes == PREFILLS_A_STEP:
-                break
         decoding = [i for i, s in enumerate(self.slots) if s.request and s.request.cached >= len(s.request.prompt)
                     and s.request.generated]
         if decoding:
@@ -383,6 +429,29 @@ class Engine:
         slot.tokens = r.prompt[:r.cached]
         if r.cached == len(r.prompt):
             self._accept(slot, logits)
+
+    def _prefill_packed(self, slots: list[Slot]):
+        """The next chunks of several prompts in one pass, side by side in one row (`_Packed`), each
+        computed as it is alone; at a prompt's end, its first token."""
+        segments, ids, positions = [], [], []
+        for slot in slots:
+            r = slot.request
+            piece = r.prompt[r.cached:r.cached + self.chunk]
+            segments.append((r.slot, r.cached, len(ids), len(ids) + len(piece)))
+            ids += piece
+            positions += range(r.cached, r.cached + len(piece))
+        device = self.model.embed_tokens.weight.device
+        self.adapter_rows.rows = torch.tensor([0])
+        self.cache.attach_packed(self.model, segments)
+        pos = torch.tensor([positions], device=device)
+        h = self.model.hidden_states(torch.tensor([ids], device=device), pos, None, pos[0])
+        logits = self.model.logits(h[:, [end - 1 for *_, end in segments]], fp32=True)[0]   # (prompts, vocab)
+        for i, (slot, (_, _, start, end)) in enumerate(zip(slots, segments, strict=True)):
+            r = slot.request
+            r.cached += end - start
+            slot.tokens = r.prompt[:r.cached]
+            if r.cached == len(r.prompt):
+                self._accept(slot, logits[i:i + 1])
 
     def _decode(self, rows: list[int]):
         """One token for every decoding sequence, each at its own position."""

@@ -126,10 +126,11 @@ def test_int4_many_rows_multiply_the_int4_values():
         assert torch.equal(layer(x[:, None]).squeeze(1), one_by_one)
 
 
-@pytest.mark.parametrize("rows,K,N", [(16, 64, 128), (83, 576, 960), (48, 1536, 576)])   # 16, 96, 48 padded
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 128), (16, 64, 128), (83, 576, 960), (48, 1536, 576), (21, 576, 192)])
 def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N):
     """int4_dense_mm_amx: the fp32 product of x and the values int4pack_to_bf16_t unpacks, to bf16
-    rounding, whatever the row count (padded to 16 inside; 16 and 48 leave a single 16-row tile)."""
+    rounding, whatever the row count (rows past the last whole 16-row tile go in a tile of their
+    own; 16 and 48 leave a single tile in the last pair), and each row's the same with fewer rows."""
     from llamaforge.model.kernels import int4_dense_mm_amx, int4pack_to_bf16_t
     g = torch.Generator().manual_seed(rows)
     layer = Int4Linear(torch.randn(N, K, generator=g) * 0.05, None, torch.bfloat16)
@@ -140,6 +141,8 @@ def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N)
     ref = x.float() @ int4pack_to_bf16_t(layer.weight, layer.scales_and_zeros, 32).float()
     assert out.shape == (rows, N) and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=8e-3)
+    fewer = max(1, rows // 3)
+    assert torch.equal(int4_dense_mm_amx(x[:fewer].clone(), layer.weight, layer.scales_and_zeros), out[:fewer])
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (192, 576), (128, 1536)])

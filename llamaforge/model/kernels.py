@@ -581,7 +581,7 @@ AMX_FN torch::Tensor int4_mm_amx(torch::Tensor x_in, torch::Tensor packed, torch
 // decode kernel above scales each group's sums instead, which costs more than the products at many
 // rows). SmolLM2's 120 products on a 2-core Xeon, weights from memory (bench_gemv.py --int4): 128
 // rows 18.8 ms against 29.2 for oneDNN on a kept bf16 copy of the same values (which it reorders at
-// every call), 256 rows 35.5 against 70.9, 512 rows 63.8 against 59.9. Rows: a multiple of 16.
+// every call), 256 rows 35.5 against 70.9, 512 rows 63.8 against 59.9.
 // Tiles: 0, 1 two blocks of 16 rows x 32 inputs; 2, 3 weights (16 input pairs x 16 outputs);
 // 4-7 the 2 x 2 blocks of sums (16 rows x 16 outputs).
 AMX_FN static void configure_dense_tiles() {
@@ -632,26 +632,32 @@ AMX_FN static void dequantise_block(const Int4DenseProblem& d, int64_t u, uint16
 }
 
 AMX_FN static void dense_blocks_amx(const Int4DenseProblem& d, int64_t begin, int64_t end) {
-  const int64_t M = d.M, K = d.K, N = d.N, KB = K / 32;
+  const int64_t M = d.M, K = d.K, N = d.N, KB = K / 32, whole = M / 16 * 16;
   configure_dense_tiles();
   std::vector<uint16_t> buffer(2 * KB * 512 + 32);   // this block's weights, two columns of tiles
   uint16_t* B0 = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
   const uint16_t* B1 = B0 + KB * 512;
+  // Rows past the last whole tile (M not a multiple of 16): copied into a tile of their own, the
+  // rest of it zeros, rather than the caller padding all of x.
+  std::vector<uint16_t> tail(M > whole ? 16 * K : 0, 0);
+  if (M > whole) std::memcpy(tail.data(), d.X + whole * K, (M - whole) * K * 2);
+  auto rows = [&](int64_t r0) { return r0 < whole ? d.X + r0 * K : tail.data(); };
   alignas(64) float C[2][16][16];
   for (int64_t u = begin; u < end; ++u) {   // outputs 32 u .. 32 u + 31
     dequantise_block(d, u, B0);
     for (int64_t m0 = 0; m0 < M; m0 += 32) {
-      const bool two = M - m0 >= 32;
-      const uint16_t* A = d.X + m0 * K;
+      const bool two = M - m0 > 16;
+      const uint16_t* A0 = rows(m0);
+      const uint16_t* A1 = two ? rows(m0 + 16) : nullptr;
       _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
       for (int64_t kb = 0; kb < KB; ++kb) {
-        _tile_loadd(0, A + 32 * kb, K * 2);
+        _tile_loadd(0, A0 + 32 * kb, K * 2);
         _tile_loadd(2, B0 + kb * 512, 64);
         _tile_loadd(3, B1 + kb * 512, 64);
         _tile_dpbf16ps(4, 0, 2);
         _tile_dpbf16ps(5, 0, 3);
         if (two) {
-          _tile_loadd(1, A + 16 * K + 32 * kb, K * 2);
+          _tile_loadd(1, A1 + 32 * kb, K * 2);
           _tile_dpbf16ps(6, 1, 2);
           _tile_dpbf16ps(7, 1, 3);
         }
@@ -659,23 +665,24 @@ AMX_FN static void dense_blocks_amx(const Int4DenseProblem& d, int64_t begin, in
       for (int half = 0; half < (two ? 2 : 1); ++half) {
         if (half == 0) { _tile_stored(4, C[0], 64); _tile_stored(5, C[1], 64); }
         else { _tile_stored(6, C[0], 64); _tile_stored(7, C[1], 64); }
-        for (int r = 0; r < 16; ++r)
-          _mm512_storeu_si512(d.Y + (m0 + 16 * half + r) * N + 32 * u,
+        const int64_t r0 = m0 + 16 * half, n = std::min<int64_t>(16, M - r0);
+        for (int64_t r = 0; r < n; ++r)
+          _mm512_storeu_si512(d.Y + (r0 + r) * N + 32 * u,
                               (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(C[1][r]), _mm512_load_ps(C[0][r])));
       }
     }
   }
 }
 
-// x (M, K) bf16 (M a multiple of 16) times Int4Linear's weight: (M, N) bf16.
+// x (M, K) bf16 times Int4Linear's weight: (M, N) bf16.
 AMX_FN torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && M % 16 == 0 && K % 32 == 0 &&
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kBFloat16 && M > 0 && K % 32 == 0 &&
               N % 64 == 0 && packed.dim() == 2 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
               packed.size(1) * 2 == K && sz.dim() == 3 && sz.is_contiguous() && sz.scalar_type() == at::kBFloat16 &&
               sz.size(0) == K / 32 && sz.size(1) == N && sz.size(2) == 2 && x.device().is_cpu() &&
               packed.device().is_cpu() && sz.device().is_cpu(),
-              "int4_dense_mm_amx: contiguous bf16 rows (a multiple of 16), blocks of 64 outputs, groups of 32 inputs");
+              "int4_dense_mm_amx: contiguous bf16 rows, blocks of 64 outputs, groups of 32 inputs");
   auto y = torch::empty({M, N}, torch::dtype(torch::kBFloat16));
   const Int4DenseProblem d{M, K, N, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), packed.data_ptr<uint8_t>(),
                        reinterpret_cast<const uint32_t*>(sz.data_ptr<at::BFloat16>()),
@@ -1245,11 +1252,9 @@ def _(x, packed, scales_and_zeros):
 def int4_dense_mm_amx(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     """(M, N) bf16 = x (M, K) bf16 times the int4 weight in PyTorch's CPU packing (groups of 32) for
     many rows (a prefill chunk), on AMX tiles: the weights dequantised block by block to the
-    values int4pack_to_bf16_t gives, the sums kept in tiles over all K. The rows are padded to a
-    multiple of 16 here (the tiles' height); each row's result depends on that row alone."""
-    rows, pad = x.shape[0], -x.shape[0] % 16
-    x = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
-    return gemv_extension().int4_dense_mm_amx(x, packed, scales_and_zeros)[:rows]
+    values int4pack_to_bf16_t gives, the sums kept in tiles over all K. Each row's result depends
+    on that row alone."""
+    return gemv_extension().int4_dense_mm_amx(x.contiguous(), packed, scales_and_zeros)
 
 
 def int8_tiles(q: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,9 @@ from ..model.quantize import prefill_rows_alone
 PREFILLS_A_STEP = 4
 # A step's prefill chunks hold at most this many chunks' tokens: fewer, larger prefill steps finish a
 # burst of prompts sooner, and running streams wait longer in those steps. 16 clients of 64-512-token
-# prompts, packed, on a 2-core AMX Xeon (bench_engine.py): 1, 1.5, 2, 3 chunks (512 tokens each)
-# 4.05-4.14, 4.00, 3.90, 3.77 s (12, 8, 6, 4 prefill steps); a step of 1024 tokens takes ~0.2 s.
+# prompts, packed, on a 2-core AMX Xeon (bench_engine.py): one chunk (512 tokens) 4.05-4.14 s in 12
+# prefill steps, two 3.90 s in 6; two, three and four chunks alternating, twice: 4.03-4.20,
+# 4.00-4.15, 3.93-4.05 s (within the noise), so two: a step of 1024 tokens takes ~0.2 s.
 PREFILL_CHUNKS_A_STEP = 2
 
 

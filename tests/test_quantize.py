@@ -126,7 +126,8 @@ def test_int4_many_rows_multiply_the_int4_values():
         assert torch.equal(layer(x[:, None]).squeeze(1), one_by_one)
 
 
-@pytest.mark.parametrize("rows,K,N", [(1, 64, 128), (16, 64, 128), (83, 576, 960), (48, 1536, 576), (21, 576, 192)])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 128), (16, 64, 128), (83, 576, 960), (48, 1536, 576), (21, 576, 192),
+                                      (33, 576, 192), (40, 64, 128)])
 def test_int4_dense_amx_kernel_is_the_product_of_the_unpacked_values(rows, K, N):
     """int4_dense_mm_amx: the fp32 product of x and the values int4pack_to_bf16_t unpacks, to bf16
     rounding, whatever the row count (rows past the last whole 16-row tile go in a tile of their

@@ -164,37 +164,37 @@ def test_prompts_share_a_prefill_pass_and_get_their_numbers_alone(tiny, monkeypa
     use_cpu_kernels(model)
     assert prefill_rows_alone(model) == 48
     passes = fed_tokens(monkeypatch, model)
-    prompts = [list(range(10, 60)), list(range(100, 160)), list(range(200, 270)), list(range(300, 320))]  # 50 60 70 20
+    # 120, 125, 128 tokens: chunks of 64, then 56, 61, 64 from position 64 of their slots; and 20.
+    prompts = [list(range(10, 130)), list(range(130, 255)), list(range(260, 388)), list(range(400, 420))]
 
     def served(packs: bool):
-        engine = Engine(model, tok, max_batch=4, chunk=128, scheduler=Scheduler())
+        engine = Engine(model, tok, max_batch=4, chunk=64, prefill_tokens=256, scheduler=Scheduler())
         engine.scheduler.shutdown("stepped by this test")
         if not packs:
             engine.packs_from = None
         outs = [Outputs() for _ in prompts]
         engine.waiting.extend(Request(p, SamplingConfig(max_new_tokens=6, temperature=0, ignore_eos=True), o, logprobs=0)
                               for p, o in zip(prompts, outs, strict=True))
-        passes.clear()
+        steps = []   # each step's prefill passes (their tokens)
         with kernel_calls() as calls:
-            engine.admit()
-            engine.step()
-        first_step = [n for n in passes if n > 1]
-        while engine.busy:
-            engine.admit()
-            engine.step()
-        return outs, first_step, calls
-    packed, first_step, calls = served(True)
-    assert sorted(first_step) == [20, 180], "the three longer prompts did not share one pass"
+            while engine.busy:
+                passes.clear()
+                engine.admit()
+                engine.step()
+                steps.append(sorted(n for n in passes if n > 1))
+        return outs, steps[:2], calls
+    packed, steps, calls = served(True)
+    assert steps == [[20, 192], [181]], "the longer prompts' chunks did not share a pass"
     assert {"int4_dense_mm_amx", "prefill_attention_amx"} <= set(calls)
-    alone_outs, first_step, _ = served(False)
-    assert sorted(first_step) == [20, 50, 60, 70]
+    alone_outs, steps, _ = served(False)
+    assert steps == [[20, 64, 64, 64], [56, 61, 64]]
     for a, b in zip(packed, alone_outs, strict=True):
         assert a.tokens == b.tokens and a.logprobs == b.logprobs and len(a.tokens) == 6
 
 
 def test_a_step_prefills_at_most_a_few_prompts(tiny):
     """However short the prompts, a step runs at most PREFILLS_A_STEP prefill passes (each costs
-    a pass over every layer), so the running streams wait about one chunk's time at most."""
+    a pass over every layer), so the running streams wait about one step's prefill at most."""
     from llamaforge.serve.engine import PREFILLS_A_STEP
     ckpt, tok = tiny
     engine = Engine(inference_model(ckpt), tok, max_batch=PREFILLS_A_STEP + 2, chunk=64, scheduler=Scheduler())
@@ -423,8 +423,9 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch
         wait([alone_out])
         running.clear()
         with kernel_calls() as calls:
-            batch = [submit(engine, p, 24, logprobs=0) for p in others[:3]] + [submit(engine, prompt, 24, logprobs=0)] + \
-                [submit(engine, p, 24, logprobs=0) for p in others[3:]]
+            with engine.scheduler._wake:   # all 8 wait before the first step (a re-entrant lock), so they share it
+                batch = [submit(engine, p, 24, logprobs=0) for p in others[:3]] + [submit(engine, prompt, 24, logprobs=0)] + \
+                    [submit(engine, p, 24, logprobs=0) for p in others[3:]]
             wait(batch)
     finally:
         engine.shutdown()

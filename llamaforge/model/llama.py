@@ -472,7 +472,7 @@ class Llama(nn.Module):
         if isinstance(cache_pos, int):
             S = cache_pos + T
             q_pos = torch.arange(cache_pos, S, device=device)[None]
-        else:   # one token per row, each at its own slot (a server's decode step)
+        else:   # a server's: each row's one token at its own slot, or packed prompts' each token's
             S = int(cache_pos.max()) + 1
             q_pos = cache_pos[:, None]
         if S <= window:

@@ -1,9 +1,9 @@
 """The serving engine: one scheduler thread owns a model and runs every request on it.
 
 Continuous batching: requests join and leave the running batch at every step. A step is the
-prefill chunks of waiting prompts (at most `chunk` tokens in all, so a long prompt never freezes
-the streams of the others) followed by one decode step of every running sequence, each at its own
-position. Keys and values live in `SlotCache`: a row (slot) per sequence; a slot keeps its tokens
+prefill chunks of waiting prompts (one chunk of `chunk` tokens at most a prompt, `prefill_tokens`
+in all, so a long prompt never freezes the streams of the others) followed by one decode step of
+every running sequence, each at its own position. Keys and values live in `SlotCache`: a row (slot) per sequence; a slot keeps its tokens
 when its request ends, and a new prompt that shares a prefix with them (the same system prompt,
 a chat's next turn) starts after it.
 
@@ -37,11 +37,12 @@ from ..model.quantize import prefill_rows_alone
 # At most this many passes of prefill chunks in one step (see Engine._step): a bound on the passes
 # a step makes, not a measured optimum. Chunks that share a pass count once.
 PREFILLS_A_STEP = 4
-# A step's prefill chunks hold at most this many chunks' tokens: fewer, larger prefill steps finish a
-# burst of prompts sooner, and running streams wait longer in those steps. 16 clients of 64-512-token
-# prompts, packed, on a 2-core AMX Xeon (bench_engine.py): one chunk (512 tokens) 4.05-4.14 s in 12
-# prefill steps, two 3.90 s in 6; two, three and four chunks alternating, twice: 4.03-4.20,
-# 4.00-4.15, 3.93-4.05 s (within the noise), so two: a step of 1024 tokens takes ~0.2 s.
+# Where chunks share a pass, a step's prefill holds at most this many chunks' tokens: fewer, larger
+# prefill steps finish a burst of prompts sooner, and running streams wait longer in those steps.
+# 16 clients of 64-512-token prompts, packed, on a 2-core AMX Xeon (bench_engine.py): one chunk (512
+# tokens) 4.05-4.14 s in 12 prefill steps, two 3.90 s in 6; two, three and four chunks alternating,
+# twice: 4.03-4.20, 4.00-4.15, 3.93-4.05 s (within the noise), so two: a step of 1024 tokens takes
+# ~0.2 s.
 PREFILL_CHUNKS_A_STEP = 2
 
 
@@ -299,12 +300,17 @@ class Engine:
         # (the decode kernel attends to each row's whole length).
         self.ctx = min(ctx or 4096, model.config.max_seq_len, model.config.sliding_window or model.config.max_seq_len)
         self.max_batch, self.max_queue, self.chunk = max_batch, max_queue, chunk
-        self.prefill_tokens = prefill_tokens or PREFILL_CHUNKS_A_STEP * chunk   # a step's prefill, at most
         # Prefill chunks of at least this many tokens share one pass (`_Packed`), where every product
         # computes a row alone (see prefill_rows_alone); None: a pass each. Not with prefix-tuning
         # (its keys are not in the cache) nor for LoRA adapters (their updates' products round by
         # their shapes): those prompts take a pass each.
-        self.packs_from = prefill_rows_alone(model) if model.layers[0].self_attn.prefix is None else None
+        prefix = any(layer.self_attn.prefix is not None for layer in model.layers)
+        self.packs_from = None if prefix else prefill_rows_alone(model)
+        # A step's prefill holds at most this many tokens (never less than a chunk, which would never
+        # fit): two chunks where they share a pass (measured there), one where each prompt takes
+        # a pass of its own (two passes of a chunk would double the wait of the running streams).
+        default = PREFILL_CHUNKS_A_STEP * chunk if self.packs_from is not None else chunk
+        self.prefill_tokens = max(prefill_tokens or default, chunk)
         self.cache = SlotCache(model, max_batch, self.ctx)
         self.slots = [Slot() for _ in range(max_batch)]
         self.waiting: list[Request] = []

@@ -45,7 +45,8 @@ AMX_FN static void q8_rows(const Q8Problem& a, int64_t begin, int64_t end) {
   const float* KS = a.KS; const float* VS = a.VS; const int64_t* L = a.L; uint16_t* O = a.O;
   const float sc = a.sc;
   {
-    configure_attention_tiles(static_cast<int>(G));
+    const int g = static_cast<int>(G);   // the tiles of llamaforge's first AMX attention kernel, which interleaved values
+    configure({{0, 16, 64}, {1, 16, 4 * g}, {2, 16, 4 * g}, {3, g, 64}, {4, g, 64}, {5, g, 64}, {6, g, 64}, {7, g, 64}});
     alignas(64) uint32_t qt[2][16][16];
     alignas(64) float tmp[16][16];
     alignas(64) uint16_t kb16[16][64];

@@ -150,11 +150,12 @@ def test_decode_attention_matches_sdpa_with_each_rows_length():
 
 
 @pytest.mark.parametrize("kernel", ["decode_attention", "decode_attention_amx"])
-@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96)])
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96), (12, 64)])
 def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
     """The AVX-512 and the AMX kernel, each against SDPA: lengths that end inside a block of 16 or
     32 keys, below 16 and past 64; every position (no lengths); dimensions in one or two groups
-    of 64, and query groups of 1-4 heads."""
+    of 64, and query groups of 1-4 heads, and of 12 (the AMX kernel takes 8 at a time); NaN in the
+    cache past each row's length (its values are read 16 keys at a time) changes nothing."""
     import torch.nn.functional as F
 
     from llamaforge.model.kernels import amx_available
@@ -170,7 +171,11 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
     for lengths in (torch.tensor([5, 17, 90, 47]), None):
         mask = None if lengths is None else (torch.arange(S)[None] < lengths[:, None])[:, None, None]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
-        out = run(q, k, v, torch.empty(0, dtype=torch.long) if lengths is None else lengths, D ** -0.5)
+        past = cache_k.clone(), cache_v.clone()   # a cache past each row's length may hold anything
+        for b, n in enumerate(lengths.tolist() if lengths is not None else [S] * B):
+            past[0][b, :, n:], past[1][b, :, n:] = float("nan"), float("nan")
+        out = run(q, past[0][:, :, :S], past[1][:, :, :S], torch.empty(0, dtype=torch.long) if lengths is None else lengths,
+                  D ** -0.5)
         assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv, G, D)
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 

@@ -691,17 +691,23 @@ AMX_FN torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, to
   return y;
 }
 
-// decode_attention on AMX tiles: the same inputs and output. Scores: a tile of 16 keys straight
-// from the cache (16 x 32 bf16 of their dimensions) times the queries' pairs, 16 keys a
-// TDPBF16PS; a tail of fewer than 16 keys in fp32 FMAs. Softmax in fp32, then the probabilities in
-// bf16 (as SDPA and transformers multiply them by the values) times values pair-interleaved
-// 32 keys at a time, accumulated in tiles across all keys. ~5x fewer instructions a key than the
-// AVX-512 path, whose scores need a horizontal sum per key and query: a server's 16-row step
-// reads its keys and values at memory speed.
-// Tiles: 0 keys / interleaved values (16 x 64 B), 1 the queries' pairs (16 x 4G B), 2 scores
-// (16 keys x G), 3 probabilities (G x 32 keys), 4-7 outputs (G x 16 dims each).
+// decode_attention on AMX tiles: the same inputs and output, and no copy of the cache. Scores: a
+// tile of 16 keys straight from the cache (16 x 32 bf16 of their dimensions) times the queries'
+// pairs, 16 keys a TDPBF16PS, two tiles of keys in flight; a tail of fewer than 16 keys in fp32
+// FMAs. Softmax in fp32, then the probabilities in bf16 (as SDPA and transformers multiply them by
+// the values). Weighted values: a tile product pairs its inputs along the reduction, so a tile of
+// 16 values straight from the cache is read as 16 keys x 16 pairs of dimensions (2t, 2t + 1), and
+// each query head takes two rows of probabilities, (p, 0) and (0, p) a key: row 2g sums the even
+// dimensions, row 2g + 1 the odd ones. The prefetches run one stream through each row's keys,
+// then its values, then the next row's keys: at a row's start its first keys are already on their
+// way (a server's 16-row step of SmolLM2 at 128-640 positions, 30 layers: 5.6 against 7.5 ms,
+// ~90% of a plain sum's bandwidth, where prefetching each phase on its own left every row's first
+// 64 keys to demand misses).
+// Tiles: 0, 1 keys (16 keys x 32 dims) / values (16 keys x 16 pairs); 2, 3 scores (16 keys x G);
+// 4 the queries' pairs (16 pairs x G); 5 probabilities (2G x 16 keys); 6, 7 outputs (2G x 16).
 AMX_FN static void configure_attention_tiles(int G) {
-  configure({{0, 16, 64}, {1, 16, 4 * G}, {2, 16, 4 * G}, {3, G, 64}, {4, G, 64}, {5, G, 64}, {6, G, 64}, {7, G, 64}});
+  configure({{0, 16, 64}, {1, 16, 64}, {2, 16, 4 * G}, {3, 16, 4 * G}, {4, 16, 4 * G}, {5, 2 * G, 64}, {6, 2 * G, 64},
+             {7, 2 * G, 64}});
 }
 
 struct AttentionProblem {
@@ -713,100 +719,119 @@ struct AttentionProblem {
   uint16_t* O;                                               // (B, H, G, D)
 };
 
+constexpr int64_t ATTENTION_AHEAD = 32;   // keys prefetched ahead: 32 and 64 alike, 128 slower
+
 AMX_FN static void attention_rows_amx(const AttentionProblem& a, int64_t begin, int64_t end) {
   const int64_t G = a.G, D = a.D;
   configure_attention_tiles(static_cast<int>(G));
   alignas(64) uint32_t qt[8][16][16];    // per 32 dimensions: 16 pairs x G queries (bf16 pairs)
-  alignas(64) float tmp[16][16];
-  alignas(64) uint16_t vp[4][16][32];    // 32 keys' values for 64 dimensions, pair-interleaved
-  alignas(64) float out[16][64];
-  __m512i IL, IH;   // keys j and j + 1 of dimensions t (IL) and 16 + t (IH)
-  pair_indices(IL, IH);
-  std::vector<float> scores;
-  std::vector<uint16_t> probs;
+  alignas(64) float tmp[2][16][16];
+  alignas(64) float out[16][32];         // 2G rows: even / odd dimensions of 64
+  alignas(64) uint16_t last[16][64];     // the last values of a row (fewer than 16), 64 dimensions
+  std::vector<float> scores;             // (G, n16)
+  std::vector<uint32_t> probs;           // (2G, n16): (p, 0) and (0, p)
+  const auto length = [&](int64_t bh) { return a.L ? a.L[bh / a.H] : a.S; };
+  const auto keys = [&](int64_t bh) { return a.K + bh / a.H * a.kb + bh % a.H * a.kh; };
+  const auto prefetch = [&](const uint16_t* p, int64_t count) {
+    for (int64_t i = 0; i < count * D * 2; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
+  };
+  __m512i column[16];                    // gathers column g of a 16 x 16 fp32 tile
+  for (int g = 0; g < 16; ++g)
+    column[g] = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(16)), _mm512_set1_epi32(g));
+  prefetch(keys(begin), std::min(ATTENTION_AHEAD, length(begin)));
   for (int64_t bh = begin; bh < end; ++bh) {
-    const int64_t b = bh / a.H, h = bh % a.H, n = a.L ? a.L[b] : a.S, n32 = (n + 31) / 32 * 32;
-    const uint16_t* kp = a.K + b * a.kb + h * a.kh;
-    const uint16_t* vq = a.V + b * a.vb + h * a.vh;
+    const int64_t n = length(bh), n16 = (n + 15) / 16 * 16, full = n / 16 * 16;
+    const int64_t next = bh + 1 < end ? length(bh + 1) : 0;
+    const uint16_t* kp = keys(bh);
+    const uint16_t* vq = a.V + bh / a.H * a.vb + bh % a.H * a.vh;
+    const uint16_t* kn = bh + 1 < end ? keys(bh + 1) : nullptr;
     const uint16_t* qp = a.Q + bh * G * D;
     for (int64_t c = 0; c < D / 32; ++c)
       for (int r = 0; r < 16; ++r)
         for (int64_t g = 0; g < G; ++g)
           qt[c][r][g] = static_cast<uint32_t>(qp[g * D + 32 * c + 2 * r]) | (static_cast<uint32_t>(qp[g * D + 32 * c + 2 * r + 1]) << 16);
-    scores.resize(G * n);
-    const int64_t full = n / 16 * 16;
-    for (int64_t j = 0; j < full; j += 16) {    // 16 keys a tile product
-      for (int64_t i = 0; i < 16 * D * 2; i += 64)   // the keys 64 ahead, 16 of them
-        _mm_prefetch(reinterpret_cast<const char*>(kp + (j + 64) * D) + i, _MM_HINT_T0);
-      _tile_zero(2);
+    scores.resize(G * n16);
+    float* s = scores.data();
+    int64_t j = 0;
+    for (; j < full; j += 32) {           // 32 keys (or the last 16) in two chains of tile products
+      const int64_t ahead = j + ATTENTION_AHEAD;
+      prefetch(ahead < n ? kp + ahead * D : vq + (ahead - n) * D, 32);
+      const bool two = j + 32 <= full;
+      _tile_zero(2); _tile_zero(3);
       for (int64_t c = 0; c < D / 32; ++c) {
+        _tile_loadd(4, qt[c], 64);
         _tile_loadd(0, kp + j * D + 32 * c, D * 2);
-        _tile_loadd(1, qt[c], 64);
-        _tile_dpbf16ps(2, 0, 1);
+        _tile_dpbf16ps(2, 0, 4);
+        if (two) {
+          _tile_loadd(1, kp + (j + 16) * D + 32 * c, D * 2);
+          _tile_dpbf16ps(3, 1, 4);
+        }
       }
-      _tile_stored(2, tmp, 64);
-      for (int64_t g = 0; g < G; ++g)
-        for (int i = 0; i < 16; ++i) scores[g * n + j + i] = tmp[i][g];
+      _tile_stored(2, tmp[0], 64); _tile_stored(3, tmp[1], 64);
+      for (int64_t g = 0; g < G; ++g) {
+        _mm512_storeu_ps(s + g * n16 + j, _mm512_i32gather_ps(column[g], tmp[0], 4));
+        if (two) _mm512_storeu_ps(s + g * n16 + j + 16, _mm512_i32gather_ps(column[g], tmp[1], 4));
+      }
     }
-    for (int64_t j = full; j < n; ++j)          // the tail, in fp32
+    for (j = full; j < n; ++j)            // the tail, in fp32
       for (int64_t g = 0; g < G; ++g) {
         __m512 acc = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16)
           acc = _mm512_fmadd_ps(load_bf16(reinterpret_cast<const at::BFloat16*>(kp + j * D + d)),
                                 load_bf16(reinterpret_cast<const at::BFloat16*>(qp + g * D + d)), acc);
-        scores[g * n + j] = _mm512_reduce_add_ps(acc);
+        s[g * n16 + j] = _mm512_reduce_add_ps(acc);
       }
-    probs.assign(G * n32, 0);
+    probs.resize(2 * G * n16);
     const __m512 sc = _mm512_set1_ps(a.scale);
-    for (int64_t g = 0; g < G; ++g) {           // softmax, 16 scores at a time; bf16 probabilities
-      float* s = scores.data() + g * n;
+    for (int64_t g = 0; g < G; ++g) {     // softmax, 16 scores at a time (zeros past n)
+      float* sg = s + g * n16;
       __m512 mx = _mm512_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < n; j += 16) {
+      for (j = 0; j < n; j += 16) {
         const __mmask16 live = tail_mask(n - j);
-        mx = _mm512_mask_max_ps(mx, live, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc));
+        mx = _mm512_mask_max_ps(mx, live, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, sg + j), sc));
       }
       const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t j = 0; j < n; j += 16) {
+      for (j = 0; j < n16; j += 16) {
         const __mmask16 live = tail_mask(n - j);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), sc), m));
-        _mm512_mask_storeu_ps(s + j, live, e);
-        sum = _mm512_mask_add_ps(sum, live, sum, e);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, sg + j), sc), m)));
+        _mm512_storeu_ps(sg + j, e);
+        sum = _mm512_add_ps(sum, e);
       }
       const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-      for (int64_t j = 0; j < n; j += 16) {
-        const __mmask16 live = tail_mask(n - j);
-        _mm256_mask_storeu_epi16(probs.data() + g * n32 + j, live, to_bf16(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), inv)));
+      uint32_t* even = probs.data() + 2 * g * n16;
+      for (j = 0; j < n16; j += 16) {
+        const __m512i p = _mm512_cvtepu16_epi32(to_bf16(_mm512_mul_ps(_mm512_loadu_ps(sg + j), inv)));
+        _mm512_storeu_si512(even + j, p);
+        _mm512_storeu_si512(even + n16 + j, _mm512_slli_epi32(p, 16));
       }
     }
     for (int64_t d0 = 0; d0 < D; d0 += 64) {    // weighted values, 64 dimensions at a time
-      const int64_t w = std::min<int64_t>(64, D - d0);
-      _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
-      for (int64_t j = 0; j < n32; j += 32) {
-        for (int64_t i = 0; i < 32 * D * 2; i += 64)   // the values 128 ahead, 32 of them
-          _mm_prefetch(reinterpret_cast<const char*>(vq + (j + 128) * D) + i, _MM_HINT_T0);
-        for (int r = 0; r < 16; ++r) {          // keys j + 2r and j + 2r + 1, interleaved (zeros past n)
-          const int64_t k0 = j + 2 * r, k1 = k0 + 1;
-          for (int64_t c = 0; c < w / 32; ++c) {
-            const __m512i a0 = k0 < n ? _mm512_loadu_si512(vq + k0 * D + d0 + 32 * c) : _mm512_setzero_si512();
-            const __m512i a1 = k1 < n ? _mm512_loadu_si512(vq + k1 * D + d0 + 32 * c) : _mm512_setzero_si512();
-            _mm512_store_si512(vp[2 * c][r], _mm512_permutex2var_epi16(a0, IL, a1));
-            _mm512_store_si512(vp[2 * c + 1][r], _mm512_permutex2var_epi16(a0, IH, a1));
-          }
+      const bool wide = D - d0 > 32;
+      _tile_zero(6); _tile_zero(7);
+      for (j = 0; j < n16; j += 16) {
+        const int64_t ahead = j + ATTENTION_AHEAD;
+        if (ahead < n) prefetch(vq + ahead * D, 16);
+        else if (kn && ahead - n < next) prefetch(kn + (ahead - n) * D, 16);
+        const uint16_t* vj = vq + j * D + d0;
+        if (j + 16 > n) {                 // the last values, zeros past n (the cache there may hold NaN)
+          std::memset(last, 0, sizeof last);
+          for (int64_t i = 0; i < n - j; ++i) std::memcpy(last[i], vj + i * D, (wide ? 64 : 32) * 2);
+          vj = last[0];
         }
-        _tile_loadd(3, probs.data() + j, n32 * 2);
-        _tile_loadd(0, vp[0], 64); _tile_dpbf16ps(4, 3, 0);
-        _tile_loadd(0, vp[1], 64); _tile_dpbf16ps(5, 3, 0);
-        if (w > 32) {
-          _tile_loadd(0, vp[2], 64); _tile_dpbf16ps(6, 3, 0);
-          _tile_loadd(0, vp[3], 64); _tile_dpbf16ps(7, 3, 0);
-        }
+        const int64_t stride = j + 16 > n ? 128 : D * 2;
+        _tile_loadd(5, probs.data() + j, n16 * 4);
+        _tile_loadd(0, vj, stride); _tile_dpbf16ps(6, 5, 0);
+        if (wide) { _tile_loadd(1, vj + 32, stride); _tile_dpbf16ps(7, 5, 1); }
       }
-      _tile_stored(4, &out[0][0], 256); _tile_stored(5, &out[0][16], 256);
-      _tile_stored(6, &out[0][32], 256); _tile_stored(7, &out[0][48], 256);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t d = 0; d < w; d += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.O + (bh * G + g) * D + d0 + d), to_bf16(_mm512_load_ps(&out[g][d])));
+      _tile_stored(6, &out[0][0], 128); _tile_stored(7, &out[0][16], 128);
+      for (int64_t g = 0; g < G; ++g) {
+        alignas(64) float o[64];
+        for (int t = 0; t < 32; ++t) { o[2 * t] = out[2 * g][t]; o[2 * t + 1] = out[2 * g + 1][t]; }
+        for (int64_t d = 0; d < (wide ? 64 : 32); d += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.O + (bh * G + g) * D + d0 + d), to_bf16(_mm512_load_ps(o + d)));
+      }
     }
   }
 }
@@ -816,6 +841,12 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
   TORCH_CHECK(D % 32 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D &&
               q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "decode_attention_amx: unsupported layout");
+  if (G > 8) {   // two rows of probabilities a query head: at most 8 heads in a tile's 16 rows
+    auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
+    for (int64_t g = 0; g < G; g += 8)
+      out.narrow(2, g, std::min<int64_t>(8, G - g)).copy_(decode_attention_amx(q.narrow(2, g, std::min<int64_t>(8, G - g)), k, v, lengths, scale));
+    return out;
+  }
   auto qc = q.contiguous();
   auto len = lengths.to(torch::kInt64).contiguous();
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
@@ -1292,8 +1323,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     step), or over all S (lengths None: one sequence, or rows all as long): q (B, H, 1, D), k and
     v (B, Hkv, S, D) views of a cache, lengths (B,). ~5x faster than SDPA's flash attention for one
     query (50 us a SmolLM2 layer on a Xeon). On AMX tiles where the CPU has them: a server's
-    16-row step of SmolLM2 at 300-640 positions, 30 layers, 10.3 against 14.3 ms, reading the keys
-    and values at ~90% of what a plain sum reads. None where the kernel is unavailable or the
+    16-row step of SmolLM2 at 137-600 positions, 30 layers, 5.6 ms, reading the keys and values
+    at ~85% of what a plain sum reads (`benchmarks/probe_kv_int8_speed.py`). None where the kernel is unavailable or the
     tensors are not bf16 on a CPU (then SDPA with a mask)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]

@@ -11,7 +11,8 @@ after another; prompts are 64-512 tokens of TinyStories (../shared/data; the shi
 without it), every request makes exactly --new-tokens tokens (the end of text is ignored). Per
 server and concurrency: aggregate output tokens/s (all tokens over the wall time), p50/p95 time
 to first token, p50/p95 time between tokens. Also `llamaforge generate`'s single-stream decode
-tokens/s, measured here in-process, for the "no worse than generate" check.
+tokens/s, measured here in-process in turns with our server's (one request each, on the same
+prompts), for the "no worse than generate" check.
 
 Peers (each skipped, with a note, when it is not there):
 - llama-server: llama.cpp's own server, built from llama.cpp's source with cmake (the path of the
@@ -252,7 +253,7 @@ def run_level(server: Served, prompts: list[str], clients: int, n: int) -> dict:
     ttft = sorted(r["times"][0] - r["sent"] for r in results if r["times"])
     gaps = sorted(b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False))
     tokens = sum(len(r["times"]) for r in results)
-    # Each request's own rate, from sending it to its last token (generate_rates' end-to-end
+    # Each request's own rate, from sending it to its last token (one_stream_turns' end-to-end
     # measure); the level's tokens / wall also counts the client's time between requests.
     per_request = [len(r["times"]) / (r["times"][-1] - r["sent"]) for r in results if r["times"]]
     return {"clients": clients, "requests": len(results), "errors": errors[:3], "tokens": tokens,
@@ -267,32 +268,58 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def generate_rates(texts: list[str], n: int) -> tuple[float, float]:
-    """`llamaforge generate` on the same model settings and prompts, in this process, one stream:
-    (decode tokens/s after the first token, end-to-end tokens/s from the call to the last token),
-    medians over the prompts."""
+def cli_generate(text: str, n: int) -> float:
+    """`llamaforge generate` as a user runs it, its stdout read by this process as it streams:
+    decode tokens/s from its first text to its last, n tokens in all (--ignore-eos; at ~10 ms a
+    token each read is one piece)."""
+    cmd = [str(ROOT / ".venv" / "bin" / "llamaforge"), "generate", text, "--max-new-tokens", str(n), "--temperature", "0",
+           "--ignore-eos", "--dtype", "bf16", "--quantize", "auto"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    times = []
+    while chunk := os.read(proc.stdout.fileno(), 65536):
+        if chunk.strip():
+            times.append(time.perf_counter())
+    err = proc.stderr.read().decode()
+    if proc.wait() or len(times) < 2:
+        raise RuntimeError(f"llamaforge generate failed: {err[-500:]}")
+    return (n - 1) / (times[-1] - times[0])
+
+
+def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
+    """Our server and `llamaforge generate` in turns on the same prompts, one stream each: the
+    machine's speed drifts over a run (10-30% within minutes here), so a figure taken minutes
+    apart from the other says more about the drift than about the two. generate twice: the
+    command as a user runs it (its stdout streamed to a reader, as the server's tokens are to a
+    client), and its token loop in this process with nothing consuming the tokens (the engine's
+    floor: what the server's step costs without any output). Medians over the prompts: each
+    one's decode tokens/s (after the first token) and end-to-end tokens/s (from the request, or
+    the loop's call, to the last token; the command's would count its loading)."""
     import torch
 
     from llamaforge.formats.load import load
     from llamaforge.model.generation import SamplingConfig, generate_tokens
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
-    decode, whole = [], []
+    rates = {k: [] for k in ("ours_decode", "ours_end_to_end", "cli_decode", "loop_decode", "loop_end_to_end")}
     with torch.inference_mode():
-        for text in [texts[0]] + texts:   # the first run warms up
+        for i, text in enumerate([texts[0]] + texts):   # the first turn warms up
+            r = one_request(server.port, text, n, server.extra)
+            cli = cli_generate(text, n)
             start = time.perf_counter()
             times = [time.perf_counter() for _ in generate_tokens(model, [tok.encode(text)], cfg)]
-            decode.append((len(times) - 1) / (times[-1] - times[0]))
-            whole.append(len(times) / (times[-1] - start))
-    return statistics.median(decode[1:]), statistics.median(whole[1:])
+            if i:
+                rates["ours_decode"].append((len(r["times"]) - 1) / (r["times"][-1] - r["times"][0]))
+                rates["ours_end_to_end"].append(len(r["times"]) / (r["times"][-1] - r["sent"]))
+                rates["cli_decode"].append(cli)
+                rates["loop_decode"].append((len(times) - 1) / (times[-1] - times[0]))
+                rates["loop_end_to_end"].append(len(times) / (times[-1] - start))
+    return {k: statistics.median(v) for k, v in rates.items()}
 
 
 # --- the report -----------------------------------------------------------------------------------
 
-def report(all_results: dict, generate: tuple[float, float], levels: list[int]):
+def report(all_results: dict, turns: dict | None, levels: list[int]):
     print(f"\nCPU: {cpu_name()}; {os.cpu_count()} cores")
-    print(f"llamaforge generate, one stream, same prompts: {generate[0]:.1f} tokens/s decoding, "
-          f"{generate[1]:.1f} tokens/s end to end (prefill included)\n")
     header = f"{'server':18} {'clients':>7} {'tok/s':>8} {'TTFT p50':>9} {'p95':>7} {'TBT p50':>8} {'p95':>7}  vs llama-server"
     print(header)
     print("-" * len(header))
@@ -304,11 +331,15 @@ def report(all_results: dict, generate: tuple[float, float], levels: list[int]):
             print(f"{name:18} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['ttft_p50']:>8.2f}s {r['ttft_p95']:>6.2f}s "
                   f"{r['tbt_p50'] * 1000:>6.0f}ms {r['tbt_p95'] * 1000:>5.0f}ms  {ratio}{note}")
     ours = {r["clients"]: r for r in all_results.get("ours", [])}
-    if 1 in ours:
-        print(f"\nours, one client: {ours[1]['request_tokens_per_s']:.1f} tok/s a request end to end (median, from "
-              f"sending it to its last token, as generate's) = {ours[1]['request_tokens_per_s'] / generate[1]:.2f}x "
-              f"llamaforge generate's {generate[1]:.1f}; {ours[1]['tokens_per_s']:.1f} tok/s over the level "
-              f"({ours[1]['tokens_per_s'] / generate[1]:.2f}x; with the client's time between requests)")
+    if turns:
+        t = turns
+        print(f"\nours, one client, in turns with llamaforge generate on the same {SINGLE_STREAM_REQUESTS} prompts "
+              f"(tokens/s, decoding / end to end):\n"
+              f"  ours                          {t['ours_decode']:6.1f} / {t['ours_end_to_end']:6.1f}\n"
+              f"  llamaforge generate (command) {t['cli_decode']:6.1f} /      -   ours = "
+              f"{t['ours_decode'] / t['cli_decode']:.2f}x\n"
+              f"  its token loop, no output     {t['loop_decode']:6.1f} / {t['loop_end_to_end']:6.1f}   ours = "
+              f"{t['ours_decode'] / t['loop_decode']:.2f}x / {t['ours_end_to_end'] / t['loop_end_to_end']:.2f}x")
     if 16 in ours and 1 in ours:
         single = 1 / ours[1]["tbt_p50"]
         print(f"ours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "
@@ -365,7 +396,7 @@ def main():
                               args.requests)
     single = per_level.get(1) or next(iter(per_level.values()))
     results: dict[str, list] = {}
-    rates = (float("nan"), float("nan"))
+    turns = None
     for name in args.peers.split(","):
         if name == "llama-server" and not (args.llama_server and Path(args.llama_server).exists()):
             print("llama-server: skipped (give --llama-server PATH; benchmarks/build_llama_cpp.sh builds it)")
@@ -386,13 +417,13 @@ def main():
                 results[name].append(r)
                 print(f"{name:18} {clients:>3} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f} s, "
                       f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
+            if name == "ours":   # the single-stream check: the server idle between its turns
+                turns = one_stream_turns(server, single[:SINGLE_STREAM_REQUESTS], args.new_tokens)
         finally:
             server.stop()
-        if name == "ours":   # right after our server, on its one-stream prompts: the machine drifts
-            rates = generate_rates(single[:SINGLE_STREAM_REQUESTS], args.new_tokens)
-    report(results, rates, levels)
+    report(results, turns, levels)
     out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
-           "generate_decode_tokens_per_s": rates[0], "generate_end_to_end_tokens_per_s": rates[1], "results": results}
+           "one_stream_turns_tokens_per_s": turns, "results": results}
     tmp = RESULTS / "serve.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, RESULTS / "serve.json")

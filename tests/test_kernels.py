@@ -150,12 +150,13 @@ def test_decode_attention_matches_sdpa_with_each_rows_length():
 
 
 @pytest.mark.parametrize("kernel", ["decode_attention", "decode_attention_amx"])
-@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96), (12, 64)])
+@pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96), (12, 64), (8, 32), (2, 256)])
 def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
     """The AVX-512 and the AMX kernel, each against SDPA: lengths that end inside a block of 16 or
-    32 keys, below 16 and past 64; every position (no lengths); dimensions in one or two groups
-    of 64, and query groups of 1-4 heads, and of 12 (the AMX kernel takes 8 at a time); NaN in the
-    cache past each row's length (its values are read 16 keys at a time) changes nothing."""
+    32 keys or at its end, of one key, below 16 and past 64; every position (no lengths); dimensions in one or two groups
+    of 64, and query groups of 1-12 heads (the AMX kernel takes 8 at a time); NaN in the cache
+    past each row's length (its values are read 16 keys at a time) changes nothing; each row
+    alone gives the same bits as in the batch; lengths past the cache are refused."""
     import torch.nn.functional as F
 
     from llamaforge.model.kernels import amx_available
@@ -168,7 +169,7 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
     k, v = cache_k[:, :, :S], cache_v[:, :, :S]
     q = torch.randn(B, Hkv, G, D, generator=g).bfloat16()
     run = getattr(gemv_extension(), kernel)
-    for lengths in (torch.tensor([5, 17, 90, 47]), None):
+    for lengths in (torch.tensor([5, 17, 90, 47]), torch.tensor([1, 16, 32, 64]), None):
         mask = None if lengths is None else (torch.arange(S)[None] < lengths[:, None])[:, None, None]
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         past = cache_k.clone(), cache_v.clone()   # a cache past each row's length may hold anything
@@ -178,6 +179,14 @@ def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
                   D ** -0.5)
         assert out.dtype == torch.bfloat16 and out.shape == (B, Hkv, G, D)
         torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+        if lengths is not None:   # each row computed alone: the same bits as in the batch
+            for b in range(B):
+                alone = run(q[b:b + 1], past[0][b:b + 1, :, :S], past[1][b:b + 1, :, :S], lengths[b:b + 1], D ** -0.5)
+                assert torch.equal(alone, out[b:b + 1])
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        run(q, k, v, torch.tensor([5, 17, S + 1, 47]), D ** -0.5)
+    with pytest.raises(RuntimeError, match="one length a row"):
+        run(q, k, v, torch.tensor([5]), D ** -0.5)
 
 
 @pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (5, 96), (16, 64)])

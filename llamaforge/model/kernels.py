@@ -180,6 +180,15 @@ static inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Lengths (int64, contiguous) of a decode step: none (every position) or one a row, each within
+// the cache (a length past it would read past it).
+static void check_lengths(const torch::Tensor& len, int64_t B, const torch::Tensor& k, const torch::Tensor& v, const char* name) {
+  TORCH_CHECK((len.numel() == 0 || len.numel() == B) && k.size(2) <= v.size(2), name, ": one length a row, values for every key");
+  const int64_t* L = len.data_ptr<int64_t>();
+  for (int64_t b = 0; b < len.numel(); ++b)
+    TORCH_CHECK(L[b] >= 0 && L[b] <= k.size(2), name, ": length ", L[b], " outside the cache's ", k.size(2), " positions");
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
   TORCH_CHECK(D % 16 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
@@ -187,6 +196,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kFloat32));
   auto len = lengths.to(torch::kInt64).contiguous();   // empty: every row over all k.size(2) positions
+  check_lengths(len, B, k, v, "decode_attention");
   const int64_t* L = len.numel() ? len.data_ptr<int64_t>() : nullptr;
   const float* Q = qf.data_ptr<float>();
   float* O = out.data_ptr<float>();
@@ -700,9 +710,13 @@ AMX_FN torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, to
 // each query head takes two rows of probabilities, (p, 0) and (0, p) a key: row 2g sums the even
 // dimensions, row 2g + 1 the odd ones. The prefetches run one stream through each row's keys,
 // then its values, then the next row's keys: at a row's start its first keys are already on their
-// way (a server's 16-row step of SmolLM2 at 128-640 positions, 30 layers: 5.6 against 7.5 ms,
-// ~90% of a plain sum's bandwidth, where prefetching each phase on its own left every row's first
-// 64 keys to demand misses).
+// way (a server's 16-row step of SmolLM2 at 137-600 positions, 30 layers: 5.6-5.9 against 7.5 ms,
+// 21 GB/s where a plain sum reads 25, where prefetching each phase on its own left every row's
+// first 64 keys to demand misses). A window of keys that straddles a row's end prefetches past its
+// keys instead of its first values, and one of values the next row's keys only from the window
+// after: a stream split exactly at each row's end measured slower (7.1-7.3 against 5.9-6.1 ms a
+// step, alternating), and was not kept. A value that is not finite spoils its partner dimension too
+// (0 x inf in the other row of the pair), where the AVX-512 kernel keeps it to its own.
 // Tiles: 0, 1 keys (16 keys x 32 dims) / values (16 keys x 16 pairs); 2, 3 scores (16 keys x G);
 // 4 the queries' pairs (16 pairs x G); 5 probabilities (2G x 16 keys); 6, 7 outputs (2G x 16).
 AMX_FN static void configure_attention_tiles(int G) {
@@ -757,7 +771,7 @@ AMX_FN static void attention_rows_amx(const AttentionProblem& a, int64_t begin, 
     for (; j < full; j += 32) {           // 32 keys (or the last 16) in two chains of tile products
       const int64_t ahead = j + ATTENTION_AHEAD;
       prefetch(ahead < n ? kp + ahead * D : vq + (ahead - n) * D, 32);
-      const bool two = j + 32 <= full;
+      const bool two = j + 32 <= full;   // else the last 16 keys of the whole tiles
       _tile_zero(2); _tile_zero(3);
       for (int64_t c = 0; c < D / 32; ++c) {
         _tile_loadd(4, qt[c], 64);
@@ -815,12 +829,13 @@ AMX_FN static void attention_rows_amx(const AttentionProblem& a, int64_t begin, 
         if (ahead < n) prefetch(vq + ahead * D, 16);
         else if (kn && ahead - n < next) prefetch(kn + (ahead - n) * D, 16);
         const uint16_t* vj = vq + j * D + d0;
-        if (j + 16 > n) {                 // the last values, zeros past n (the cache there may hold NaN)
-          std::memset(last, 0, sizeof last);
+        const bool tail = j + 16 > n;
+        if (tail) {                       // the last values, zeros past n (the cache there may hold NaN)
+          std::memset(last[n - j], 0, sizeof last[0] * (16 - (n - j)));
           for (int64_t i = 0; i < n - j; ++i) std::memcpy(last[i], vj + i * D, (wide ? 64 : 32) * 2);
           vj = last[0];
         }
-        const int64_t stride = j + 16 > n ? 128 : D * 2;
+        const int64_t stride = tail ? 128 : D * 2;
         _tile_loadd(5, probs.data() + j, n16 * 4);
         _tile_loadd(0, vj, stride); _tile_dpbf16ps(6, 5, 0);
         if (wide) { _tile_loadd(1, vj + 32, stride); _tile_dpbf16ps(7, 5, 1); }
@@ -849,6 +864,7 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
   }
   auto qc = q.contiguous();
   auto len = lengths.to(torch::kInt64).contiguous();
+  check_lengths(len, B, k, v, "decode_attention_amx");
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
   const AttentionProblem a{B, H, G, D, k.size(2),
       reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()), reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>()),

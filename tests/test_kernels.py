@@ -90,6 +90,30 @@ def test_the_rms_norm_kernel_rounds_as_pytorch_does(rows):
     torch.testing.assert_close(out, ref, atol=0, rtol=2 ** -7)       # and those by one bf16 step
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_add_rms_norm_is_the_add_then_the_norm(rows):
+    """The residual step and the next norm in one pass: x + r as PyTorch's bf16 add rounds it, and
+    the rms_norm kernel of that sum, bit for bit; and KernelRMSNorm.add_and_norm takes it in
+    inference only (with gradients: the add and F.rms_norm)."""
+    from llamaforge.model.kernels import KernelRMSNorm
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge adds and normalises with PyTorch's ops")
+    g = torch.Generator().manual_seed(rows)
+    x, r = ((torch.randn(rows, 3, 96, generator=g) * 3).bfloat16() for _ in range(2))
+    w = (torch.randn(96, generator=g) * 0.5 + 1).bfloat16()
+    total, normed = gemv_extension().add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(total, x + r)
+    assert torch.equal(normed, gemv_extension().rms_norm(x + r, w, 1e-5))
+    norm = KernelRMSNorm(96, 1e-5)
+    norm.weight.data = w
+    with torch.no_grad(), kernel_calls() as calls:
+        a, b = norm.add_and_norm(x, r)
+    assert "add_rms_norm" in calls and torch.equal(a, total) and torch.equal(b, normed)
+    with kernel_calls() as calls:
+        norm.add_and_norm(x, r)[1].float().sum().backward()
+    assert not calls and norm.weight.grad is not None
+
+
 def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
     """use_cpu_kernels: the norms' and the decode step's attention kernels change no logit beyond
     bf16 rounding, leave training (gradients) on PyTorch's ops, and decode as greedy decoding did."""
@@ -108,7 +132,7 @@ def test_cpu_kernels_in_a_model_give_its_logits(tiny_bpe):
         a = [plain(ids[:, :16], cache_pos=0)] + [plain(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
         with kernel_calls() as calls:
             b = [kernel(ids[:, :16], cache_pos=0)] + [kernel(ids[:, t:t + 1], cache_pos=t) for t in range(16, 20)]
-    assert "rms_norm" in calls and "decode_attention" in calls
+    assert {"rms_norm", "add_rms_norm", "decode_attention"} <= set(calls)
     # The prefill's attention on tiles, where the heads' width suits them.
     assert ("prefill_attention_amx" in calls) == (amx_available() and kernel.config.head_dim % 32 == 0)
     for x, y in zip(a, b, strict=True):

@@ -32,6 +32,12 @@ class RMSNorm(nn.Module):
         # to the reference's op-by-op version in fp32 and bf16 alike, and fewer ops per token.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
+    def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + update, its norm): the residual stream after a sublayer and the next one's input
+        (one kernel on a CPU in inference: `kernels.KernelRMSNorm`)."""
+        x = x + update
+        return x, self(x)
+
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse frequencies (head_dim // 2,), fp32, with Llama-3 scaling applied when configured."""
@@ -318,8 +324,8 @@ class Block(nn.Module):
         self.compile_training = False   # run training steps through compiled_block_forward
 
     def forward(self, x, cos, sin, mask, cache_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos))
+        return x + self.mlp(h)
 
 
 _compiled_block_forward = None

@@ -10,9 +10,11 @@ a free local port. Clients are threads that each send --requests streaming /v1/c
 after another; prompts are 64-512 tokens of TinyStories (../shared/data; the shipped stories
 without it), every request makes exactly --new-tokens tokens (the end of text is ignored). Per
 server and concurrency: aggregate output tokens/s (all tokens over the wall time), p50/p95 time
-to first token, p50/p95 time between tokens. Also `llamaforge generate`'s single-stream decode
-tokens/s, measured here in-process in turns with our server's (one request each, on the same
-prompts), for the "no worse than generate" check.
+to first token, p50/p95 time between tokens. Also, for the "no worse than generate" check,
+`llamaforge generate`'s single-stream decode tokens/s (the command, and its token loop in this
+process) in turns with our server's on the same prompts, and the floor that delivering each token
+over HTTP sets under our server's (`one_stream_turns`; `--peers ours --concurrency 1` runs that
+check alone).
 
 Peers (each skipped, with a note, when it is not there):
 - llama-server: llama.cpp's own server, built from llama.cpp's source with cmake (the path of the
@@ -285,25 +287,38 @@ def cli_generate(text: str, n: int) -> float:
     return (n - 1) / (times[-1] - times[0])
 
 
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """CPU seconds one thread has run (/proc's schedstat, in nanoseconds: stat's clock ticks of
+    10 ms are too coarse for a request's ~20 ms)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
 def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
     """Our server and `llamaforge generate` in turns on the same prompts, one stream each: the
     machine's speed drifts over a run (10-30% within minutes here), so a figure taken minutes
     apart from the other says more about the drift than about the two. generate twice: the
     command as a user runs it (its stdout streamed to a reader, as the server's tokens are to a
-    client), and its token loop in this process with nothing consuming the tokens (the engine's
-    floor: what the server's step costs without any output). Medians over the prompts: each
-    one's decode tokens/s (after the first token) and end-to-end tokens/s (from the request, or
-    the loop's call, to the last token; the command's would count its loading)."""
+    client), and its token loop in this process with nothing consuming the tokens (what the
+    server's step costs without any output). Medians over the prompts: each one's decode tokens/s
+    (after the first token) and end-to-end tokens/s (from the request, or the loop's call, to the
+    last token; the command's would count its loading); and the CPU time a token of delivering
+    the server's stream: its event-loop thread's (the server's main thread: each token's SSE
+    chunk, the wake-up, JSON, the response, the socket write with its loopback delivery) and this
+    client's reading thread's."""
     import torch
 
     from llamaforge.formats.load import load
     from llamaforge.model.generation import SamplingConfig, generate_tokens
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
-    rates = {k: [] for k in ("ours_decode", "ours_end_to_end", "cli_decode", "loop_decode", "loop_end_to_end")}
+    rates = {k: [] for k in ("ours_decode", "ours_end_to_end", "cli_decode", "loop_decode", "loop_end_to_end",
+                             "loop_cpu_ms", "client_cpu_ms")}
+    pid = server.proc.pid
     with torch.inference_mode():
         for i, text in enumerate([texts[0]] + texts):   # the first turn warms up
+            loop0, client0 = thread_cpu_s(pid, pid), time.thread_time()
             r = one_request(server.port, text, n, server.extra)
+            loop1, client1 = thread_cpu_s(pid, pid), time.thread_time()
             cli = cli_generate(text, n)
             start = time.perf_counter()
             times = [time.perf_counter() for _ in generate_tokens(model, [tok.encode(text)], cfg)]
@@ -313,6 +328,8 @@ def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
                 rates["cli_decode"].append(cli)
                 rates["loop_decode"].append((len(times) - 1) / (times[-1] - times[0]))
                 rates["loop_end_to_end"].append(len(times) / (times[-1] - start))
+                rates["loop_cpu_ms"].append((loop1 - loop0) / len(r["times"]) * 1000)
+                rates["client_cpu_ms"].append((client1 - client0) / len(r["times"]) * 1000)
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -340,6 +357,13 @@ def report(all_results: dict, turns: dict | None, levels: list[int]):
               f"{t['ours_decode'] / t['cli_decode']:.2f}x\n"
               f"  its token loop, no output     {t['loop_decode']:6.1f} / {t['loop_end_to_end']:6.1f}   ours = "
               f"{t['ours_decode'] / t['loop_decode']:.2f}x / {t['ours_end_to_end'] / t['loop_end_to_end']:.2f}x")
+        # The floor under the one-stream check: a decode step keeps both cores busy (two threads;
+        # the OpenMP worker spins between parallel regions), so delivering a token takes its CPU
+        # time from the step: one stream through the server takes at least T + c a token.
+        T, c = 1000 / t["loop_decode"], t["loop_cpu_ms"] + t["client_cpu_ms"]
+        print(f"  floor for ours: generate's {T:.2f} ms a token + delivery CPU {c:.3f} ms (event loop "
+              f"{t['loop_cpu_ms']:.3f} + client {t['client_cpu_ms']:.3f}) = {T / (T + c):.3f}x the loop; ours = "
+              f"{t['ours_decode'] / t['loop_decode'] * (T + c) / T:.3f}x the floor")
     if 16 in ours and 1 in ours:
         single = 1 / ours[1]["tbt_p50"]
         print(f"ours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "

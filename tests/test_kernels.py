@@ -177,10 +177,10 @@ def test_decode_attention_matches_sdpa_with_each_rows_length():
 @pytest.mark.parametrize("G,D", [(3, 64), (1, 128), (4, 96), (12, 64), (8, 32), (2, 256)])
 def test_both_decode_attention_kernels_match_sdpa(kernel, G, D):
     """The AVX-512 and the AMX kernel, each against SDPA: lengths that end inside a block of 16 or
-    32 keys or at its end, of one key, below 16 and past 64; every position (no lengths); dimensions in one or two groups
-    of 64, and query groups of 1-12 heads (the AMX kernel takes 8 at a time); NaN in the cache
-    past each row's length (its values are read 16 keys at a time) changes nothing; each row
-    alone gives the same bits as in the batch; lengths past the cache are refused."""
+    32 keys or at its end, of one key, below 16 and past 64; every position (no lengths);
+    dimensions 32-256, and query groups of 1-12 heads (the AMX kernel takes 8 at a time); NaN in
+    the cache past each row's length (its values are read 16 keys at a time) changes nothing;
+    each row alone gives the same bits as in the batch; lengths past the cache are refused."""
     import torch.nn.functional as F
 
     from llamaforge.model.kernels import amx_available

@@ -891,8 +891,10 @@ AMX_FN torch::Tensor decode_attention_amx(torch::Tensor q, torch::Tensor k, torc
               "decode_attention_amx: unsupported layout");
   if (G > 8) {   // two rows of probabilities a query head: at most 8 heads in a tile's 16 rows
     auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
-    for (int64_t g = 0; g < G; g += 8)
-      out.narrow(2, g, std::min<int64_t>(8, G - g)).copy_(decode_attention_amx(q.narrow(2, g, std::min<int64_t>(8, G - g)), k, v, lengths, scale));
+    for (int64_t g = 0; g < G; g += 8) {
+      const int64_t heads = std::min<int64_t>(8, G - g);
+      out.narrow(2, g, heads).copy_(decode_attention_amx(q.narrow(2, g, heads), k, v, lengths, scale));
+    }
     return out;
   }
   auto qc = q.contiguous();
@@ -1372,9 +1374,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     step), or over all S (lengths None: one sequence, or rows all as long): q (B, H, 1, D), k and
     v (B, Hkv, S, D) views of a cache, lengths (B,). ~5x faster than SDPA's flash attention for one
     query (50 us a SmolLM2 layer on a Xeon). On AMX tiles where the CPU has them: a server's
-    16-row step of SmolLM2 at 137-600 positions, 30 layers, 5.6 ms, reading the keys and values
-    at ~85% of what a plain sum reads (`benchmarks/probe_kv_int8_speed.py`). None where the kernel is unavailable or the
-    tensors are not bf16 on a CPU (then SDPA with a mask)."""
+    16-row step of SmolLM2 at 137-600 positions, 30 layers, 5.6-5.9 ms, reading the keys and
+    values at ~85% of what a plain sum reads (`benchmarks/probe_kv_int8_speed.py`). None where the
+    kernel is unavailable or the tensors are not bf16 on a CPU (then SDPA with a mask)."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or D % 16 or D > 256 or H // Hkv > 16 \
@@ -1427,17 +1429,21 @@ class KernelRMSNorm(RMSNorm):
     """An RMSNorm that normalises bf16 rows with the kernel when nothing needs their gradient
     (inference) and nothing traces it (torch.compile fuses its own); F.rms_norm otherwise."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _kernel(self, x: torch.Tensor):
+        """The extension where it takes x; None where PyTorch's ops do."""
         ext = gemv_extension()
-        if ext is not None and x.dtype == torch.bfloat16 and self.weight.dtype == torch.bfloat16 \
-                and x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return ext.rms_norm(x, self.weight, self.eps)
-        return super().forward(x)
+        if ext is not None and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return ext
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ext = self._kernel(x)
+        return ext.rms_norm(x, self.weight, self.eps) if ext is not None else super().forward(x)
 
     def add_and_norm(self, x: torch.Tensor, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ext = gemv_extension()
-        if ext is not None and x.dtype == update.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" \
-                and x.shape == update.shape and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        ext = self._kernel(x)
+        if ext is not None and update.dtype == x.dtype and update.shape == x.shape:
             return tuple(ext.add_rms_norm(x, update, self.weight, self.eps))
         return super().add_and_norm(x, update)
 

@@ -324,7 +324,8 @@ class Block(nn.Module):
         self.compile_training = False   # run training steps through compiled_block_forward
 
     def forward(self, x, cos, sin, mask, cache_pos):
-        x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attended)
         return x + self.mlp(h)
 
 

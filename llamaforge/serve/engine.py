@@ -3,9 +3,9 @@
 Continuous batching: requests join and leave the running batch at every step. A step is the
 prefill chunks of waiting prompts (one chunk of `chunk` tokens at most a prompt, `prefill_tokens`
 in all, so a long prompt never freezes the streams of the others) followed by one decode step of
-every running sequence, each at its own position. Keys and values live in `SlotCache`: a row (slot) per sequence; a slot keeps its tokens
-when its request ends, and a new prompt that shares a prefix with them (the same system prompt,
-a chat's next turn) starts after it.
+every running sequence, each at its own position. Keys and values live in `SlotCache`: a row
+(slot) per sequence; a slot keeps its tokens when its request ends, and a new prompt that shares
+a prefix with them (the same system prompt, a chat's next turn) starts after it.
 
 Requests talk to the world through a callback, called from this thread with events: a text piece
 (with its token and log-probabilities), then the end (finish reason, or an error).

@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the engine's)")
+    ap.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16", help="as serve's --kv-cache")
     args = ap.parse_args()
     import torch
 
@@ -34,6 +35,8 @@ def main():
 
     print_machine()
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
+    if args.kv_cache == "int8":
+        model.use_int8_kv_cache()
     engine = Engine(model, tok, max_batch=args.clients, chunk=args.chunk or PREFILL_CHUNK, scheduler=Scheduler())
     engine.scheduler.shutdown("driven by this script")   # steps run on this thread instead
     engine.warm_up()

@@ -114,7 +114,7 @@ def start(name: str, args, max_clients: int) -> Served:
     ctx_per_slot = 512 + args.new_tokens + 64
     if name == "ours":
         cmd = [str(ROOT / ".venv" / "bin" / "llamaforge"), "serve", "--port", str(port), "--max-batch", str(max_clients),
-               "--max-queue", "256", "--dtype", "bf16", "--quantize", "auto"]
+               "--max-queue", "256", "--dtype", "bf16", "--quantize", "auto", "--kv-cache", args.kv_cache]
         return Served(name, cmd, port, {"ignore_eos": True}, env={"OMP_NUM_THREADS": threads})
     if name == "llama-server":
         cmd = [args.llama_server, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", threads, "-tb", threads,
@@ -270,12 +270,12 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def cli_generate(text: str, n: int) -> float:
+def cli_generate(text: str, n: int, kv_cache: str = "bf16") -> float:
     """`llamaforge generate` as a user runs it, its stdout read by this process as it streams:
     decode tokens/s from its first text to its last, n tokens in all (--ignore-eos; at ~10 ms a
     token each read is one piece)."""
     cmd = [str(ROOT / ".venv" / "bin" / "llamaforge"), "generate", text, "--max-new-tokens", str(n), "--temperature", "0",
-           "--ignore-eos", "--dtype", "bf16", "--quantize", "auto"]
+           "--ignore-eos", "--dtype", "bf16", "--quantize", "auto", "--kv-cache", kv_cache]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     times = []
     while chunk := os.read(proc.stdout.fileno(), 65536):
@@ -293,7 +293,7 @@ def thread_cpu_s(pid: int, tid: int) -> float:
     return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
 
 
-def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
+def one_stream_turns(server: Served, texts: list[str], n: int, kv_cache: str = "bf16") -> dict:
     """Our server and `llamaforge generate` in turns on the same prompts, one stream each: the
     machine's speed drifts over a run (10-30% within minutes here), so a figure taken minutes
     apart from the other says more about the drift than about the two. generate twice: the
@@ -310,6 +310,8 @@ def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
     from llamaforge.formats.load import load
     from llamaforge.model.generation import SamplingConfig, generate_tokens
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
+    if kv_cache == "int8":
+        model.use_int8_kv_cache()
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
     rates = {k: [] for k in ("ours_decode", "ours_end_to_end", "cli_decode", "loop_decode", "loop_end_to_end",
                              "loop_cpu_ms", "client_cpu_ms")}
@@ -319,7 +321,7 @@ def one_stream_turns(server: Served, texts: list[str], n: int) -> dict:
             loop0, client0 = thread_cpu_s(pid, pid), time.thread_time()
             r = one_request(server.port, text, n, server.extra)
             loop1, client1 = thread_cpu_s(pid, pid), time.thread_time()
-            cli = cli_generate(text, n)
+            cli = cli_generate(text, n, kv_cache)
             start = time.perf_counter()
             times = [time.perf_counter() for _ in generate_tokens(model, [tok.encode(text)], cfg)]
             if i:
@@ -407,6 +409,7 @@ def main():
     p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--requests", type=int, default=1, help="requests per client at each concurrency")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16", help="ours: serve's --kv-cache")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--serial-max-clients", type=int, default=32,
                    help="highest concurrency for the one-at-a-time servers (they queue; it only takes longer)")
@@ -442,11 +445,11 @@ def main():
                 print(f"{name:18} {clients:>3} clients: {r['tokens_per_s']:7.1f} tok/s, TTFT p95 {r['ttft_p95']:.2f} s, "
                       f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
             if name == "ours":   # the single-stream check: the server idle between its turns
-                turns = one_stream_turns(server, single[:SINGLE_STREAM_REQUESTS], args.new_tokens)
+                turns = one_stream_turns(server, single[:SINGLE_STREAM_REQUESTS], args.new_tokens, args.kv_cache)
         finally:
             server.stop()
     report(results, turns, levels)
-    out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "requests_per_client": args.requests,
+    out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "kv_cache": args.kv_cache, "requests_per_client": args.requests,
            "one_stream_turns_tokens_per_s": turns, "results": results}
     tmp = RESULTS / "serve.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))

@@ -320,3 +320,66 @@ def test_stacked_projection_kernels_in_a_model(tiny_bpe):
         a, b = plain(ids), kernel(ids)
     assert "rope" in calls and "silu_mul" in calls
     assert (a.float() - b.float()).abs().max() <= 0.03 * a.float().abs().max()
+
+
+def test_cache_write_int8_rounds_as_quantize_kv():
+    """An int8 cache's writes (`--kv-cache int8`): each (position, head)'s values as int8 with one
+    scale, byte for byte quantize_kv's, for a decode step's rows at their own positions and for a
+    prefill chunk of several positions; strided inputs (views of the stacked projection), a row of
+    zeros kept zeros; out-of-range rows or positions refused."""
+    from llamaforge.model.kernels import cache_write_int8
+    from llamaforge.model.llama import quantize_kv
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: no int8 cache")
+    g = torch.Generator().manual_seed(1)
+    B, H, L, D = 4, 3, 40, 64
+    for T, rows, at in ((1, torch.tensor([0, 2, 3]), torch.tensor([7, 0, 39])), (9, torch.tensor([1, 3]), torch.tensor([0, 31]))):
+        kc, vc = torch.zeros(B, H, L, D, dtype=torch.int8), torch.zeros(B, H, L, D, dtype=torch.int8)
+        ks, vs = torch.zeros(B, H, L), torch.zeros(B, H, L)
+        qkv = 3 * torch.randn(B, T, 9 + 2 * H, D, generator=g).bfloat16()
+        qkv[1, 0, 9] = 0                                                              # a key of zeros
+        k, v = qkv[:, :, 9:9 + H].transpose(1, 2), qkv[:, :, 9 + H:].transpose(1, 2)   # (B, H, T, D), strided
+        cache_write_int8(kc, vc, ks, vs, k, v, rows, at)
+        for r, p in zip(rows.tolist(), at.tolist(), strict=True):
+            for cache, scale, new in ((kc, ks, k), (vc, vs, v)):
+                q, s = quantize_kv(new[r])
+                assert torch.equal(cache[r, :, p:p + T], q) and torch.equal(scale[r, :, p:p + T], s)
+        untouched = torch.ones(B, L, dtype=torch.bool)
+        for r, p in zip(rows.tolist(), at.tolist(), strict=True):
+            untouched[r, p:p + T] = False
+        assert not kc.transpose(1, 2)[untouched].any() and not ks.transpose(1, 2)[untouched].any()
+    assert torch.equal(quantize_kv(torch.zeros(2, D))[0], torch.zeros(2, D, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="out of range"):
+        cache_write_int8(kc, vc, ks, vs, k, v, torch.tensor([1]), torch.tensor([L - T + 1]))
+
+
+@pytest.mark.parametrize("G,D", [(3, 64), (2, 128), (6, 64)])
+def test_int8_decode_attention_kernel(G, D):
+    """The int8 cache's decode attention (AMX, int8 products) against the bf16 kernel over the same
+    keys and values dequantised: close (its queries and probabilities are rounded to int8 / u8 as
+    well); each row over its own length, values past it never read (garbage there changes nothing);
+    each row alone bit for bit as in the batch; more than 4 heads a group split; bad lengths refused."""
+    from llamaforge.model.kernels import amx_available, decode_attention, decode_attention_int8
+    from llamaforge.model.llama import dequantize_kv, quantize_kv
+    if gemv_extension() is None or not amx_available():
+        pytest.skip("no AMX tiles here: no int8 cache")
+    g = torch.Generator().manual_seed(G * D)
+    B, Hkv, L = 5, 2, 300
+    lengths = torch.tensor([1, 16, 63, 200, 257])
+    q = torch.randn(B, Hkv * G, 1, D, generator=g).bfloat16()
+    k, ks = quantize_kv(torch.randn(B, Hkv, L, D, generator=g))
+    v, vs = quantize_kv(torch.randn(B, Hkv, L, D, generator=g))
+    out = decode_attention_int8(q, k, ks, v, vs, lengths)
+    ref = decode_attention(q, dequantize_kv(k, ks, torch.bfloat16), dequantize_kv(v, vs, torch.bfloat16), lengths)
+    assert out.shape == (B, Hkv * G, 1, D) and out.dtype == torch.bfloat16
+    err = (out.float() - ref.float()).abs()
+    assert err.mean() < 0.01 * ref.float().abs().mean() + 1e-3 and err.max() < 0.1
+    for b in range(B):   # garbage past a row's length, and each row alone
+        n = int(lengths[b])
+        k2, v2, ks2, vs2 = k.clone(), v.clone(), ks.clone(), vs.clone()
+        k2[b, :, n:], v2[b, :, n:], ks2[b, :, n:], vs2[b, :, n:] = 127, -127, 1e6, 1e6
+        assert torch.equal(decode_attention_int8(q, k2, ks2, v2, vs2, lengths)[b], out[b])
+        assert torch.equal(decode_attention_int8(q[b:b + 1], k[b:b + 1, :, :n], ks[b:b + 1, :, :n], v[b:b + 1, :, :n],
+                                                 vs[b:b + 1, :, :n])[0], out[b])
+    with pytest.raises(RuntimeError, match="length"):
+        decode_attention_int8(q, k, ks, v, vs, torch.tensor([1, 2, 3, 4, L + 1]))

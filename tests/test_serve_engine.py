@@ -433,3 +433,44 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch
                                    "prefill_attention_amx", "int4_dense_mm_amx"} <= set(calls)
     assert any(len(prompt) in lengths and len(lengths) > 1 for lengths in shared), shared
     assert batch[3].tokens == alone_out.tokens and batch[3].logprobs == alone_out.logprobs
+
+
+def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
+    """`--kv-cache int8`: the server's cache holds int8 keys and values, and every request decodes
+    the tokens (and log-probabilities) that generate() makes with its own int8 cache, in a batch
+    whose prompts share prefill passes, take several chunks, and decode side by side; refused with
+    --compile, for a batch of prompts in generate, and where the kernel does not run."""
+    from llamaforge.errors import LlamaforgeError
+    from llamaforge.model.kernels import amx_available, use_cpu_kernels
+    from llamaforge.model.llama import Int8KVCache
+    from llamaforge.model.quantize import quantize_weights
+    _, tok = tiny
+    ckpt, _ = random_model("tiny-llama3", tok, seed=6, dim=128, n_heads=4, n_kv_heads=2, head_dim=64,
+                           intermediate_size=256)
+    model = quantize_weights(build_model(ckpt, "bf16").eval().fuse_projections(), bits=4)
+    use_cpu_kernels(model)
+    if not amx_available():
+        with pytest.raises(LlamaforgeError, match="AMX"):
+            model.use_int8_kv_cache()
+        pytest.skip("no AMX tiles here: no int8 cache")
+    model.use_int8_kv_cache()
+    prompts = [list(range(10, 130)), list(range(130, 185)), list(range(260, 388)), [400, 401, 402]]
+    engine = Engine(model, tok, max_batch=4, chunk=64, prefill_tokens=256, scheduler=Scheduler())
+    engine.scheduler.shutdown("stepped by this test")
+    assert engine.cache.k[0].dtype == torch.int8 and engine.cache.k_scale[0].dtype == torch.float32
+    outs = [Outputs() for _ in prompts]
+    engine.waiting.extend(Request(p, SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True), o, logprobs=0)
+                          for p, o in zip(prompts, outs, strict=True))
+    with kernel_calls() as calls:
+        while engine.busy:
+            engine.admit()
+            engine.step()
+    assert {"cache_write_int8", "decode_attention_amx_int8"} <= set(calls) and "decode_attention_amx" not in calls
+    for p, o in zip(prompts, outs, strict=True):
+        assert o.tokens == alone(model, p, 8)
+    assert isinstance(model.layers[0].self_attn.kv_cache, Int8KVCache)   # generate's, in `alone`
+    with pytest.raises(LlamaforgeError, match="compile"):
+        Engine(model, tok, max_batch=2, compile=True)
+    with pytest.raises(LlamaforgeError, match="one prompt"):
+        alone_batch = SamplingConfig(max_new_tokens=2, temperature=0)
+        list(generate_tokens(model, [[1, 2], [3, 4]], alone_batch))

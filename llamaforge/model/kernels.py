@@ -428,6 +428,55 @@ void cache_write(torch::Tensor kc, torch::Tensor vc, torch::Tensor k, torch::Ten
     }
 }
 
+// cache_write for an int8 cache (`--kv-cache int8`), for a decode step's new keys and values or a
+// prefill chunk's: row rows[j]'s T positions go to at[j] .. at[j] + T - 1, each (position, head)'s
+// D values (bf16) as int8 with one fp32 scale, absmax / 127, divided and rounded to nearest even as
+// quantize_kv rounds them: caches (B, H, L, D) int8 and scales (B, H, L) fp32, any row and head strides.
+void cache_write_int8(torch::Tensor kc, torch::Tensor vc, torch::Tensor ksc, torch::Tensor vsc, torch::Tensor k,
+                      torch::Tensor v, torch::Tensor rows, torch::Tensor at) {
+  const int64_t H = kc.size(1), D = kc.size(3), n = rows.numel();
+  TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && ksc.dim() == 3 && vsc.sizes() == ksc.sizes() &&
+              ksc.size(0) == kc.size(0) && ksc.size(1) == H && ksc.size(2) == kc.size(2) && kc.scalar_type() == at::kChar &&
+              vc.scalar_type() == at::kChar && ksc.scalar_type() == at::kFloat && vsc.scalar_type() == at::kFloat &&
+              k.dim() == 4 && v.sizes() == k.sizes() && k.size(1) == H && k.size(3) == D && D % 16 == 0 &&
+              k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && kc.stride(3) == 1 && vc.stride(3) == 1 &&
+              k.stride(3) == 1 && v.stride(3) == 1 && rows.scalar_type() == at::kLong && at.scalar_type() == at::kLong &&
+              at.numel() == n && rows.is_contiguous() && at.is_contiguous(),
+              "cache_write_int8: int8 caches (B, H, L, D), fp32 scales (B, H, L), new bf16 keys and values (rows, H, T, D), "
+              "int64 rows and positions");
+  const int64_t* R = rows.data_ptr<int64_t>();
+  const int64_t* P = at.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j)
+    TORCH_CHECK(R[j] >= 0 && R[j] < kc.size(0) && R[j] < k.size(0) && P[j] >= 0 && P[j] + k.size(2) <= kc.size(2),
+                "cache_write_int8: row or position out of range");
+  const auto one = [&](const at::BFloat16* x, int8_t* q, float* scale) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_bf16(x + d)));
+    const float s = _mm512_reduce_max_ps(mx) / 127.0f;
+    const __m512 div = _mm512_set1_ps(s > 0 ? s : 1.0f);   // a row of zeros stays zeros
+    for (int64_t d = 0; d < D; d += 16)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + d),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_div_ps(load_bf16(x + d), div))));
+    *scale = s;
+  };
+  const at::BFloat16* K = k.data_ptr<at::BFloat16>();
+  const at::BFloat16* V = v.data_ptr<at::BFloat16>();
+  int8_t* KC = kc.data_ptr<int8_t>();
+  int8_t* VC = vc.data_ptr<int8_t>();
+  float* KS = ksc.data_ptr<float>();
+  float* VS = vsc.data_ptr<float>();
+  const int64_t T = k.size(2);
+  at::parallel_for(0, n * H * T, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t j = i / (H * T), h = i / T % H, t = i % T, r = R[j], p = P[j] + t;
+      one(K + r * k.stride(0) + h * k.stride(1) + t * k.stride(2), KC + r * kc.stride(0) + h * kc.stride(1) + p * kc.stride(2),
+          KS + r * ksc.stride(0) + h * ksc.stride(1) + p * ksc.stride(2));
+      one(V + r * v.stride(0) + h * v.stride(1) + t * v.stride(2), VC + r * vc.stride(0) + h * vc.stride(1) + p * vc.stride(2),
+          VS + r * vsc.stride(0) + h * vsc.stride(1) + p * vsc.stride(2));
+    }
+  });
+}
+
 // 16 (scale, zero) pairs of bf16, as Int4Linear stores them, to fp32 scales and zeros.
 static inline void scales_zeros(const uint32_t* pairs, __m512& s, __m512& z) {
   const __m512i sz = _mm512_loadu_si512(pairs);
@@ -1164,6 +1213,234 @@ AMX_FN torch::Tensor int8_mm_amx(torch::Tensor packed, torch::Tensor scales, tor
   at::parallel_for(0, N / 16, 16, [&](int64_t begin, int64_t end) { int8_blocks_amx(p, begin, end); });
   return y.view(shape);
 }
+
+// decode_attention_amx over an int8 cache (`--kv-cache int8`): keys and values int8 with one fp32
+// scale per position and head, half the bytes a 16-row server step reads, and the arithmetic in int8
+// on the tiles so that nothing is widened on the way (widening each tile to bf16 for the bf16 kernel's
+// products cost more than the bytes saved: benchmarks/probe_kv_int8_speed.py). Scores: 16 keys
+// straight from the cache (16 x 64 int8 dimensions) times the queries rounded to int8 (one scale a
+// head), a TDPBSSD, two tiles of keys in flight, then times the keys' scales. Softmax in fp32. Values:
+// the probabilities times their values' scales, rounded to u8 with one scale per 64 keys, times 16
+// values straight from the cache, a TDPBUSD: a tile product pairs four bytes along the reduction, so
+// each query head takes four rows, (p, 0, 0, 0) ... (0, 0, 0, p), row 4g + j summing dimensions
+// 4t + j; the int32 sums of 64 keys are scaled into fp32. Each row's numbers are its own (a row alone
+// or in a batch alike). One stream of prefetches through a row's keys, its values and the next row's
+// keys, as the bf16 kernel's. Tiles: 0, 1 keys / values; 2, 3 scores (16 keys x G int32); 4 the
+// queries (16 x 4G bytes); 5 probabilities (4G rows x 16 keys x 4 bytes); 6 outputs (4G x 16 int32).
+struct Int8AttentionProblem {
+  int64_t H, G, D;
+  const uint16_t* Q;                        // (B, H, G, D) bf16
+  const int8_t* K; const int8_t* V;         // (B, H, S, D) int8, strides below (positions D apart)
+  int64_t kb, kh, vb, vh;
+  const float* KS; const float* VS;         // (B, H, S) fp32 scales, strides below (positions adjacent)
+  int64_t ksb, ksh, vsb, vsh;
+  const int64_t* L;                         // (B,) each row's length
+  float sc;
+  uint16_t* O;                              // (B, H, G, D) bf16
+};
+
+constexpr int64_t INT8_AHEAD = 128;   // keys (or values) prefetched ahead: 8 KB of SmolLM2's
+
+AMX_FN static void attention_rows_amx_int8(const Int8AttentionProblem& a, int64_t begin, int64_t end) {
+  const int64_t H = a.H, G = a.G, D = a.D, C = D / 64;
+  const int g4 = static_cast<int>(4 * G);
+  // 0 keys / values (16 x 64 bytes), 4 queries (16 x 4G bytes: 4 dims of G heads), 2 scores (16 keys x G int32),
+  // 5 probabilities (4G rows x 16 keys x 4 bytes), 6 outputs (4G rows x 16 int32)
+  configure({{0, 16, 64}, {1, 16, 64}, {2, 16, g4}, {3, 16, g4}, {4, 16, g4}, {5, g4, 64}, {6, g4, 64}});
+  alignas(64) int8_t qt[4][16][16];        // per 64 dims: 16 rows x (G heads x 4 bytes)
+  alignas(64) int32_t tmp[16][16], tmp2[16][16];
+  alignas(64) int32_t otile[16][16];
+  alignas(64) int8_t last[32][256];        // the last keys / values of a row, zeros past its length
+  alignas(64) float acc[4][4][4][16];      // [g][chunk][jj][n]: out[g][64 chunk + 4 n + jj]
+  __m512i pick[4];                         // column g of 16 keys x G int32 stored packed: index G k + g (mod 32)
+  __mmask16 upper[4];                       // the keys whose index is 32 or more
+  for (int64_t g = 0; g < G; ++g) {
+    alignas(64) int32_t idx[16];
+    upper[g] = 0;
+    for (int k = 0; k < 16; ++k) { idx[k] = static_cast<int32_t>((G * k + g) % 32); if (G * k + g >= 32) upper[g] |= 1 << k; }
+    pick[g] = _mm512_load_si512(idx);
+  }
+  std::vector<float> scores, beta;
+  std::vector<uint32_t> probs;
+  const auto prefetch = [&](const int8_t* p, int64_t count) {
+    for (int64_t i = 0; i < count * D; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + i, _MM_HINT_T0);
+  };
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const int64_t b = bh / H, h = bh % H, n = a.L[b], n16 = (n + 15) / 16 * 16, blocks = n16 / 16;
+    const int8_t* kp = a.K + b * a.kb + h * a.kh;
+    const int8_t* vp = a.V + b * a.vb + h * a.vh;
+    const int8_t* kn = bh + 1 < end ? a.K + (bh + 1) / H * a.kb + (bh + 1) % H * a.kh : nullptr;
+    const float* ksp = a.KS + b * a.ksb + h * a.ksh;
+    const float* vsp = a.VS + b * a.vsb + h * a.vsh;
+    const uint16_t* qp = a.Q + bh * G * D;
+    if (n == 0) {                          // no keys: zeros
+      std::memset(a.O + bh * G * D, 0, G * D * 2);
+      continue;
+    }
+    float sq[4];
+    for (int64_t g = 0; g < G; ++g) {       // each query head to int8, one scale
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load_bf16(reinterpret_cast<const at::BFloat16*>(qp + g * D + d))));
+      const float amax = _mm512_reduce_max_ps(mx);
+      sq[g] = amax > 0 ? amax / 127.0f : 1.0f;
+      const __m512 inv = _mm512_set1_ps(1.0f / sq[g]);
+      for (int64_t d = 0; d < D; d += 16) {
+        const __m128i q8 = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(load_bf16(reinterpret_cast<const at::BFloat16*>(qp + g * D + d)), inv)));
+        alignas(16) int8_t t[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(t), q8);
+        for (int i = 0; i < 16; ++i) {       // dim d + i: chunk, row (4 dims), byte
+          const int64_t dim = d + i, c = dim / 64, r = (dim % 64) / 4, jb = dim % 4;
+          qt[c][r][4 * g + jb] = t[i];
+        }
+      }
+    }
+    scores.resize(G * n16);
+    float* s = scores.data();
+    for (int64_t j = 0; j < n16; j += 32) {   // scores: 32 keys in two chains of tile products
+      const int64_t ahead = j + INT8_AHEAD;
+      prefetch(ahead < n ? kp + ahead * D : vp + (ahead - n) * D, 32);
+      const bool two = j + 16 < n16;
+      const int8_t* k0 = kp + j * D;
+      const int8_t* k1 = kp + (j + 16) * D;
+      if (j + 32 > n) {                  // the last keys: zeros past n
+        std::memset(last, 0, 32 * D);
+        std::memcpy(last, k0, (n - j) * D);
+        k0 = &last[0][0];
+        k1 = &last[0][0] + 16 * D;
+      }
+      _tile_zero(2); _tile_zero(3);
+      for (int64_t c = 0; c < C; ++c) {
+        _tile_loadd(4, qt[c], 16);
+        _tile_loadd(0, k0 + 64 * c, D);
+        _tile_dpbssd(2, 0, 4);
+        if (two) { _tile_loadd(1, k1 + 64 * c, D); _tile_dpbssd(3, 1, 4); }
+      }
+      _tile_stored(2, tmp, 4 * G);
+      if (two) _tile_stored(3, tmp2, 4 * G);
+      for (int half = 0; half < (two ? 2 : 1); ++half) {
+        const int32_t* t = half ? &tmp2[0][0] : &tmp[0][0];
+        const __m512i r0 = _mm512_load_si512(t), r1 = _mm512_load_si512(t + 16), r2 = _mm512_load_si512(t + 32),
+                      r3 = _mm512_load_si512(t + 48);
+        const int64_t jh = j + 16 * half;
+        const __m512 ks = _mm512_maskz_loadu_ps(tail_mask(n - jh), ksp + jh);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512i lo = _mm512_permutex2var_epi32(r0, pick[g], r1);
+          const __m512i v = _mm512_mask_blend_epi32(upper[g], lo, _mm512_permutex2var_epi32(r2, pick[g], r3));
+          _mm512_storeu_ps(s + g * n16 + jh, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), ks), _mm512_set1_ps(sq[g])));
+        }
+      }
+    }
+    probs.resize(4 * G * n16);
+    beta.resize(G * blocks);
+    const __m512 scv = _mm512_set1_ps(a.sc);
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = s + g * n16;
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 live = tail_mask(n - j);
+        mx = _mm512_mask_max_ps(mx, live, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, sg + j), scv));
+      }
+      const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n16; j += 16) {
+        const __mmask16 live = tail_mask(n - j);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, sg + j), scv), m)));
+        _mm512_storeu_ps(sg + j, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      for (int64_t j0 = 0; j0 < n16; j0 += 64) {   // p v_scale to u8, one scale a block of 64
+        const int64_t j1 = std::min<int64_t>(j0 + 64, n16);
+        __m512 top = _mm512_setzero_ps();
+        for (int64_t j = j0; j < j1; j += 16) {
+          const __mmask16 live = tail_mask(n - j);
+          const __m512 p = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(sg + j), inv), _mm512_maskz_loadu_ps(live, vsp + j));
+          _mm512_storeu_ps(sg + j, p);
+          top = _mm512_max_ps(top, p);
+        }
+        const float t = _mm512_reduce_max_ps(top);
+        beta[g * blocks + j0 / 64] = t / 255.0f;
+        const __m512 up = _mm512_set1_ps(t > 0 ? 255.0f / t : 0.0f);
+        for (int64_t j = j0; j < j1; j += 16) {
+          const __m512i u = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(sg + j), up));
+          for (int jj = 0; jj < 4; ++jj)
+            _mm512_storeu_si512(probs.data() + (4 * g + jj) * n16 + j, _mm512_slli_epi32(u, 8 * jj));
+        }
+      }
+    }
+    std::memset(acc, 0, sizeof acc);
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j0 = 0; j0 < n16; j0 += 64) {   // values, 64 keys' int32 sums in a tile, then scaled
+        _tile_zero(6);
+        for (int64_t j = j0; j < std::min<int64_t>(j0 + 64, n16); j += 16) {
+          const int64_t ahead = j + INT8_AHEAD;
+          if (c == C - 1) {
+            if (ahead < n) prefetch(vp + ahead * D, 16);
+            else if (kn && ahead - n < a.L[(bh + 1) / H]) prefetch(kn + (ahead - n) * D, 16);
+          }
+          const int8_t* vj = vp + j * D;
+          if (j + 16 > n) {
+            std::memset(last, 0, sizeof last);
+            std::memcpy(last, vj, (n - j) * D);
+            vj = &last[0][0];
+          }
+          _tile_loadd(5, probs.data() + j, n16 * 4);
+          _tile_loadd(0, vj + 64 * c, D);
+          _tile_dpbusd(6, 5, 0);
+        }
+        _tile_stored(6, otile, 64);
+        for (int64_t g = 0; g < G; ++g) {
+          const __m512 bt = _mm512_set1_ps(beta[g * blocks + j0 / 64]);
+          for (int jj = 0; jj < 4; ++jj) {
+            float* ac = acc[g][c][jj];
+            _mm512_store_ps(ac, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(otile[4 * g + jj])), bt, _mm512_load_ps(ac)));
+          }
+        }
+      }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < C; ++c) {
+        alignas(64) float o[64];
+        for (int jj = 0; jj < 4; ++jj)
+          for (int nn = 0; nn < 16; ++nn) o[4 * nn + jj] = acc[g][c][jj][nn];
+        for (int d = 0; d < 64; d += 16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.O + (bh * G + g) * D + 64 * c + d), to_bf16(_mm512_load_ps(o + d)));
+      }
+  }
+}
+
+AMX_FN torch::Tensor decode_attention_amx_int8(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Tensor v,
+                                               torch::Tensor vs, torch::Tensor lengths, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && ks.dim() == 3 && vs.dim() == 3 && D % 64 == 0 && D <= 256 &&
+              q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kChar && v.scalar_type() == at::kChar &&
+              ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && k.size(0) == B && v.size(0) == B &&
+              k.size(1) == H && v.size(1) == H && k.size(3) == D && v.size(3) == D && k.stride(3) == 1 && v.stride(3) == 1 &&
+              k.stride(2) == D && v.stride(2) == D && ks.size(0) == B && vs.size(0) == B && ks.size(1) == H &&
+              vs.size(1) == H && ks.size(2) >= k.size(2) && vs.size(2) >= k.size(2) && ks.stride(2) == 1 && vs.stride(2) == 1,
+              "decode_attention_amx_int8: q (B, H, G, D) bf16, int8 keys and values (B, H, S, D) with positions D apart, "
+              "fp32 scales (B, H, S), D a multiple of 64");
+  if (G > 4) {   // four rows of probabilities a query head: at most 4 heads in a tile's 16 rows
+    auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
+    for (int64_t g = 0; g < G; g += 4) {
+      const int64_t heads = std::min<int64_t>(4, G - g);
+      out.narrow(2, g, heads).copy_(decode_attention_amx_int8(q.narrow(2, g, heads), k, ks, v, vs, lengths, scale));
+    }
+    return out;
+  }
+  auto qc = q.contiguous();
+  auto len = lengths.to(torch::kInt64).contiguous();
+  check_lengths(len, B, k, v, "decode_attention_amx_int8");
+  std::vector<int64_t> every;
+  if (len.numel() == 0) every.assign(B, k.size(2));   // every row over all S positions
+  auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kBFloat16));
+  const Int8AttentionProblem a{H, G, D, reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>()),
+      k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+      ks.data_ptr<float>(), vs.data_ptr<float>(), ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
+      len.numel() ? len.data_ptr<int64_t>() : every.data(), static_cast<float>(scale),
+      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>())};
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) { attention_rows_amx_int8(a, begin, end); });
+  return out;
+}
 #else
 bool amx_enable() { return false; }
 torch::Tensor int4_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
@@ -1181,6 +1458,10 @@ torch::Tensor prefill_attention_amx(torch::Tensor q, torch::Tensor k, torch::Ten
 torch::Tensor int4_dense_mm_amx(torch::Tensor x, torch::Tensor packed, torch::Tensor sz) {
   TORCH_CHECK(false, "int4_dense_mm_amx: built by a compiler without AMX intrinsics");
 }
+torch::Tensor decode_attention_amx_int8(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Tensor v,
+                                        torch::Tensor vs, torch::Tensor lengths, double scale) {
+  TORCH_CHECK(false, "decode_attention_amx_int8: built by a compiler without AMX intrinsics");
+}
 
 #endif
 
@@ -1193,7 +1474,7 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "add_rms_norm", "int4pack_to_bf16_t", "amx_enable",
               "int4_mm_amx", "decode_attention_amx", "int8_mm_amx", "prefill_attention_amx", "int4_dense_mm_amx",
-              "silu_mul", "rope", "cache_write"]
+              "silu_mul", "rope", "cache_write", "decode_attention_amx_int8", "cache_write_int8"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -1386,6 +1667,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kernel = gemv_extension().decode_attention_amx if amx_available() and D % 32 == 0 else \
         gemv_extension().decode_attention
     return kernel(q.reshape(B, Hkv, H // Hkv, D), k, v, lengths, D ** -0.5).view(B, H, 1, D)
+
+
+def int8_kv_cache_runs(head_dim: int) -> bool:
+    """Whether an int8 cache of keys and values (`--kv-cache int8`) runs here: its decode attention
+    is an AMX kernel (`decode_attention_int8`), for head dimensions a multiple of 64 up to 256."""
+    return head_dim % 64 == 0 and head_dim <= 256 and amx_available()
+
+
+def decode_attention_int8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
+                          v_scale: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """decode_attention over an int8 cache: q (B, H, 1, D) bf16; k, v (B, Hkv, S, D) int8 and their
+    scales (B, Hkv, S) fp32, views of the cache; each row over its own length (None: all S). On AMX
+    tiles only (int8_kv_cache_runs): a server's 16-row step of SmolLM2 in 0.70-0.73x the bf16 kernel's
+    time (benchmarks/probe_kv_int8_speed.py)."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    lengths = _EVERY_POSITION if lengths is None else lengths
+    return gemv_extension().decode_attention_amx_int8(q.reshape(B, Hkv, H // Hkv, D), k, k_scale, v, v_scale, lengths,
+                                                      D ** -0.5).view(B, H, 1, D)
+
+
+def cache_write_int8(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, at: torch.Tensor):
+    """cache_write for an int8 cache: row rows[j]'s new keys and values (B, Hkv, T, D) bf16 rounded
+    to int8 (quantize_kv's numbers) at positions at[j] .. at[j] + T - 1 of caches (B, Hkv, L, D),
+    scales (B, Hkv, L)."""
+    gemv_extension().cache_write_int8(k_cache, v_cache, k_scale, v_scale, k, v, rows, at)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import LlamaforgeError
 from ..model.adapters import AdapterRows
 from ..model.constrained import JSONConstraint
 from ..model.generation import (
@@ -31,7 +32,8 @@ from ..model.generation import (
     process_logits,
     sample_from,
 )
-from ..model.kernels import cache_write, decode_attention
+from ..model.kernels import cache_write, cache_write_int8, decode_attention, decode_attention_int8
+from ..model.llama import with_int8_before
 from ..model.quantize import prefill_rows_alone
 
 # At most this many passes of prefill chunks in one step (see Engine._step): a bound on the passes
@@ -89,8 +91,15 @@ class SlotCache:
     def __init__(self, model, slots: int, max_len: int):
         c, p = model.config, model.embed_tokens.weight
         shape = (slots, c.n_kv_heads, max_len, c.head_dim)
-        self.k = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
-        self.v = [_lazy_zeros(shape, p.dtype, p.device) for _ in model.layers]
+        # int8 (model.use_int8_kv_cache): each position's key and value of a head as int8 with one
+        # fp32 scale (quantize_kv), in k_scale and v_scale (slots, n_kv_heads, max_len).
+        self.int8 = model.kv_int8
+        kind = torch.int8 if self.int8 else p.dtype
+        self.k = [_lazy_zeros(shape, kind, p.device) for _ in model.layers]
+        self.v = [_lazy_zeros(shape, kind, p.device) for _ in model.layers]
+        if self.int8:
+            self.k_scale = [_lazy_zeros(shape[:3], torch.float32, p.device) for _ in model.layers]
+            self.v_scale = [_lazy_zeros(shape[:3], torch.float32, p.device) for _ in model.layers]
         self.max_len = max_len
         self._views: dict[tuple[int, int], list] = {}   # (start, stop) -> each layer's (k, v) rows
 
@@ -102,14 +111,22 @@ class SlotCache:
         51 us a step (2.5% of one sequence's token before)."""
         views = self._views.get((rows.start, rows.stop))
         if views is None:
-            views = self._views[rows.start, rows.stop] = [(k[rows], v[rows]) for k, v in zip(self.k, self.v, strict=True)]
-        for layer, (k, v) in zip(model.layers, views, strict=True):
-            _set_kv_cache(layer.self_attn, _Rows(k, v, step, decoding or step is not None))
+            views = self._views[rows.start, rows.stop] = [tuple(t[rows] for t in layer) for layer in self._layers()]
+        decoding = decoding or step is not None
+        for layer, view in zip(model.layers, views, strict=True):
+            _set_kv_cache(layer.self_attn, _Int8Rows(*view, step, decoding) if self.int8
+                          else _Rows(*view, step, decoding))
 
     def attach_packed(self, model, segments: list[tuple[int, int, int, int]]):
         """Give every attention layer the prefill chunks of several prompts in one row (`_Packed`)."""
-        for layer, k, v in zip(model.layers, self.k, self.v, strict=True):
-            _set_kv_cache(layer.self_attn, _Packed(k, v, segments))
+        for layer, tensors in zip(model.layers, self._layers(), strict=True):
+            _set_kv_cache(layer.self_attn, _Packed(*tensors, segments))
+
+    def _layers(self) -> list[tuple]:
+        """Each layer's (k, v), or (k, v, k_scale, v_scale) where the cache is int8."""
+        if self.int8:
+            return list(zip(self.k, self.v, self.k_scale, self.v_scale, strict=True))
+        return list(zip(self.k, self.v, strict=True))
 
     @staticmethod
     def detach(model):
@@ -192,6 +209,35 @@ class _Rows:
         return decode_attention(q, k, v, None if self.step is None else self.step.lengths)
 
 
+class _Int8Rows:
+    """_Rows over an int8 cache (model.use_int8_kv_cache), as Int8KVCache is generate's, so that
+    served tokens are generate's: every new key and value is rounded into the cache by the kernel
+    (cache_write_int8); a prefill chunk attends to the positions before it as held and to its own
+    as computed (with_int8_before); a decode step through the int8 kernel, each row over its own
+    length."""
+
+    def __init__(self, k, v, k_scale, v_scale, step: DecodeStep | None, decoding: bool):
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+        self.step, self.decoding = step, decoding
+
+    def update(self, start, k, v):
+        step = self.step
+        if step is None:   # a chunk at `start` of every row (a prefill, or one sequence's decode step)
+            rows, at = torch.arange(k.shape[0]), torch.full((k.shape[0],), start)
+            self.lengths = at + 1
+        else:
+            rows, at, self.lengths = step.rows, step.at, step.lengths
+        cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, rows, at)
+        if self.decoding:   # `attend` reads the cache
+            return k, v
+        return with_int8_before(self.k, self.k_scale, start, k), with_int8_before(self.v, self.v_scale, start, v)
+
+    def attend(self, q, k, v, attention=None):
+        if not self.decoding:
+            return None
+        return decode_attention_int8(q, self.k, self.k_scale, self.v, self.v_scale, self.lengths)
+
+
 class _Packed:
     """What `Attention` calls `kv_cache.update` and `attend` on in a packed prefill: the chunks of
     several prompts side by side in one row, `segments` of (slot, position of its first token,
@@ -199,17 +245,38 @@ class _Packed:
     position, and its queries attend to that slot's keys alone, through the layer's own causal
     attention: each prompt's numbers are those of its chunk alone."""
 
-    def __init__(self, k, v, segments: list[tuple[int, int, int, int]]):
-        self.k, self.v, self.segments = k, v, segments   # the layer's whole cache (slots, Hkv, L, hd)
+    def __init__(self, k, v, *rest):
+        # The layer's whole cache (slots, Hkv, L, hd); where it is int8, its scales (slots, Hkv, L).
+        *self.scales, self.segments = rest
+        self.k, self.v = k, v
 
     def update(self, positions, k, v):
+        self.new = []
         for slot, at, a, b in self.segments:
-            self.k[slot, :, at:at + b - a], self.v[slot, :, at:at + b - a] = k[0, :, a:b], v[0, :, a:b]
+            new_k, new_v = k[:, :, a:b], v[:, :, a:b]
+            if self.scales:
+                rows = slice(slot, slot + 1)
+                cache_write_int8(self.k[rows], self.v[rows], self.scales[0][rows], self.scales[1][rows], new_k, new_v,
+                                 torch.zeros(1, dtype=torch.long), torch.tensor([at]))
+            else:
+                self.k[slot, :, at:at + b - a], self.v[slot, :, at:at + b - a] = new_k[0], new_v[0]
+            self.new.append((new_k, new_v))
         return k, v
 
+    def held(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What segment i's chunk attends to: its slot's keys and values up to the chunk's end, (1,
+        Hkv, end, hd); where the cache is int8, those before the chunk as held and its own as computed."""
+        slot, at, a, b = self.segments[i]
+        if not self.scales:
+            return self.k[slot:slot + 1, :, :at + b - a], self.v[slot:slot + 1, :, :at + b - a]
+        rows = slice(slot, slot + 1)
+        new_k, new_v = self.new[i]
+        return (with_int8_before(self.k[rows], self.scales[0][rows], at, new_k),
+                with_int8_before(self.v[rows], self.scales[1][rows], at, new_v))
+
     def attend(self, q, k, v, attention):
-        out = [attention(q[:, :, a:b], self.k[slot:slot + 1, :, :at + b - a], self.v[slot:slot + 1, :, :at + b - a],
-                         None).transpose(1, 2) for slot, at, a, b in self.segments]   # each (1, T, H, hd)
+        out = [attention(q[:, :, a:b], *self.held(i), None).transpose(1, 2)
+               for i, (_, _, a, b) in enumerate(self.segments)]   # each (1, T, H, hd)
         return torch.cat(out, dim=1).transpose(1, 2)
 
 
@@ -293,6 +360,8 @@ class Engine:
                  chunk: int = PREFILL_CHUNK, prefill_tokens: int | None = None, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
                  compile: bool = False):
         self.model, self.tok = model, tokenizer
+        if compile and model.kv_int8:   # a compiled step does not reach _Int8Rows.attend
+            raise LlamaforgeError("--kv-cache int8 does not go with --compile")
         # --compile: one sequence's decode step through torch.compile (generate --compile's).
         self.decode_one = compiled_decode_step(model) if compile else decode_one_token
         # Every slot holds a whole context: 4096 by default, not SmolLM2's 8192 or Llama 3.1's 128k.

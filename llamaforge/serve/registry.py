@@ -47,7 +47,8 @@ def lora_of(path: Path) -> tuple[Path, str] | None:
 
 def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quantize: str = "auto",
                 ctx: int | None = None, max_batch: int = 16, max_queue: int = 64, compile: bool = False,
-                on_step: Callable | None = None, device: str = "auto") -> tuple[dict[str, Served], Scheduler]:
+                on_step: Callable | None = None, device: str = "auto", kv_cache: str = "bf16"
+                ) -> tuple[dict[str, Served], Scheduler]:
     """specs: (alias or None, MODEL). Bases of LoRA adapters are loaded once. Loading runs on the
     scheduler's thread too: no other thread ever runs a torch operation (see Scheduler)."""
     from ..model.device import resolve_device
@@ -62,8 +63,12 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
     def engine_for(model: str):
         key = str(resolve_model_path(model).resolve())   # "default" and its file are one base
         if key not in engines:
-            net, tok = scheduler.call(lambda: load(model, dtype=dtype, quantize=quantize, inference=True,
-                                                   batched=True, device=device))
+            def loaded():
+                net, tok = load(model, dtype=dtype, quantize=quantize, inference=True, batched=True, device=device)
+                if kv_cache == "int8":
+                    net.use_int8_kv_cache()
+                return net, tok
+            net, tok = scheduler.call(loaded)
             engines[key] = (Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
                                    adapter_rows=AdapterRows(), scheduler=scheduler, compile=compile), tok)
         return engines[key]

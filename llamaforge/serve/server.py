@@ -26,7 +26,7 @@ def parse_names(names: list[str]) -> list[tuple[str, str]]:
 
 def build(models: list[str], names: list[str] = (), api_key: str | None = None, max_batch: int = 16,
           max_queue: int = 64, ctx: int | None = None, dtype: str = "bf16", quantize: str = "auto",
-          compile: bool = False, device: str = "auto"):
+          compile: bool = False, device: str = "auto", kv_cache: str = "bf16"):
     """(the FastAPI app, the scheduler that runs its models): what `serve` runs."""
     specs = [(None, m) for m in models] + parse_names(list(names))
     if not specs:
@@ -35,17 +35,20 @@ def build(models: list[str], names: list[str] = (), api_key: str | None = None, 
         raise LlamaforgeError("--max-batch must be at least 1 and --max-queue at least 0")
     metrics = Metrics()
     served, scheduler = load_models(specs, dtype=dtype, quantize=quantize, ctx=ctx, max_batch=max_batch,
-                                    max_queue=max_queue, compile=compile, on_step=metrics.step, device=device)
+                                    max_queue=max_queue, compile=compile, on_step=metrics.step, device=device,
+                                    kv_cache=kv_cache)
     return create_app(served, api_key=api_key, metrics=metrics), scheduler
 
 
 def serve(models: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, ctx: int | None = None, dtype: str = "bf16",
-          quantize: str = "auto", compile: bool = False, names: list[str] = (), device: str = "auto"):
+          quantize: str = "auto", compile: bool = False, names: list[str] = (), device: str = "auto",
+          kv_cache: str = "bf16"):
     import uvicorn
     started = time.perf_counter()
     api_key = api_key or os.environ.get("LLAMAFORGE_API_KEY") or None
-    app, scheduler = build(models, names, api_key, max_batch, max_queue, ctx, dtype, quantize, compile, device)
+    app, scheduler = build(models, names, api_key, max_batch, max_queue, ctx, dtype, quantize, compile, device,
+                           kv_cache)
     served = app.state.models
 
     class Server(uvicorn.Server):

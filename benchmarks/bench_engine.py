@@ -36,7 +36,8 @@ def main():
     print_machine()
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
     if args.kv_cache == "int8":
-        model.use_int8_kv_cache()
+        from llamaforge.model.kernels import use_int8_kv_cache
+        use_int8_kv_cache(model)
     engine = Engine(model, tok, max_batch=args.clients, chunk=args.chunk or PREFILL_CHUNK, scheduler=Scheduler())
     engine.scheduler.shutdown("driven by this script")   # steps run on this thread instead
     engine.warm_up()

@@ -311,7 +311,8 @@ def one_stream_turns(server: Served, texts: list[str], n: int, kv_cache: str = "
     from llamaforge.model.generation import SamplingConfig, generate_tokens
     model, tok = load("default", dtype="bf16", quantize="auto", inference=True)
     if kv_cache == "int8":
-        model.use_int8_kv_cache()
+        from llamaforge.model.kernels import use_int8_kv_cache
+        use_int8_kv_cache(model)
     cfg = SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True)
     rates = {k: [] for k in ("ours_decode", "ours_end_to_end", "cli_decode", "loop_decode", "loop_end_to_end",
                              "loop_cpu_ms", "client_cpu_ms")}

@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import print_machine  # noqa: E402
 
-from llamaforge.model.llama import dequantize_kv, quantize_kv  # noqa: E402
+from llamaforge.model.kernels import dequantize_kv, quantize_kv  # noqa: E402
 
 
 def dequantised(q8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

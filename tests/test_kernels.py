@@ -327,8 +327,7 @@ def test_cache_write_int8_rounds_as_quantize_kv():
     scale, byte for byte quantize_kv's, for a decode step's rows at their own positions and for a
     prefill chunk of several positions; strided inputs (views of the stacked projection), a row of
     zeros kept zeros; out-of-range rows or positions refused."""
-    from llamaforge.model.kernels import cache_write_int8
-    from llamaforge.model.llama import quantize_kv
+    from llamaforge.model.kernels import cache_write_int8, quantize_kv
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: no int8 cache")
     g = torch.Generator().manual_seed(1)
@@ -359,8 +358,13 @@ def test_int8_decode_attention_kernel(G, D):
     keys and values dequantised: close (its queries and probabilities are rounded to int8 / u8 as
     well); each row over its own length, values past it never read (garbage there changes nothing);
     each row alone bit for bit as in the batch; more than 4 heads a group split; bad lengths refused."""
-    from llamaforge.model.kernels import amx_available, decode_attention, decode_attention_int8
-    from llamaforge.model.llama import dequantize_kv, quantize_kv
+    from llamaforge.model.kernels import (
+        amx_available,
+        decode_attention,
+        decode_attention_int8,
+        dequantize_kv,
+        quantize_kv,
+    )
     if gemv_extension() is None or not amx_available():
         pytest.skip("no AMX tiles here: no int8 cache")
     g = torch.Generator().manual_seed(G * D)

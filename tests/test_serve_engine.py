@@ -441,8 +441,7 @@ def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
     whose prompts share prefill passes, take several chunks, and decode side by side; refused with
     --compile, for a batch of prompts in generate, and where the kernel does not run."""
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.model.kernels import amx_available, use_cpu_kernels
-    from llamaforge.model.llama import Int8KVCache
+    from llamaforge.model.kernels import Int8KVCache, amx_available, use_cpu_kernels, use_int8_kv_cache
     from llamaforge.model.quantize import quantize_weights
     _, tok = tiny
     ckpt, _ = random_model("tiny-llama3", tok, seed=6, dim=128, n_heads=4, n_kv_heads=2, head_dim=64,
@@ -451,9 +450,9 @@ def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
     use_cpu_kernels(model)
     if not amx_available():
         with pytest.raises(LlamaforgeError, match="AMX"):
-            model.use_int8_kv_cache()
+            use_int8_kv_cache(model)
         pytest.skip("no AMX tiles here: no int8 cache")
-    model.use_int8_kv_cache()
+    use_int8_kv_cache(model)
     prompts = [list(range(10, 130)), list(range(130, 185)), list(range(260, 388)), [400, 401, 402]]
     engine = Engine(model, tok, max_batch=4, chunk=64, prefill_tokens=256, scheduler=Scheduler())
     engine.scheduler.shutdown("stepped by this test")

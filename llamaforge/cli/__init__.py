@@ -223,7 +223,8 @@ def cmd_generate(args):
     cfg = _sampling_config(args)   # bad sampling options fail before the model is loaded
     model, tok = load(args.model, dtype=args.dtype or "bf16", quantize=args.quantize, inference=True, device=args.device)
     if args.kv_cache == "int8":
-        model.use_int8_kv_cache()
+        from ..model.kernels import use_int8_kv_cache
+        use_int8_kv_cache(model)
     ids = encode_prompt(tok, args.prompt, chat=args.chat)
     pieces = stream(model, tok, ids, cfg, compile=args.compile)
     if args.no_stream:

@@ -98,60 +98,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-def quantize_kv(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys or values (..., D) as an int8 cache holds them: int8 and one fp32 scale per row of D,
-    absmax / 127, the row divided by it and rounded to nearest even. The definition that the
-    kernel which writes the cache (kernels.cache_write_int8) follows, and tests hold it to."""
-    scale = t.float().abs().amax(-1) / 127
-    q = (t.float() / torch.where(scale > 0, scale, 1)[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)
-
-
-def with_int8_before(k: torch.Tensor, scale: torch.Tensor, start: int, new: torch.Tensor) -> torch.Tensor:
-    """What a prefill chunk at `start` attends to in an int8 cache: the positions before it as the
-    cache holds them (k, scale: views (B, Hkv, >=start, ...)), then its own keys (or values) as
-    computed, unrounded."""
-    if start == 0:
-        return new
-    return torch.cat([dequantize_kv(k[:, :, :start], scale[:, :, :start], new.dtype), new], dim=2)
-
-
-class Int8KVCache(nn.Module):
-    """KVCache's int8 form (`--kv-cache int8`): keys and values as int8 with one fp32 scale per
-    position and head (quantize_kv), half the bytes of bf16 to read at every decode step. A prefill
-    chunk attends to the positions before it as held and to its own keys as computed
-    (with_int8_before); a decode step (one new token) through `attend`, the int8 kernel. One
-    sequence (generate's), without padding masks: its decode steps attend to all it holds."""
-
-    def __init__(self, max_len: int, n_kv_heads: int, head_dim: int, device=None):
-        super().__init__()
-        shape = (1, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=torch.int8, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=torch.int8, device=device), persistent=False)
-        self.register_buffer("k_scale", torch.zeros(shape[:3], device=device), persistent=False)
-        self.register_buffer("v_scale", torch.zeros(shape[:3], device=device), persistent=False)
-        self.end = 0
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        from .kernels import cache_write_int8
-        at = torch.tensor([start])
-        cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, at.new_zeros(1), at)
-        self.end = start + k.shape[2]
-        if k.shape[2] == 1:   # a decode step: `attend` reads the cache
-            return k, v
-        return with_int8_before(self.k, self.k_scale, start, k), with_int8_before(self.v, self.v_scale, start, v)
-
-    def attend(self, q, k, v, attention=None):
-        from .kernels import decode_attention_int8
-        if q.shape[2] != 1:
-            return None
-        return decode_attention_int8(q, self.k, self.k_scale, self.v, self.v_scale, torch.tensor([self.end]))
-
-
 class WindowKVCache(nn.Module):
     """A sliding-window model's cache for one sequence: the keys and values of the last `window`
     positions only, in a ring (position p in slot p % window), so its memory does not grow with
@@ -446,27 +392,18 @@ class Llama(nn.Module):
         self._fp32_output = (None, None)   # (weight's identity and version, its fp32 copy): `logits`
         self.checkpoint_blocks = False     # see gradient_checkpointing
         self.ran_compiled = False          # a forward ran the compiled training blocks (compile_for_training)
-        self.kv_int8 = False               # keys and values held as int8 (use_int8_kv_cache)
+        # KVCache's int8 form, where keys and values are kept as int8: set by kernels.use_int8_kv_cache
+        # (the class lives beside its kernels); None: in the model's dtype.
+        self.int8_kv_cache: type | None = None
 
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def use_int8_kv_cache(self):
-        """Hold keys and values as int8 from now on (`--kv-cache int8`): Int8KVCache for generation,
-        and a server's cache too (serve.engine.SlotCache). Half the bytes a decode step reads from
-        its cache, at a cost in quality (benchmarks/probe_kv_int8_speed.py). Refused where its decode
-        kernel does not run (AMX tiles, head dimensions a multiple of 64) or where attention reads
-        keys the cache does not hold (prefix-tuning) or over a sliding window."""
-        from .kernels import int8_kv_cache_runs
-        c = self.config
-        if not int8_kv_cache_runs(c.head_dim) or self.embed_tokens.weight.dtype != torch.bfloat16:
-            raise LlamaforgeError("--kv-cache int8 needs bf16 on a CPU with AMX tiles (its decode attention is an AMX "
-                                  f"kernel) and a head dimension a multiple of 64 (this model's: {c.head_dim})")
-        if any(layer.self_attn.prefix is not None for layer in self.layers) or c.sliding_window:
-            raise LlamaforgeError("--kv-cache int8 does not take prefix-tuning adapters or sliding-window models")
-        self.kv_int8 = True
-        self.clear_cache()
+    @property
+    def kv_int8(self) -> bool:
+        """Whether keys and values are kept as int8 (kernels.use_int8_kv_cache)."""
+        return self.int8_kv_cache is not None
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Allocate a static KV cache of at least max_len positions in every layer.
@@ -486,11 +423,11 @@ class Llama(nn.Module):
         if self.kv_int8:
             if batch_size != 1:
                 raise LlamaforgeError("--kv-cache int8 generates one prompt at a time")
-            if not (isinstance(cache, Int8KVCache) and cache.k.shape[2] >= max_len):
+            if not (isinstance(cache, self.int8_kv_cache) and cache.k.shape[2] >= max_len):
                 self.cache_tokens = None
                 for layer in self.layers:
-                    layer.self_attn.kv_cache = Int8KVCache(max_len, self.config.n_kv_heads, self.config.head_dim,
-                                                           device)
+                    layer.self_attn.kv_cache = self.int8_kv_cache(max_len, self.config.n_kv_heads, self.config.head_dim,
+                                                                  device)
             return
         if (cache is not None and isinstance(cache, WindowKVCache) == ring and cache.k.shape[0] == batch_size
                 and (cache.k.shape[2] == length if ring else cache.k.shape[2] >= max_len)

@@ -32,8 +32,7 @@ from ..model.generation import (
     process_logits,
     sample_from,
 )
-from ..model.kernels import cache_write, cache_write_int8, decode_attention, decode_attention_int8
-from ..model.llama import with_int8_before
+from ..model.kernels import cache_write, cache_write_int8, decode_attention, decode_attention_int8, with_int8_before
 from ..model.quantize import prefill_rows_alone
 
 # At most this many passes of prefill chunks in one step (see Engine._step): a bound on the passes
@@ -91,7 +90,7 @@ class SlotCache:
     def __init__(self, model, slots: int, max_len: int):
         c, p = model.config, model.embed_tokens.weight
         shape = (slots, c.n_kv_heads, max_len, c.head_dim)
-        # int8 (model.use_int8_kv_cache): each position's key and value of a head as int8 with one
+        # int8 (kernels.use_int8_kv_cache): each position's key and value of a head as int8 with one
         # fp32 scale (quantize_kv), in k_scale and v_scale (slots, n_kv_heads, max_len).
         self.int8 = model.kv_int8
         kind = torch.int8 if self.int8 else p.dtype
@@ -210,7 +209,7 @@ class _Rows:
 
 
 class _Int8Rows:
-    """_Rows over an int8 cache (model.use_int8_kv_cache), as Int8KVCache is generate's, so that
+    """_Rows over an int8 cache (kernels.use_int8_kv_cache), as Int8KVCache is generate's, so that
     served tokens are generate's: every new key and value is rounded into the cache by the kernel
     (cache_write_int8); a prefill chunk attends to the positions before it as held and to its own
     as computed (with_int8_before); a decode step through the int8 kernel, each row over its own

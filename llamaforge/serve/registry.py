@@ -66,7 +66,8 @@ def load_models(specs: list[tuple[str | None, str]], dtype: str = "bf16", quanti
             def loaded():
                 net, tok = load(model, dtype=dtype, quantize=quantize, inference=True, batched=True, device=device)
                 if kv_cache == "int8":
-                    net.use_int8_kv_cache()
+                    from ..model.kernels import use_int8_kv_cache
+                    use_int8_kv_cache(net)
                 return net, tok
             net, tok = scheduler.call(loaded)
             engines[key] = (Engine(net, tok, max_batch=max_batch, max_queue=max_queue, ctx=ctx,

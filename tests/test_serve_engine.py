@@ -38,6 +38,17 @@ def inference_model(ckpt):
     return model
 
 
+def int4_inference_model(tok, seed: int, head_dim: int):
+    """A small random model as `serve` runs the default: bf16, int4 products, the CPU kernels."""
+    from llamaforge.model.kernels import use_cpu_kernels
+    from llamaforge.model.quantize import quantize_weights
+    ckpt, _ = random_model("tiny-llama3", tok, seed=seed, dim=128, n_heads=4, n_kv_heads=2, head_dim=head_dim,
+                           intermediate_size=256)
+    model = quantize_weights(build_model(ckpt, "bf16").eval().fuse_projections(), bits=4)
+    use_cpu_kernels(model)
+    return model
+
+
 class Outputs:
     """What a request receives, event by event."""
 
@@ -153,15 +164,12 @@ def test_prompts_share_a_prefill_pass_and_get_their_numbers_alone(tiny, monkeypa
     attending to its own keys: each request gets the log-probability floats it gets with a pass
     of its own. A chunk shorter than the dense kernel's rows (which alone would take the decode
     kernel) still takes a pass of its own."""
-    from llamaforge.model.kernels import amx_available, use_cpu_kernels
-    from llamaforge.model.quantize import prefill_rows_alone, quantize_weights
+    from llamaforge.model.kernels import amx_available
+    from llamaforge.model.quantize import prefill_rows_alone
     if not amx_available():
         pytest.skip("no AMX tiles here: each prompt takes a pass of its own (prefill_rows_alone is None)")
     _, tok = tiny
-    ckpt, _ = random_model("tiny-llama3", tok, seed=5, dim=128, n_heads=4, n_kv_heads=2, head_dim=32,
-                           intermediate_size=256)
-    model = quantize_weights(build_model(ckpt, "bf16").eval().fuse_projections(), bits=4)
-    use_cpu_kernels(model)
+    model = int4_inference_model(tok, seed=5, head_dim=32)
     assert prefill_rows_alone(model) == 48
     passes = fed_tokens(monkeypatch, model)
     # 120, 125, 128 tokens: chunks of 64, then 56, 61, 64 from position 64 of their slots; and 20.
@@ -441,13 +449,9 @@ def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
     whose prompts share prefill passes, take several chunks, and decode side by side; refused with
     --compile, for a batch of prompts in generate, and where the kernel does not run."""
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.model.kernels import Int8KVCache, amx_available, use_cpu_kernels, use_int8_kv_cache
-    from llamaforge.model.quantize import quantize_weights
+    from llamaforge.model.kernels import Int8KVCache, amx_available, use_int8_kv_cache
     _, tok = tiny
-    ckpt, _ = random_model("tiny-llama3", tok, seed=6, dim=128, n_heads=4, n_kv_heads=2, head_dim=64,
-                           intermediate_size=256)
-    model = quantize_weights(build_model(ckpt, "bf16").eval().fuse_projections(), bits=4)
-    use_cpu_kernels(model)
+    model = int4_inference_model(tok, seed=6, head_dim=64)
     if not amx_available():
         with pytest.raises(LlamaforgeError, match="AMX"):
             use_int8_kv_cache(model)
@@ -473,3 +477,36 @@ def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
     with pytest.raises(LlamaforgeError, match="one prompt"):
         alone_batch = SamplingConfig(max_new_tokens=2, temperature=0)
         list(generate_tokens(model, [[1, 2], [3, 4]], alone_batch))
+
+
+def test_an_int8_cache_gives_a_one_token_chunk_generates_numbers(tiny):
+    """With an int8 cache a prefill chunk of one token (a one-token prompt; a prompt whose other
+    tokens a slot holds) attends through the decode kernel, as generate's Int8KVCache makes it
+    attend, not through the prefill's attention: the same numbers, and the same tokens."""
+    from llamaforge.model.kernels import amx_available, use_int8_kv_cache
+    if not amx_available():
+        pytest.skip("no AMX tiles here: no int8 cache")
+    _, tok = tiny
+    model = int4_inference_model(tok, seed=7, head_dim=64)
+    use_int8_kv_cache(model)
+    engine = Engine(model, tok, max_batch=2, chunk=64, scheduler=Scheduler())
+    engine.scheduler.shutdown("stepped by this test")
+
+    def served(prompt, n):
+        out = Outputs()
+        engine.waiting.append(Request(prompt, SamplingConfig(max_new_tokens=n, temperature=0, ignore_eos=True), out))
+        engine.admit()
+        with kernel_calls() as calls:
+            engine.step()                 # the prompt's last chunk, and its first token
+        while engine.busy:
+            engine.admit()
+            engine.step()
+        return out, calls
+    _, calls = served([42], 1)            # one token: a step that only prefills
+    assert "decode_attention_amx_int8" in calls and "prefill_attention_amx" not in calls
+    first, _ = served([42], 10)
+    _, calls = served([42, *first.tokens[:3]], 1)        # all but its last token held by a slot
+    assert "decode_attention_amx_int8" in calls and "prefill_attention_amx" not in calls
+    again, _ = served([42, *first.tokens[:3]], 6)
+    assert first.tokens == alone(model, [42], 10)
+    assert again.tokens == alone(model, [42, *first.tokens[:3]], 6)

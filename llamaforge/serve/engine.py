@@ -224,6 +224,9 @@ class _Int8Rows:
         if step is None:   # a chunk at `start` of every row (a prefill, or one sequence's decode step)
             rows, at = torch.arange(k.shape[0]), torch.full((k.shape[0],), start)
             self.lengths = at + 1
+            # A chunk of one token (a one-token prompt, or one whose other tokens were cached)
+            # attends as a decode step, as it does in Int8KVCache: generate's numbers.
+            self.decoding = self.decoding or k.shape[2] == 1
         else:
             rows, at, self.lengths = step.rows, step.at, step.lengths
         cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, rows, at)

@@ -352,21 +352,22 @@ def test_cache_write_int8_rounds_as_quantize_kv():
         cache_write_int8(kc, vc, ks, vs, k, v, torch.tensor([1]), torch.tensor([L - T + 1]))
 
 
-@pytest.mark.parametrize("G,D", [(3, 64), (2, 128), (6, 64)])
-def test_int8_decode_attention_kernel(G, D):
-    """The int8 cache's decode attention (AMX, int8 products) against the bf16 kernel over the same
-    keys and values dequantised: close (its queries and probabilities are rounded to int8 / u8 as
-    well); each row over its own length, values past it never read (garbage there changes nothing);
-    each row alone bit for bit as in the batch; more than 4 heads a group split; bad lengths refused."""
-    from llamaforge.model.kernels import (
-        amx_available,
-        decode_attention,
-        decode_attention_int8,
-        dequantize_kv,
-        quantize_kv,
-    )
-    if gemv_extension() is None or not amx_available():
-        pytest.skip("no AMX tiles here: no int8 cache")
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("G,D", [(3, 64), (2, 128), (6, 64), (3, 48)])
+def test_int8_decode_attention_kernel(G, D, amx, monkeypatch):
+    """The int8 cache's decode attention against the bf16 kernel over the same keys and values
+    dequantised: close (on AMX tiles its queries and probabilities are rounded to int8 / u8 as
+    well; the AVX-512 kernel, where there are no tiles, converts each key and value to fp32); each
+    row over its own length, values past it never read (garbage there changes nothing); each row
+    alone bit for bit as in the batch; more than 4 heads a group split; bad lengths refused."""
+    from llamaforge.model import kernels
+    from llamaforge.model.kernels import decode_attention, decode_attention_int8, dequantize_kv, quantize_kv
+    if gemv_extension() is None or (amx and not kernels.amx_available()):
+        pytest.skip("no AVX-512 / AMX tiles here")
+    if amx and D % 64:
+        pytest.skip("the AMX kernel takes head dimensions a multiple of 64 (the AVX-512 one the rest)")
+    if not amx:
+        monkeypatch.setattr(kernels, "_amx", False)
     g = torch.Generator().manual_seed(G * D)
     B, Hkv, L = 5, 2, 300
     lengths = torch.tensor([1, 16, 63, 200, 257])

@@ -445,17 +445,19 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch
 
 def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
     """`--kv-cache int8`: the server's cache holds int8 keys and values, and every request decodes
-    the tokens (and log-probabilities) that generate() makes with its own int8 cache, in a batch
-    whose prompts share prefill passes, take several chunks, and decode side by side; refused with
-    --compile, for a batch of prompts in generate, and where the kernel does not run."""
+    the tokens that generate() makes with its own int8 cache, in a batch whose prompts share
+    prefill passes, take several chunks, and decode side by side; refused with --compile, for a
+    batch of prompts in generate, and where no kernel runs."""
     from llamaforge.errors import LlamaforgeError
-    from llamaforge.model.kernels import Int8KVCache, amx_available, use_int8_kv_cache
+    from llamaforge.model.kernels import Int8KVCache, amx_available, gemv_extension, use_int8_kv_cache
     _, tok = tiny
     model = int4_inference_model(tok, seed=6, head_dim=64)
-    if not amx_available():
-        with pytest.raises(LlamaforgeError, match="AMX"):
+    if gemv_extension() is None:
+        with pytest.raises(LlamaforgeError, match="AVX-512"):
             use_int8_kv_cache(model)
-        pytest.skip("no AMX tiles here: no int8 cache")
+        pytest.skip("no AVX-512 here: no int8 cache")
+    if not amx_available():
+        pytest.skip("no AMX tiles here: a batch's rows take other int4 kernels than a row alone")
     use_int8_kv_cache(model)
     prompts = [list(range(10, 130)), list(range(130, 185)), list(range(260, 388)), [400, 401, 402]]
     engine = Engine(model, tok, max_batch=4, chunk=64, prefill_tokens=256, scheduler=Scheduler())
@@ -479,13 +481,36 @@ def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):
         list(generate_tokens(model, [[1, 2], [3, 4]], alone_batch))
 
 
+def test_an_int8_cache_without_amx_tiles(tiny, monkeypatch):
+    """Where the CPU has AVX-512 but no AMX tiles, the int8 cache's decode attention is the AVX-512
+    kernel: a request served alone decodes generate's tokens with its own int8 cache."""
+    from llamaforge.model import kernels
+    if kernels.gemv_extension() is None:
+        pytest.skip("no AVX-512 here: no int8 cache")
+    monkeypatch.setattr(kernels, "_amx", False)
+    _, tok = tiny
+    model = int4_inference_model(tok, seed=8, head_dim=32)
+    kernels.use_int8_kv_cache(model)
+    engine = Engine(model, tok, max_batch=1, chunk=64, scheduler=Scheduler())
+    engine.scheduler.shutdown("stepped by this test")
+    out = Outputs()
+    engine.waiting.append(Request(list(range(20, 110)), SamplingConfig(max_new_tokens=8, temperature=0, ignore_eos=True),
+                                  out))
+    with kernel_calls() as calls:
+        while engine.busy:
+            engine.admit()
+            engine.step()
+    assert "decode_attention_int8" in calls and "decode_attention_amx_int8" not in calls
+    assert out.tokens == alone(model, list(range(20, 110)), 8)
+
+
 def test_an_int8_cache_gives_a_one_token_chunk_generates_numbers(tiny):
     """With an int8 cache a prefill chunk of one token (a one-token prompt; a prompt whose other
     tokens a slot holds) attends through the decode kernel, as generate's Int8KVCache makes it
     attend, not through the prefill's attention: the same numbers, and the same tokens."""
     from llamaforge.model.kernels import amx_available, use_int8_kv_cache
     if not amx_available():
-        pytest.skip("no AMX tiles here: no int8 cache")
+        pytest.skip("no AMX tiles here (the test follows the AMX kernels' names)")
     _, tok = tiny
     model = int4_inference_model(tok, seed=7, head_dim=64)
     use_int8_kv_cache(model)

@@ -57,9 +57,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     p.add_argument("--chat", action="store_true", help="wrap PROMPT as a user message in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
-    p.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16",
-                   help="keys and values as the model's dtype, or int8 with a scale per position and head (half "
-                        "the bytes a decode step reads; a small cost in quality; needs AMX tiles)")
+    _add_kv_cache_flag(p)
     p.add_argument("prompt", metavar="PROMPT")
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template")
@@ -80,9 +78,7 @@ def build_parser(training_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="a single sequence's decode step through torch.compile "
                    "(compiled in about 40 s after start-up, before the first request; then ~1.4x faster; needs g++)")
     p.add_argument("--name", action="append", default=[], metavar="ALIAS=MODEL", help="serve MODEL as ALIAS (repeatable)")
-    p.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16",
-                   help="keys and values as the model's dtype, or int8 with a scale per position and head (half "
-                        "the bytes a decode step reads; a small cost in quality; needs AMX tiles)")
+    _add_kv_cache_flag(p)
     _add_device_flag(p)
 
     p = sub.add_parser("info", help="architecture, size, quantisation, tokenizer, licence")
@@ -206,6 +202,12 @@ FINETUNE_HELP = {
     "quantize_base": "int8 | int4: LoRA over a base held quantised (QLoRA): the frozen weights take 1/2 or ~1/3 "
                      "of bf16's memory",
 }
+
+
+def _add_kv_cache_flag(p: argparse.ArgumentParser):
+    p.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16",
+                   help="keys and values as the model's dtype, or int8 with a scale per position and head (half "
+                        "the bytes a decode step reads, faster on AMX tiles; a small cost in quality)")
 
 
 def _add_finetune_flags(p: argparse.ArgumentParser, task: str):

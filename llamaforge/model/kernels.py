@@ -189,36 +189,46 @@ static void check_lengths(const torch::Tensor& len, int64_t B, const torch::Tens
     TORCH_CHECK(L[b] >= 0 && L[b] <= k.size(2), name, ": length ", L[b], " outside the cache's ", k.size(2), " positions");
 }
 
-torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
+// 16 values of a cache row as fp32: bf16 widened, or int8 converted (its scale applied by the caller).
+static inline __m512 load16(const at::BFloat16* p) { return load_bf16(p); }
+static inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Where decode_attention reads: keys and values (B, H, S, D) of element T, positions D apart, and for
+// an int8 cache their scales (B, H, S), positions adjacent (null for bf16).
+template <typename T>
+struct DecodeCache {
+  const T* K; const T* V; int64_t kb, kh, vb, vh;
+  const float* KS; const float* VS; int64_t ksb, ksh, vsb, vsh;
+};
+
+template <typename T>
+static torch::Tensor decode_rows(torch::Tensor q, const DecodeCache<T>& a, const int64_t* L, int64_t S, double scale) {
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
-  TORCH_CHECK(D % 16 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
-              "decode_attention: unsupported layout");
   auto qf = q.to(torch::kFloat32).contiguous();
   auto out = torch::empty({B, H, G, D}, torch::dtype(torch::kFloat32));
-  auto len = lengths.to(torch::kInt64).contiguous();   // empty: every row over all k.size(2) positions
-  check_lengths(len, B, k, v, "decode_attention");
-  const int64_t* L = len.numel() ? len.data_ptr<int64_t>() : nullptr;
   const float* Q = qf.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  const at::BFloat16* K = k.data_ptr<at::BFloat16>();
-  const at::BFloat16* V = v.data_ptr<at::BFloat16>();
-  const int64_t kb = k.stride(0), kh = k.stride(1), vb = v.stride(0), vh = v.stride(1);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H, n = L ? L[b] : k.size(2);
-      const at::BFloat16* kp = K + b * kb + h * kh;
-      const at::BFloat16* vp = V + b * vb + h * vh;
+      const int64_t b = bh / H, h = bh % H, n = L ? L[b] : S;
+      const T* kp = a.K + b * a.kb + h * a.kh;
+      const T* vp = a.V + b * a.vb + h * a.vh;
+      const float* ksp = a.KS ? a.KS + b * a.ksb + h * a.ksh : nullptr;
+      const float* vsp = a.VS ? a.VS + b * a.vsb + h * a.vsh : nullptr;
       const float* qp = Q + bh * G * D;
       scores.resize(G * n);
       const float sc = static_cast<float>(scale);
       for (int64_t j = 0; j < n; ++j) {           // scores: each key read (and widened) once for G queries
         __m512 kv[16];
-        for (int64_t c = 0; c < D / 16; ++c) kv[c & 15] = load_bf16(kp + j * D + c * 16);
+        for (int64_t c = 0; c < D / 16; ++c) kv[c & 15] = load16(kp + j * D + c * 16);
+        const float kscale = ksp ? ksp[j] * sc : sc;
         for (int64_t g = 0; g < G; ++g) {
           __m512 acc = _mm512_setzero_ps();
           for (int64_t c = 0; c < D / 16; ++c) acc = _mm512_fmadd_ps(kv[c & 15], _mm512_loadu_ps(qp + g * D + c * 16), acc);
-          scores[g * n + j] = _mm512_reduce_add_ps(acc) * sc;
+          scores[g * n + j] = ksp ? _mm512_reduce_add_ps(acc) * kscale : _mm512_reduce_add_ps(acc) * sc;
         }
       }
       for (int64_t g = 0; g < G; ++g) {           // softmax, 16 scores at a time
@@ -237,9 +247,10 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           sum = _mm512_mask_add_ps(sum, live, sum, e);
         }
         const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-        for (int64_t j = 0; j < n; j += 16) {
+        for (int64_t j = 0; j < n; j += 16) {     // probabilities (times each value's scale, for int8)
           const __mmask16 live = tail_mask(n - j);
-          _mm512_mask_storeu_ps(s + j, live, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), inv));
+          const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, s + j), inv);
+          _mm512_mask_storeu_ps(s + j, live, vsp ? _mm512_mul_ps(p, _mm512_maskz_loadu_ps(live, vsp + j)) : p);
         }
       }
       float* op = O + bh * G * D;                 // weighted values: each value read once
@@ -249,7 +260,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         for (int64_t g = 0; g < G; ++g) for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; ++j) {
           __m512 vv[4];
-          for (int c = 0; c * 16 < w; ++c) vv[c] = load_bf16(vp + j * D + d0 + c * 16);
+          for (int c = 0; c * 16 < w; ++c) vv[c] = load16(vp + j * D + d0 + c * 16);
           for (int64_t g = 0; g < G; ++g) {
             __m512 p = _mm512_set1_ps(scores[g * n + j]);
             for (int c = 0; c * 16 < w; ++c) acc[g][c] = _mm512_fmadd_ps(p, vv[c], acc[g][c]);
@@ -261,6 +272,35 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     }
   });
   return out.to(torch::kBFloat16);
+}
+
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor lengths, double scale) {
+  const int64_t B = q.size(0), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && G <= 16 && k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D,
+              "decode_attention: unsupported layout");
+  auto len = lengths.to(torch::kInt64).contiguous();   // empty: every row over all k.size(2) positions
+  check_lengths(len, B, k, v, "decode_attention");
+  const DecodeCache<at::BFloat16> a{k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), k.stride(0), k.stride(1),
+                                    v.stride(0), v.stride(1), nullptr, nullptr, 0, 0, 0, 0};
+  return decode_rows(q, a, len.numel() ? len.data_ptr<int64_t>() : nullptr, k.size(2), scale);
+}
+
+// decode_attention over an int8 cache where the CPU has no AMX tiles (decode_attention_amx_int8's
+// inputs): each key and value converted to fp32 as it is read, its scale applied to the score and
+// folded into the probability.
+torch::Tensor decode_attention_int8(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Tensor v, torch::Tensor vs,
+                                    torch::Tensor lengths, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 16 == 0 && D <= 256 && G <= 16 && k.scalar_type() == at::kChar && v.scalar_type() == at::kChar &&
+              ks.scalar_type() == at::kFloat && vs.scalar_type() == at::kFloat && k.size(1) == H && v.size(1) == H &&
+              k.stride(3) == 1 && v.stride(3) == 1 && k.stride(2) == D && v.stride(2) == D && ks.dim() == 3 && vs.dim() == 3 &&
+              ks.size(2) >= k.size(2) && vs.size(2) >= k.size(2) && ks.stride(2) == 1 && vs.stride(2) == 1,
+              "decode_attention_int8: int8 keys and values (B, H, S, D), fp32 scales (B, H, S)");
+  auto len = lengths.to(torch::kInt64).contiguous();
+  check_lengths(len, B, k, v, "decode_attention_int8");
+  const DecodeCache<int8_t> a{k.data_ptr<int8_t>(), v.data_ptr<int8_t>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                              ks.data_ptr<float>(), vs.data_ptr<float>(), ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1)};
+  return decode_rows(q, a, len.numel() ? len.data_ptr<int64_t>() : nullptr, k.size(2), scale);
 }
 
 // RMSNorm of bf16 rows (M, D) with a bf16 weight (D,): x * rsqrt(mean(x^2) + eps) * w in fp32,
@@ -1474,7 +1514,8 @@ torch::Tensor gemv_int8(torch::Tensor w, torch::Tensor scales, torch::Tensor x) 
 """
 _FUNCTIONS = ["gemv_bf16", "gemv_int8", "decode_attention", "rms_norm", "add_rms_norm", "int4pack_to_bf16_t", "amx_enable",
               "int4_mm_amx", "decode_attention_amx", "int8_mm_amx", "prefill_attention_amx", "int4_dense_mm_amx",
-              "silu_mul", "rope", "cache_write", "decode_attention_amx_int8", "cache_write_int8"]
+              "silu_mul", "rope", "cache_write", "decode_attention_amx_int8", "cache_write_int8",
+              "decode_attention_int8"]
 # -fopenmp: ATen's parallel_for is inlined here and only splits work across threads with OpenMP.
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-fopenmp"]
 
@@ -1671,21 +1712,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def int8_kv_cache_runs(head_dim: int) -> bool:
     """Whether an int8 cache of keys and values (`--kv-cache int8`) runs here: its decode attention
-    is an AMX kernel (`decode_attention_int8`), for head dimensions a multiple of 64 up to 256."""
-    return head_dim % 64 == 0 and head_dim <= 256 and amx_available()
+    is a kernel (`decode_attention_int8`; AVX-512, on AMX tiles where the CPU has them), for head
+    dimensions a multiple of 16 up to 256."""
+    return head_dim % 16 == 0 and head_dim <= 256 and gemv_extension() is not None
 
 
 def decode_attention_int8(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor,
                           v_scale: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """decode_attention over an int8 cache: q (B, H, 1, D) bf16; k, v (B, Hkv, S, D) int8 and their
     scales (B, Hkv, S) fp32, views of the cache; each row over its own length (None: all S). On AMX
-    tiles only (int8_kv_cache_runs): a server's 16-row step of SmolLM2 in 0.70-0.73x the bf16 kernel's
-    time (benchmarks/probe_kv_int8_speed.py)."""
+    tiles (head dimensions a multiple of 64) the products in int8, a server's 16-row step of SmolLM2
+    in 0.70-0.73x the bf16 kernel's time (benchmarks/probe_kv_int8_speed.py); elsewhere the AVX-512
+    kernel converting each key and value to fp32 as it reads them."""
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     lengths = _EVERY_POSITION if lengths is None else lengths
-    return gemv_extension().decode_attention_amx_int8(q.reshape(B, Hkv, H // Hkv, D), k, k_scale, v, v_scale, lengths,
-                                                      D ** -0.5).view(B, H, 1, D)
+    ext = gemv_extension()
+    kernel = ext.decode_attention_amx_int8 if amx_available() and D % 64 == 0 else ext.decode_attention_int8
+    return kernel(q.reshape(B, Hkv, H // Hkv, D), k, k_scale, v, v_scale, lengths, D ** -0.5).view(B, H, 1, D)
 
 
 def cache_write_int8(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
@@ -1752,12 +1796,12 @@ def use_int8_kv_cache(model: nn.Module):
     """Keep `model`'s keys and values as int8 from now on (`--kv-cache int8`): Int8KVCache for
     generation, and a server's cache too (serve.engine.SlotCache). Half the bytes a decode step
     reads from its cache, at a cost in quality (benchmarks/probe_kv_int8_speed.py). Refused where its
-    decode kernel does not run (AMX tiles, head dimensions a multiple of 64, bf16) or where
+    decode kernels do not run (AVX-512, head dimensions a multiple of 16, bf16) or where
     attention reads keys the cache does not hold (prefix-tuning) or over a sliding window."""
     c = model.config
     if not int8_kv_cache_runs(c.head_dim) or model.embed_tokens.weight.dtype != torch.bfloat16:
-        raise LlamaforgeError("--kv-cache int8 needs bf16 on a CPU with AMX tiles (its decode attention is an AMX "
-                              f"kernel) and a head dimension a multiple of 64 (this model's: {c.head_dim})")
+        raise LlamaforgeError("--kv-cache int8 needs bf16 on a CPU with AVX-512 (its decode attention is a kernel) "
+                              f"and a head dimension a multiple of 16 (this model's: {c.head_dim})")
     if any(layer.self_attn.prefix is not None for layer in model.layers) or c.sliding_window:
         raise LlamaforgeError("--kv-cache int8 does not take prefix-tuning adapters or sliding-window models")
     model.int8_kv_cache = Int8KVCache

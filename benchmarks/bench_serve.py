@@ -264,6 +264,21 @@ def run_level(server: Served, prompts: list[str], clients: int, n: int) -> dict:
             "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "tbt_p50": pct(gaps, 50), "tbt_p95": pct(gaps, 95)}
 
 
+def repeat_ratio(server: Served, n: int, new_tokens: int) -> list[float]:
+    """n more measurements of issue 14's ratio on the same server: a 1-client level (its p50 time
+    between tokens gives the single-stream decode rate) then a 16-client level, new prompts each
+    time (a prompt the server has seen would find its prefix cached)."""
+    ratios = []
+    for i in range(n):
+        texts = prompts(SINGLE_STREAM_REQUESTS + 16, seed=100 + i)
+        one = run_level(server, texts[:SINGLE_STREAM_REQUESTS], 1, new_tokens)
+        many = run_level(server, texts[SINGLE_STREAM_REQUESTS:], 16, new_tokens)
+        ratios.append(many["tokens_per_s"] * one["tbt_p50"])
+        print(f"ours, pair {i + 1}: 16 clients {many['tokens_per_s']:.1f} tok/s, one stream "
+              f"{1 / one['tbt_p50']:.1f} tok/s: {ratios[-1]:.2f}x", flush=True)
+    return ratios
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -411,6 +426,9 @@ def main():
     p.add_argument("--requests", type=int, default=1, help="requests per client at each concurrency")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--kv-cache", choices=["bf16", "int8"], default="bf16", help="ours: serve's --kv-cache")
+    p.add_argument("--repeat-ratio", type=int, default=0, metavar="N",
+                   help="ours: N more pairs of a 1-client and a 16-client level (new prompts each), for the median "
+                        "of the 16-client / single-stream ratio")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--serial-max-clients", type=int, default=32,
                    help="highest concurrency for the one-at-a-time servers (they queue; it only takes longer)")
@@ -424,7 +442,7 @@ def main():
                               args.requests)
     single = per_level.get(1) or next(iter(per_level.values()))
     results: dict[str, list] = {}
-    turns = None
+    turns, ratios = None, []
     for name in args.peers.split(","):
         if name == "llama-server" and not (args.llama_server and Path(args.llama_server).exists()):
             print("llama-server: skipped (give --llama-server PATH; benchmarks/build_llama_cpp.sh builds it)")
@@ -447,11 +465,17 @@ def main():
                       f"TBT p95 {r['tbt_p95'] * 1000:.0f} ms", flush=True)
             if name == "ours":   # the single-stream check: the server idle between its turns
                 turns = one_stream_turns(server, single[:SINGLE_STREAM_REQUESTS], args.new_tokens, args.kv_cache)
+                ratios = repeat_ratio(server, args.repeat_ratio, args.new_tokens) if args.repeat_ratio else []
         finally:
             server.stop()
     report(results, turns, levels)
+    ours = {r["clients"]: r for r in results.get("ours", [])}
+    if ratios and 1 in ours and 16 in ours:
+        ratios.insert(0, ours[16]["tokens_per_s"] * ours[1]["tbt_p50"])
+        print(f"16 clients / single-stream decode over {len(ratios)} pairs of levels: "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
     out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "kv_cache": args.kv_cache, "requests_per_client": args.requests,
-           "one_stream_turns_tokens_per_s": turns, "results": results}
+           "one_stream_turns_tokens_per_s": turns, "ratio_16_to_one_stream": ratios, "results": results}
     tmp = RESULTS / "serve.json.tmp"
     tmp.write_text(json.dumps(out, indent=1))
     os.replace(tmp, RESULTS / "serve.json")

@@ -264,6 +264,12 @@ def run_level(server: Served, prompts: list[str], clients: int, n: int) -> dict:
             "ttft_p50": pct(ttft, 50), "ttft_p95": pct(ttft, 95), "tbt_p50": pct(gaps, 50), "tbt_p95": pct(gaps, 95)}
 
 
+def ratio_to_one_stream(many: dict, one: dict) -> float:
+    """Issue 14's ratio: a level's aggregate tokens/s over the single-stream decode rate, the
+    1-client level's p50 time between tokens."""
+    return many["tokens_per_s"] * one["tbt_p50"]
+
+
 def repeat_ratio(server: Served, n: int, new_tokens: int) -> list[float]:
     """n more measurements of issue 14's ratio on the same server: a 1-client level (its p50 time
     between tokens gives the single-stream decode rate) then a 16-client level, new prompts each
@@ -273,7 +279,7 @@ def repeat_ratio(server: Served, n: int, new_tokens: int) -> list[float]:
         texts = prompts(SINGLE_STREAM_REQUESTS + 16, seed=100 + i)
         one = run_level(server, texts[:SINGLE_STREAM_REQUESTS], 1, new_tokens)
         many = run_level(server, texts[SINGLE_STREAM_REQUESTS:], 16, new_tokens)
-        ratios.append(many["tokens_per_s"] * one["tbt_p50"])
+        ratios.append(ratio_to_one_stream(many, one))
         print(f"ours, pair {i + 1}: 16 clients {many['tokens_per_s']:.1f} tok/s, one stream "
               f"{1 / one['tbt_p50']:.1f} tok/s: {ratios[-1]:.2f}x", flush=True)
     return ratios
@@ -384,7 +390,7 @@ def report(all_results: dict, turns: dict | None, levels: list[int]):
               f"{t['ours_decode'] / t['loop_decode'] * (T + c) / T:.3f}x the floor")
     if 16 in ours and 1 in ours:
         single = 1 / ours[1]["tbt_p50"]
-        print(f"ours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ours[16]['tokens_per_s'] / single:.1f}x our "
+        print(f"ours at 16 clients: {ours[16]['tokens_per_s']:.1f} tok/s = {ratio_to_one_stream(ours[16], ours[1]):.1f}x our "
               f"single-stream decode ({single:.1f} tok/s from the 1-client p50 time between tokens); p95 time "
               f"between tokens {ours[16]['tbt_p95'] * 1000:.0f} ms")
         if 16 in ref:
@@ -471,7 +477,7 @@ def main():
     report(results, turns, levels)
     ours = {r["clients"]: r for r in results.get("ours", [])}
     if ratios and 1 in ours and 16 in ours:
-        ratios.insert(0, ours[16]["tokens_per_s"] * ours[1]["tbt_p50"])
+        ratios.insert(0, ratio_to_one_stream(ours[16], ours[1]))
         print(f"16 clients / single-stream decode over {len(ratios)} pairs of levels: "
               f"{', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
     out = {"cpu": cpu_name(), "threads": args.threads, "new_tokens": args.new_tokens, "kv_cache": args.kv_cache, "requests_per_client": args.requests,

@@ -404,17 +404,21 @@ def test_the_default_models_long_prompt_decodes_as_generate_does():
         assert all(m.dense_t is None for m in served.modules() if isinstance(m, Int4Linear))
 
 
-def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch):
+@pytest.mark.parametrize("kv_cache", ["bf16", "int8"])
+def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch, kv_cache):
     """On a CPU with AMX tiles every decode kernel computes a row alone (int4 products, the int8
     output projection, attention, the norms, RoPE, silu * up), and so does every prefill product
     from 48 rows: the real SmolLM2 server gives a request the same log-probability floats whether
     it runs alone or among 7 others of other lengths, its prompt prefilled in one pass with
-    others', and the tile kernels are what ran."""
+    others', and the tile kernels are what ran. With `--kv-cache int8` too, where the request's
+    tokens are also generate's with its own int8 cache."""
     from llamaforge.formats.load import load
-    from llamaforge.model.kernels import amx_available
+    from llamaforge.model.kernels import Int8KVCache, amx_available, use_int8_kv_cache
     if not amx_available():
         pytest.skip("no AMX here: a batch's rows may round differently from one row alone (see test_serve's NEAR_TIE)")
     served, tok = load("default", dtype="bf16", quantize="auto", inference=True, batched=True)
+    if kv_cache == "int8":
+        use_int8_kv_cache(served)
     prompt = tok.encode("Once upon a time, a small fox named Pip lived by a river. One morning she found a map "
                         "under a stone, with a red cross drawn beside the old mill and a line of tiny footprints "
                         "leading up the hill. She folded it, tucked it under her paw and set off")
@@ -437,10 +441,15 @@ def test_the_default_model_decodes_a_request_batched_as_alone_on_amx(monkeypatch
             wait(batch)
     finally:
         engine.shutdown()
-    assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "decode_attention_amx", "cache_write",
-                                   "prefill_attention_amx", "int4_dense_mm_amx"} <= set(calls)
+    cache = {"bf16": {"decode_attention_amx", "cache_write"}, "int8": {"decode_attention_amx_int8", "cache_write_int8"}}
+    assert max(running) == 8 and {"int4_mm_amx", "int8_mm_amx", "prefill_attention_amx", "int4_dense_mm_amx",
+                                   *cache[kv_cache]} <= set(calls)
+    assert not cache["bf16" if kv_cache == "int8" else "int8"] & set(calls)
     assert any(len(prompt) in lengths and len(lengths) > 1 for lengths in shared), shared
     assert batch[3].tokens == alone_out.tokens and batch[3].logprobs == alone_out.logprobs
+    if kv_cache == "int8":
+        assert alone_out.tokens == alone(served, prompt, 24)
+        assert isinstance(served.layers[0].self_attn.kv_cache, Int8KVCache)
 
 
 def test_an_int8_cache_serves_what_generate_makes_with_one(tiny):

@@ -191,7 +191,7 @@ def generate_tokens(model: Llama, prompts: list[list[int]], cfg: SamplingConfig,
         start = min(_shared_prefix(model.cache_tokens, prompts[0]), T - 1)
     # What the cache will hold, kept up to date as tokens are fed (rows of a batch are not tracked).
     model.cache_tokens = list(prompts[0]) if B == 1 and not ring else None
-    if compile and model.kv_int8:   # a compiled step does not reach Int8KVCache.attend
+    if compile and model.kv_int8:   # a compiled step does not reach Int8Rows.attend
         raise LlamaforgeError("--kv-cache int8 does not go with --compile")
     decode = compiled_decode_step(model) if compile else decode_one_token
     logits = prefill(model, input_ids[:, start:], position_ids[:, start:], key_valid if padded else None, start)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -224,11 +225,11 @@ static torch::Tensor decode_rows(torch::Tensor q, const DecodeCache<T>& a, const
       for (int64_t j = 0; j < n; ++j) {           // scores: each key read (and widened) once for G queries
         __m512 kv[16];
         for (int64_t c = 0; c < D / 16; ++c) kv[c & 15] = load16(kp + j * D + c * 16);
-        const float kscale = ksp ? ksp[j] * sc : sc;
+        const float kscale = ksp ? ksp[j] * sc : sc;   // bf16: sc, as before
         for (int64_t g = 0; g < G; ++g) {
           __m512 acc = _mm512_setzero_ps();
           for (int64_t c = 0; c < D / 16; ++c) acc = _mm512_fmadd_ps(kv[c & 15], _mm512_loadu_ps(qp + g * D + c * 16), acc);
-          scores[g * n + j] = ksp ? _mm512_reduce_add_ps(acc) * kscale : _mm512_reduce_add_ps(acc) * sc;
+          scores[g * n + j] = _mm512_reduce_add_ps(acc) * kscale;
         }
       }
       for (int64_t g = 0; g < G; ++g) {           // softmax, 16 scores at a time
@@ -1420,7 +1421,7 @@ AMX_FN static void attention_rows_amx_int8(const Int8AttentionProblem& a, int64_
           }
           const int8_t* vj = vp + j * D;
           if (j + 16 > n) {
-            std::memset(last, 0, sizeof last);
+            std::memset(last, 0, 16 * D);
             std::memcpy(last, vj, (n - j) * D);
             vj = &last[0][0];
           }
@@ -1762,12 +1763,52 @@ def with_int8_before(k: torch.Tensor, scale: torch.Tensor, start: int, new: torc
     return torch.cat([dequantize_kv(k[:, :, :start], scale[:, :, :start], new.dtype), new], dim=2)
 
 
+@lru_cache(maxsize=8)
+def row_positions(batch: int, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows 0 .. batch - 1, each at position `start`, lengths start + 1): where a chunk at one
+    position of every row goes, and what a chunk of one token attends over. Cached: a step's
+    layers share one set (callers only read them)."""
+    rows = torch.arange(batch)
+    at = torch.full((batch,), start)
+    return rows, at, at + 1
+
+
+class Int8Rows:
+    """What `Attention` calls `kv_cache.update` and `attend` on, over rows of an int8 cache: the
+    same for generate's Int8KVCache and a server's SlotCache (serve.engine), so that served tokens
+    are generate's. Every new key and value is rounded into the cache (cache_write_int8); a prefill
+    chunk attends to the positions before it as held and to its own as computed (with_int8_before);
+    a decode step, and a chunk of one token (a one-token prompt, or one whose other tokens a slot
+    holds), through decode_attention_int8, each row over its own length. `step`: a server's decode
+    step (its rows, their positions and lengths: serve.engine.DecodeStep); None: a chunk at one
+    position of every row."""
+
+    def __init__(self, k, v, k_scale, v_scale, step=None):
+        self.k, self.v, self.k_scale, self.v_scale, self.step = k, v, k_scale, v_scale, step
+        self.decoding = step is not None
+
+    def update(self, start, k, v):
+        if self.step is None:
+            rows, at, self.lengths = row_positions(k.shape[0], start)
+            self.decoding = k.shape[2] == 1
+        else:
+            rows, at, self.lengths = self.step.rows, self.step.at, self.step.lengths
+        cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, rows, at)
+        if self.decoding:   # `attend` reads the cache
+            return k, v
+        return with_int8_before(self.k, self.k_scale, start, k), with_int8_before(self.v, self.v_scale, start, v)
+
+    def attend(self, q, k, v, attention=None):
+        if not self.decoding:
+            return None
+        return decode_attention_int8(q, self.k, self.k_scale, self.v, self.v_scale, self.lengths)
+
+
 class Int8KVCache(nn.Module):
     """KVCache's int8 form (`--kv-cache int8`): keys and values as int8 with one fp32 scale per
-    position and head (quantize_kv), half the bytes of bf16 to read at every decode step. A prefill
-    chunk attends to the positions before it as held and to its own keys as computed
-    (with_int8_before); a decode step (one new token) through `attend`, the int8 kernel. One
-    sequence (generate's), without padding masks: its decode steps attend to all it holds."""
+    position and head (quantize_kv), half the bytes of bf16 to read at every decode step, read and
+    written as Int8Rows does. One sequence (generate's), without padding masks: its decode steps
+    attend to all it holds."""
 
     def __init__(self, max_len: int, n_kv_heads: int, head_dim: int, device=None):
         super().__init__()
@@ -1776,20 +1817,13 @@ class Int8KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("k_scale", torch.zeros(shape[:3], device=device), persistent=False)
         self.register_buffer("v_scale", torch.zeros(shape[:3], device=device), persistent=False)
-        self.end = 0
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        at = torch.tensor([start])
-        cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, at.new_zeros(1), at)
-        self.end = start + k.shape[2]
-        if k.shape[2] == 1:   # a decode step: `attend` reads the cache
-            return k, v
-        return with_int8_before(self.k, self.k_scale, start, k), with_int8_before(self.v, self.v_scale, start, v)
+        self.rows = Int8Rows(self.k, self.v, self.k_scale, self.v_scale)
+        return self.rows.update(start, k, v)
 
     def attend(self, q, k, v, attention=None):
-        if q.shape[2] != 1:
-            return None
-        return decode_attention_int8(q, self.k, self.k_scale, self.v, self.v_scale, torch.tensor([self.end]))
+        return self.rows.attend(q, k, v, attention)
 
 
 def use_int8_kv_cache(model: nn.Module):

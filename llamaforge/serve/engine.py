@@ -32,7 +32,7 @@ from ..model.generation import (
     process_logits,
     sample_from,
 )
-from ..model.kernels import cache_write, cache_write_int8, decode_attention, decode_attention_int8, with_int8_before
+from ..model.kernels import Int8Rows, cache_write, cache_write_int8, decode_attention, row_positions, with_int8_before
 from ..model.quantize import prefill_rows_alone
 
 # At most this many passes of prefill chunks in one step (see Engine._step): a bound on the passes
@@ -113,13 +113,12 @@ class SlotCache:
             views = self._views[rows.start, rows.stop] = [tuple(t[rows] for t in layer) for layer in self._layers()]
         decoding = decoding or step is not None
         for layer, view in zip(model.layers, views, strict=True):
-            _set_kv_cache(layer.self_attn, _Int8Rows(*view, step, decoding) if self.int8
-                          else _Rows(*view, step, decoding))
+            _set_kv_cache(layer.self_attn, Int8Rows(*view, step) if self.int8 else _Rows(*view, step, decoding))
 
     def attach_packed(self, model, segments: list[tuple[int, int, int, int]]):
         """Give every attention layer the prefill chunks of several prompts in one row (`_Packed`)."""
-        for layer, tensors in zip(model.layers, self._layers(), strict=True):
-            _set_kv_cache(layer.self_attn, _Packed(*tensors, segments))
+        for layer, (k, v, *scales) in zip(model.layers, self._layers(), strict=True):
+            _set_kv_cache(layer.self_attn, _Packed(k, v, segments, scales))
 
     def _layers(self) -> list[tuple]:
         """Each layer's (k, v), or (k, v, k_scale, v_scale) where the cache is int8."""
@@ -208,38 +207,6 @@ class _Rows:
         return decode_attention(q, k, v, None if self.step is None else self.step.lengths)
 
 
-class _Int8Rows:
-    """_Rows over an int8 cache (kernels.use_int8_kv_cache), as Int8KVCache is generate's, so that
-    served tokens are generate's: every new key and value is rounded into the cache by the kernel
-    (cache_write_int8); a prefill chunk attends to the positions before it as held and to its own
-    as computed (with_int8_before); a decode step through the int8 kernel, each row over its own
-    length."""
-
-    def __init__(self, k, v, k_scale, v_scale, step: DecodeStep | None, decoding: bool):
-        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
-        self.step, self.decoding = step, decoding
-
-    def update(self, start, k, v):
-        step = self.step
-        if step is None:   # a chunk at `start` of every row (a prefill, or one sequence's decode step)
-            rows, at = torch.arange(k.shape[0]), torch.full((k.shape[0],), start)
-            self.lengths = at + 1
-            # A chunk of one token (a one-token prompt, or one whose other tokens were cached)
-            # attends as a decode step, as it does in Int8KVCache: generate's numbers.
-            self.decoding = self.decoding or k.shape[2] == 1
-        else:
-            rows, at, self.lengths = step.rows, step.at, step.lengths
-        cache_write_int8(self.k, self.v, self.k_scale, self.v_scale, k, v, rows, at)
-        if self.decoding:   # `attend` reads the cache
-            return k, v
-        return with_int8_before(self.k, self.k_scale, start, k), with_int8_before(self.v, self.v_scale, start, v)
-
-    def attend(self, q, k, v, attention=None):
-        if not self.decoding:
-            return None
-        return decode_attention_int8(q, self.k, self.k_scale, self.v, self.v_scale, self.lengths)
-
-
 class _Packed:
     """What `Attention` calls `kv_cache.update` and `attend` on in a packed prefill: the chunks of
     several prompts side by side in one row, `segments` of (slot, position of its first token,
@@ -247,10 +214,9 @@ class _Packed:
     position, and its queries attend to that slot's keys alone, through the layer's own causal
     attention: each prompt's numbers are those of its chunk alone."""
 
-    def __init__(self, k, v, *rest):
+    def __init__(self, k, v, segments: list[tuple[int, int, int, int]], scales: list = ()):
         # The layer's whole cache (slots, Hkv, L, hd); where it is int8, its scales (slots, Hkv, L).
-        *self.scales, self.segments = rest
-        self.k, self.v = k, v
+        self.k, self.v, self.segments, self.scales = k, v, segments, scales
 
     def update(self, positions, k, v):
         self.new = []
@@ -259,7 +225,7 @@ class _Packed:
             if self.scales:
                 rows = slice(slot, slot + 1)
                 cache_write_int8(self.k[rows], self.v[rows], self.scales[0][rows], self.scales[1][rows], new_k, new_v,
-                                 torch.zeros(1, dtype=torch.long), torch.tensor([at]))
+                                 *row_positions(1, at)[:2])
             else:
                 self.k[slot, :, at:at + b - a], self.v[slot, :, at:at + b - a] = new_k[0], new_v[0]
             self.new.append((new_k, new_v))
@@ -362,7 +328,7 @@ class Engine:
                  chunk: int = PREFILL_CHUNK, prefill_tokens: int | None = None, adapter_rows: AdapterRows | None = None, scheduler: Scheduler | None = None,
                  compile: bool = False):
         self.model, self.tok = model, tokenizer
-        if compile and model.kv_int8:   # a compiled step does not reach _Int8Rows.attend
+        if compile and model.kv_int8:   # a compiled step does not reach Int8Rows.attend
             raise LlamaforgeError("--kv-cache int8 does not go with --compile")
         # --compile: one sequence's decode step through torch.compile (generate --compile's).
         self.decode_one = compiled_decode_step(model) if compile else decode_one_token

@@ -1,7 +1,7 @@
 """Classification fine-tuning speed: HF transformers + peft against llamaforge, same model (the
 default SmolLM2 weights), same shapes, same hyperparameters, in one run.
 
-    .venv/bin/python benchmarks/bench_classify.py [--rounds 3] [--no-memory]
+    .venv/bin/python benchmarks/bench_classify.py [--rounds 3] [--no-memory] [--floor]
         [--configs lora-bf16,short-bf16,lora-fp32,full-bf16,full-fp32,infer-bf16,file]
 
 Training: batch 8 x 128 tokens with no padding, LoRA r=16 alpha=32 on all seven linear layers
@@ -184,14 +184,33 @@ def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
+class ProductsAlone:
+    """--floor: the matrix products of llamaforge's step on each batch, alone (products_floor.py)."""
+
+    def __init__(self, method, dtype, hf_dir, infer):
+        import torch
+        from products_floor import ProductsAlone
+        clf = Llamaforge(method, dtype, hf_dir, infer).clf
+
+        def step_of(batch):
+            ids, y = (t.to(DEVICE) for t in batch)
+            return lambda: torch.nn.functional.cross_entropy(clf(ids), y).backward()
+        self.products = ProductsAlone(step_of, key=lambda batch: tuple(batch[0].shape))
+
+    def block(self, data):
+        return self.products.times(data)
+
+
 IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge,
-         "llamaforge --compile": lambda *a: Llamaforge(*a, compile=True)}
-TRAIN_ONLY = {"llamaforge --compile"}   # compilation is a training option
+         "llamaforge --compile": lambda *a: Llamaforge(*a, compile=True), "products alone": ProductsAlone}
+TRAIN_ONLY = {"llamaforge --compile", "products alone"}   # compilation is a training option; so is the floor
+OPTIONAL = {"products alone"}   # only with --floor
 
 
-def speed(method, dtype, hf_dir, infer, rounds, batch=None, length=T):
+def speed(method, dtype, hf_dir, infer, rounds, batch=None, length=T, floor=False):
     """Median step seconds per implementation, in alternating blocks, after one warm-up block."""
-    impls = {name: cls(method, dtype, hf_dir, infer) for name, cls in IMPLS.items() if not (infer and name in TRAIN_ONLY)}
+    impls = {name: cls(method, dtype, hf_dir, infer) for name, cls in IMPLS.items()
+             if not (infer and name in TRAIN_ONLY) and (floor or name not in OPTIONAL)}
     batch = batch or (B_INFER if infer else B)
     blocks = BLOCK if length >= 64 else 4 * BLOCK   # short steps: more of them per block
     times = {name: [] for name in impls}
@@ -238,6 +257,9 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--no-speed", action="store_true", help="only the peak-RSS processes")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the matrix products of llamaforge's step alone: the highest ratio any "
+                         "implementation could reach at these products' speed (products_floor.py)")
     args = ap.parse_args()
     print_machine()
     global DEVICE
@@ -248,13 +270,17 @@ def main():
         # itself takes it ~17 s of metadata parsing).
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
         print(f"{'config':<11} {'unit':<11} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} "
-              f"{'ratio':>6}   peak RSS MB (hf / ours)")
+              f"{'ratio':>6}   peak RSS MB (hf / ours)"
+              + ("   | products alone, ratio (the floor), ours of it: eager / compiled" if args.floor else ""))
 
         def row(config, unit, v, mem):
             c = v.get("llamaforge --compile")
             compiled = f"{c:10.1f} {c / v['transformers']:5.2f}x" if c else f"{'':10} {'':6}"
+            p = v.get("products alone")
+            floor = (f"   | {p:8.1f} {p / v['transformers']:5.2f}x  {v['llamaforge'] / p:4.0%} / {c / p:4.0%}"
+                     if p and c else "")
             print(f"{config:<11} {unit:<11} {v['transformers']:12.1f} {v['llamaforge']:11.1f} "
-                  f"{v['llamaforge'] / v['transformers']:5.2f}x {compiled}   {mem}", flush=True)
+                  f"{v['llamaforge'] / v['transformers']:5.2f}x {compiled}   {mem}{floor}", flush=True)
 
         configs = args.configs.split(",")
         for config in (c for c in configs if c != "file"):
@@ -263,7 +289,7 @@ def main():
             method = "lora" if kind in ("infer", "short") else kind
             shape = dict(batch=16, length=24) if kind == "short" else {}   # SST-2 phrases: ~24 tokens at most
             v = {i: float("nan") for i in ("transformers", "llamaforge")} if args.no_speed else \
-                speed(method, dtype, hf_dir, infer, args.rounds, **shape)
+                speed(method, dtype, hf_dir, infer, args.rounds, floor=args.floor, **shape)
             mem = "" if args.no_memory or kind == "short" else " / ".join(f"{peak_rss(i, method, dtype, hf_dir, infer):.0f}"
                                                        for i in ("transformers", "llamaforge"))
             row(config, "examples/s" if infer else "tokens/s", v, mem)

@@ -1,7 +1,7 @@
 """Generative training speed: HF transformers + peft against llamaforge, same model, same batches,
 same hyperparameters, in one run.
 
-    .venv/bin/python benchmarks/bench_sft.py [--rounds 3] [--configs sft-lora-fp32,sft-lora-bf16,...]
+    .venv/bin/python benchmarks/bench_sft.py [--rounds 3] [--floor] [--configs sft-lora-fp32,sft-lora-bf16,...]
 
 sft-*       the default SmolLM2 on the shipped instruction set (llamaforge/datasets/instructions),
             batches of 8 conversations of similar length padded to the longest (at most 128
@@ -139,9 +139,26 @@ class Llamaforge:
                                   LR[self.method], self.compile)
 
 
-def speed(kind, method, dtype, source, blocks):
+class ProductsAlone:
+    """--floor: the matrix products of llamaforge's step on each batch, alone (products_floor.py)."""
+
+    def __init__(self, kind, method, dtype, source):
+        from products_floor import ProductsAlone
+
+        from llamaforge.evaluate.lm import next_token_loss
+        model = Llamaforge(kind, method, dtype, source).model
+        self.products = ProductsAlone(lambda d: lambda: next_token_loss(model, d[0], d[1])[0].backward(),
+                                      key=lambda d: (tuple(d[0].shape), int((d[1][:, 1:] != -100).sum())))
+
+    def block(self, data):
+        return self.products.times(data)
+
+
+def speed(kind, method, dtype, source, blocks, floor=False):
     impls = {"transformers": Transformers(kind, method, dtype, source), "llamaforge": Llamaforge(kind, method, dtype, source),
              "compiled": Llamaforge(kind, method, dtype, source, compile=True)}
+    if floor:
+        impls["products alone"] = ProductsAlone(kind, method, dtype, source)
     times = {name: [] for name in impls}
     for r, block in enumerate(blocks):
         for name, impl in impls.items():
@@ -158,6 +175,9 @@ def main():
     ap.add_argument("--configs", default="sft-lora-fp32,sft-lora-bf16,sft-full-bf16,sft-full-fp32,"
                                          "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the matrix products of llamaforge's step alone: the highest ratio any "
+                         "implementation could reach at these products' speed (products_floor.py)")
     args = ap.parse_args()
     print_machine()
     bench_classify.DEVICE = args.device
@@ -169,7 +189,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
         print(f"{'config':<20} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} {'ratio':>6}"
-              f"   (real tokens/s, median step)")
+              f"   (real tokens/s, median step)"
+              + ("   | products alone, ratio (the floor), ours of it: eager / compiled" if args.floor else ""))
         for config in args.configs.split(","):
             kind, method, dtype = config.split("-")
             n = args.rounds + 1
@@ -184,10 +205,13 @@ def main():
                     from llamaforge.text.training import save_trained_tokenizer, train_tokenizer
                     save_trained_tokenizer(train_tokenizer(documents(corpus_files(DATASETS / "stories")), 2048), tok_dir)
                 source, blocks = PRESETS["mini"], pretrain_batches(from_hf_dir(tok_dir), n)
-            v = speed(kind, method, dtype, source, blocks)
+            v = speed(kind, method, dtype, source, blocks, args.floor)
+            p = v.get("products alone")
+            floor = (f"   | {p:8.0f} {p / v['transformers']:5.2f}x  {v['llamaforge'] / p:4.0%} / {v['compiled'] / p:4.0%}"
+                     if p else "")
             print(f"{config:<20} {v['transformers']:12.0f} {v['llamaforge']:11.0f} "
                   f"{v['llamaforge'] / v['transformers']:5.2f}x {v['compiled']:10.0f} "
-                  f"{v['compiled'] / v['transformers']:5.2f}x", flush=True)
+                  f"{v['compiled'] / v['transformers']:5.2f}x{floor}", flush=True)
 
 
 if __name__ == "__main__":

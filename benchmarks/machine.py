@@ -19,7 +19,19 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
     isa = [name for name, flag in (("AMX-BF16", " amx_bf16"), ("AVX-512 BF16", " avx512_bf16"),
                                    ("AVX-512", " avx512f"), ("AVX2", " avx2")) if flag in flags]
-    return f"{model} ({', '.join(isa) or 'no AVX2'}), {torch.get_num_threads()} threads"
+    return f"{model} ({', '.join(isa) or 'no AVX2'}){emulated()}, {torch.get_num_threads()} threads"
+
+
+def emulated() -> str:
+    """What of the CPU a run was told not to use, so that a figure from a CPU kind emulated on
+    another (AVX-512 without AMX: `LLAMAFORGE_NO_AMX=1 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16`) says
+    so: e.g. " [emulating: no AMX kernels, oneDNN up to AVX512_CORE_BF16]"."""
+    import os
+    off = [text for var, text in (("LLAMAFORGE_NO_AMX", "no AMX kernels"),
+                                  ("LLAMAFORGE_NO_KERNELS", "no llamaforge kernels")) if os.environ.get(var)]
+    off += [f"{var.split('_')[0]} up to {os.environ[var]}" for var in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+            if os.environ.get(var)]
+    return f" [emulating: {', '.join(off)}]" if off else ""
 
 
 def print_machine(file=None):

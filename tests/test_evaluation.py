@@ -143,3 +143,21 @@ def test_evaluate_without_task_on_a_model_says_what_to_do(tiny_model_dir, tmp_pa
     with pytest.raises(SystemExit):
         main(["evaluate", str(tiny_model_dir), "--data", str(tmp_path / "x.csv")])
     assert "give --task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_cross_entropy_is_pytorchs_forward_and_backward(monkeypatch, dtype, reduction):
+    from llamaforge.evaluate.lm import ChunkedCrossEntropy, cross_entropy
+    monkeypatch.setattr(ChunkedCrossEntropy, "ROW_ELEMENTS", 3 * 1000)   # 3 rows a chunk: 37 rows end mid-chunk
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 1000, generator=g) * 4).to(dtype)
+    target = torch.randint(0, 1000, (37,), generator=g)
+    ours, ref = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = cross_entropy(ours, target, reduction)
+    expected = torch.nn.functional.cross_entropy(ref.float(), target, reduction=reduction)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    (loss * 3).backward()
+    (expected * 3).backward()
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=0 if dtype == torch.float32 else 8e-3, atol=1e-6 if dtype == torch.float32 else 1e-3)

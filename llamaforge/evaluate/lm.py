@@ -13,6 +13,48 @@ from ..data.conversations import IGNORE
 from ..model.device import to_device
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of logits (N, V) in any float dtype, computed in fp32 a few rows at a
+    time, forward and backward. F.cross_entropy(logits.float()) makes (N, V) fp32 copies (the
+    logits, their log-softmax, the gradient and its zeros): at 470 scored tokens of a 49k
+    vocabulary, 92 MB each, freshly mapped memory whose page faults cost more than the arithmetic
+    (~0.4 s of a 3.7 s SFT step on 2 cores). Rows of 2 MB stay in cache: the same 470 x 49,152
+    bf16 logits take 43-52 against 122-133 ms forward and backward. Keeps each row's log-sum-exp
+    for the backward, which writes the gradient in the logits' dtype, as autograd's cast would."""
+
+    ROW_ELEMENTS = 1 << 19   # fp32 values per chunk: 2 MB
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        rows = max(1, ChunkedCrossEntropy.ROW_ELEMENTS // logits.shape[-1])
+        lse, total = torch.empty(logits.shape[0], device=logits.device), torch.zeros((), device=logits.device)
+        for i in range(0, logits.shape[0], rows):
+            x = logits[i:i + rows].float()
+            lse[i:i + rows] = torch.logsumexp(x, -1)
+            total += (lse[i:i + rows] - x.gather(1, target[i:i + rows, None])[:, 0]).sum()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.rows = rows
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        logits, target, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], ctx.rows):
+            p = (logits[i:i + ctx.rows].float() - lse[i:i + ctx.rows, None]).exp_()   # softmax
+            p.scatter_add_(1, target[i:i + ctx.rows, None], p.new_full((p.shape[0], 1), -1.0))
+            grad[i:i + ctx.rows] = p.mul_(grad_total)
+        return grad, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy of (N, V) logits in fp32, in chunks on a CPU (see ChunkedCrossEntropy)."""
+    if logits.device.type != "cpu" or reduction not in ("mean", "sum"):
+        return F.cross_entropy(logits.float(), target, reduction=reduction)
+    total = ChunkedCrossEntropy.apply(logits, target)
+    return total / target.numel() if reduction == "mean" else total
+
+
 def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction: str = "mean"):
     """(loss, scored tokens): cross-entropy of predicting labels[:, t + 1] at position t.
 
@@ -26,8 +68,8 @@ def next_token_loss(model, ids, labels, position_ids=None, mask=None, reduction:
     h = model.hidden_states(ids, position_ids, mask)
     target = labels[:, 1:]
     keep = target != IGNORE
-    logits = model.logits(h[:, :-1][keep]).float()
-    return F.cross_entropy(logits, target[keep], reduction=reduction), int(keep.sum())
+    logits = model.logits(h[:, :-1][keep])
+    return cross_entropy(logits, target[keep], reduction=reduction), int(keep.sum())
 
 
 def answer_logps(model, ids, labels) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,7 @@ LR = {"lora": 5e-4, "full": 2e-5}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import print_machine  # noqa: E402
+from products_floor import FLOOR_HEADER, FLOOR_HELP, ProductsAlone, floor_columns  # noqa: E402
 
 
 def batches(n, batch, seed=0, length=T):
@@ -184,25 +185,19 @@ def trainer_step_times(model, data: list, loss, lr: float, compile: bool = False
     return [b - a for a, b in itertools.pairwise(stamps)]
 
 
-class ProductsAlone:
+def products_alone(method, dtype, hf_dir, infer):
     """--floor: the matrix products of llamaforge's step on each batch, alone (products_floor.py)."""
+    import torch
+    clf = Llamaforge(method, dtype, hf_dir, infer).clf
 
-    def __init__(self, method, dtype, hf_dir, infer):
-        import torch
-        from products_floor import ProductsAlone
-        clf = Llamaforge(method, dtype, hf_dir, infer).clf
-
-        def step_of(batch):
-            ids, y = (t.to(DEVICE) for t in batch)
-            return lambda: torch.nn.functional.cross_entropy(clf(ids), y).backward()
-        self.products = ProductsAlone(step_of, key=lambda batch: tuple(batch[0].shape))
-
-    def block(self, data):
-        return self.products.times(data)
+    def step_of(batch):
+        ids, y = (t.to(DEVICE) for t in batch)
+        return lambda: torch.nn.functional.cross_entropy(clf(ids), y).backward()
+    return ProductsAlone(step_of, key=lambda batch: tuple(batch[0].shape))
 
 
 IMPLS = {"transformers": Transformers, "llamaforge": Llamaforge,
-         "llamaforge --compile": lambda *a: Llamaforge(*a, compile=True), "products alone": ProductsAlone}
+         "llamaforge --compile": lambda *a: Llamaforge(*a, compile=True), "products alone": products_alone}
 TRAIN_ONLY = {"llamaforge --compile", "products alone"}   # compilation is a training option; so is the floor
 OPTIONAL = {"products alone"}   # only with --floor
 
@@ -257,9 +252,7 @@ def main():
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--no-speed", action="store_true", help="only the peak-RSS processes")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
-    ap.add_argument("--floor", action="store_true",
-                    help="also time the matrix products of llamaforge's step alone: the highest ratio any "
-                         "implementation could reach at these products' speed (products_floor.py)")
+    ap.add_argument("--floor", action="store_true", help=FLOOR_HELP)
     args = ap.parse_args()
     print_machine()
     global DEVICE
@@ -271,14 +264,12 @@ def main():
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
         print(f"{'config':<11} {'unit':<11} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} "
               f"{'ratio':>6}   peak RSS MB (hf / ours)"
-              + ("   | products alone, ratio (the floor), ours of it: eager / compiled" if args.floor else ""))
+              + (FLOOR_HEADER if args.floor else ""))
 
         def row(config, unit, v, mem):
             c = v.get("llamaforge --compile")
             compiled = f"{c:10.1f} {c / v['transformers']:5.2f}x" if c else f"{'':10} {'':6}"
-            p = v.get("products alone")
-            floor = (f"   | {p:8.1f} {p / v['transformers']:5.2f}x  {v['llamaforge'] / p:4.0%} / {c / p:4.0%}"
-                     if p and c else "")
+            floor = floor_columns(v["transformers"], v["llamaforge"], c, v.get("products alone")) if c else ""
             print(f"{config:<11} {unit:<11} {v['transformers']:12.1f} {v['llamaforge']:11.1f} "
                   f"{v['llamaforge'] / v['transformers']:5.2f}x {compiled}   {mem}{floor}", flush=True)
 

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_classify  # noqa: E402
 from bench_classify import LORA, hf_trainer_optimizer, hf_trainer_step, trainer_step_times
+from products_floor import FLOOR_HEADER, FLOOR_HELP, ProductsAlone, floor_columns  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = ROOT / "llamaforge" / "datasets"
@@ -139,26 +140,22 @@ class Llamaforge:
                                   LR[self.method], self.compile)
 
 
-class ProductsAlone:
-    """--floor: the matrix products of llamaforge's step on each batch, alone (products_floor.py)."""
-
-    def __init__(self, kind, method, dtype, source):
-        from products_floor import ProductsAlone
-
-        from llamaforge.evaluate.lm import next_token_loss
-        model = Llamaforge(kind, method, dtype, source).model
-        self.products = ProductsAlone(lambda d: lambda: next_token_loss(model, d[0], d[1])[0].backward(),
-                                      key=lambda d: (tuple(d[0].shape), int((d[1][:, 1:] != -100).sum())))
-
-    def block(self, data):
-        return self.products.times(data)
+def products_alone(kind, method, dtype, source):
+    """--floor: the matrix products of llamaforge's step on each batch, alone (products_floor.py);
+    batches share a recording where their shape and their scored tokens (the output projection's
+    rows) are equal."""
+    from llamaforge.data.conversations import IGNORE
+    from llamaforge.evaluate.lm import next_token_loss
+    model = Llamaforge(kind, method, dtype, source).model
+    return ProductsAlone(lambda d: lambda: next_token_loss(model, d[0], d[1])[0].backward(),
+                         key=lambda d: (tuple(d[0].shape), int((d[1][:, 1:] != IGNORE).sum())))
 
 
 def speed(kind, method, dtype, source, blocks, floor=False):
     impls = {"transformers": Transformers(kind, method, dtype, source), "llamaforge": Llamaforge(kind, method, dtype, source),
              "compiled": Llamaforge(kind, method, dtype, source, compile=True)}
     if floor:
-        impls["products alone"] = ProductsAlone(kind, method, dtype, source)
+        impls["products alone"] = products_alone(kind, method, dtype, source)
     times = {name: [] for name in impls}
     for r, block in enumerate(blocks):
         for name, impl in impls.items():
@@ -175,9 +172,7 @@ def main():
     ap.add_argument("--configs", default="sft-lora-fp32,sft-lora-bf16,sft-full-bf16,sft-full-fp32,"
                                          "shape-lora-fp32,shape-lora-bf16,pretrain-full-bf16,pretrain-full-fp32")
     ap.add_argument("--device", default="cpu", help="cpu | cuda: where both implementations run")
-    ap.add_argument("--floor", action="store_true",
-                    help="also time the matrix products of llamaforge's step alone: the highest ratio any "
-                         "implementation could reach at these products' speed (products_floor.py)")
+    ap.add_argument("--floor", action="store_true", help=FLOOR_HELP)
     args = ap.parse_args()
     print_machine()
     bench_classify.DEVICE = args.device
@@ -190,7 +185,7 @@ def main():
         hf_dir = str(export("default", "hf", str(Path(d) / "smollm2")))
         print(f"{'config':<20} {'transformers':>12} {'llamaforge':>11} {'ratio':>6} {'--compile':>10} {'ratio':>6}"
               f"   (real tokens/s, median step)"
-              + ("   | products alone, ratio (the floor), ours of it: eager / compiled" if args.floor else ""))
+              + (FLOOR_HEADER if args.floor else ""))
         for config in args.configs.split(","):
             kind, method, dtype = config.split("-")
             n = args.rounds + 1
@@ -206,9 +201,7 @@ def main():
                     save_trained_tokenizer(train_tokenizer(documents(corpus_files(DATASETS / "stories")), 2048), tok_dir)
                 source, blocks = PRESETS["mini"], pretrain_batches(from_hf_dir(tok_dir), n)
             v = speed(kind, method, dtype, source, blocks, args.floor)
-            p = v.get("products alone")
-            floor = (f"   | {p:8.0f} {p / v['transformers']:5.2f}x  {v['llamaforge'] / p:4.0%} / {v['compiled'] / p:4.0%}"
-                     if p else "")
+            floor = floor_columns(v["transformers"], v["llamaforge"], v["compiled"], v.get("products alone"))
             print(f"{config:<20} {v['transformers']:12.0f} {v['llamaforge']:11.0f} "
                   f"{v['llamaforge'] / v['transformers']:5.2f}x {v['compiled']:10.0f} "
                   f"{v['compiled'] / v['transformers']:5.2f}x{floor}", flush=True)

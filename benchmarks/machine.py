@@ -29,7 +29,8 @@ def emulated() -> str:
     import os
     off = [text for var, text in (("LLAMAFORGE_NO_AMX", "no AMX kernels"),
                                   ("LLAMAFORGE_NO_KERNELS", "no llamaforge kernels")) if os.environ.get(var)]
-    off += [f"{var.split('_')[0]} up to {os.environ[var]}" for var in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+    off += [f"{name} up to {os.environ[var]}" for var, name in (("ONEDNN_MAX_CPU_ISA", "oneDNN"),
+                                                                 ("ATEN_CPU_CAPABILITY", "ATen"))
             if os.environ.get(var)]
     return f" [emulating: {', '.join(off)}]" if off else ""
 

@@ -66,17 +66,17 @@ class Replay:
     def __init__(self, calls: list):
         self.calls = [(func, [_input(*a) if isinstance(a, tuple) and len(a) == 4 and isinstance(a[2], torch.dtype) else a
                               for a in spec], kwargs) for func, spec, kwargs in calls]
+        self.sync = torch.cuda.synchronize if any(
+            isinstance(a, torch.Tensor) and a.is_cuda for _, spec, _ in self.calls for a in spec) else (lambda: None)
 
     def __call__(self) -> float:
         """Seconds for one pass over every call."""
-        sync = torch.cuda.synchronize if any(
-            isinstance(a, torch.Tensor) and a.is_cuda for _, spec, _ in self.calls for a in spec) else (lambda: None)
-        sync()
+        self.sync()
         t = time.perf_counter()
         with torch.no_grad():
             for func, args, kwargs in self.calls:
                 func(*args, **kwargs)   # in-place ones (addmm_) write into their own scratch tensor
-        sync()
+        self.sync()
         return time.perf_counter() - t
 
     @property
@@ -90,14 +90,15 @@ class Replay:
 
 
 class ProductsAlone:
-    """A benchmark "implementation" whose step is the recorded products of another's step on the
-    same batch. step_of(batch) -> a callable that runs that implementation's forward and backward
-    on the batch; key(batch): batches with one key share a recording (their shapes are equal)."""
+    """A benchmark "implementation" (`block(batches)` -> seconds a step, as the others in
+    bench_classify.py and bench_sft.py) whose step is the recorded products of another's step on
+    the same batch. step_of(batch) -> a callable that runs that implementation's forward and
+    backward on the batch; key(batch): batches with one key share a recording (equal shapes)."""
 
     def __init__(self, step_of, key):
         self.step_of, self.key, self.replays = step_of, key, {}
 
-    def times(self, data) -> list[float]:
+    def block(self, data) -> list[float]:
         out = []
         for batch in data:
             k = self.key(batch)
@@ -106,3 +107,17 @@ class ProductsAlone:
                 self.replays[k]()   # warm-up: oneDNN builds its kernels for the shapes
             out.append(self.replays[k]())
         return out
+
+
+# The --floor flag and its columns, as bench_classify.py and bench_sft.py print them.
+FLOOR_HELP = ("also time the matrix products of llamaforge's step alone: the highest ratio any implementation "
+              "could reach at these products' speed (products_floor.py)")
+FLOOR_HEADER = "   | products alone, ratio (the floor), ours of it: eager / compiled"
+
+
+def floor_columns(peer: float, eager: float, compiled: float, products: float | None) -> str:
+    """Products-alone speed, its ratio over the peer's (the floor) and our eager and compiled
+    speeds as shares of it; "" without a products figure."""
+    if not products:
+        return ""
+    return f"   | {products:8.1f} {products / peer:5.2f}x  {eager / products:4.0%} / {compiled / products:4.0%}"

@@ -107,3 +107,21 @@ def test_a_damaged_adapter_config_is_named(tmp_path, change, message):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg | change))
     with pytest.raises(LlamaforgeError, match=message):
         read_peft_config(tmp_path)
+
+
+def test_lora_trains_out_of_place_and_infers_in_place_to_the_same_numbers():
+    torch.manual_seed(0)
+    lora = LoRALinear(torch.nn.Linear(32, 48), LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    y = lora(x)
+    with torch.no_grad():
+        assert torch.equal(lora(x), y)   # the in-place path, nothing needing a gradient
+    # The gradients are those of the plain formula x W^T + b + (x A^T B^T) * alpha / rank.
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x2, A, B = (t.detach().clone().requires_grad_() for t in (x, lora.lora_A, lora.lora_B))
+    (torch.nn.functional.linear(x2, lora.weight, lora.bias) + (x2 @ A.t() @ B.t()) * 2.0).backward(dy)
+    for ours, ref in ((x.grad, x2.grad), (lora.lora_A.grad, A.grad), (lora.lora_B.grad, B.grad)):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -35,6 +35,6 @@ def test_a_lora_step_records_its_adapter_products_and_replays_each_shape_once():
     recorded = []
     alone = ProductsAlone(lambda x: (recorded.append(x.shape), lambda: lora(x).sum().backward())[1],
                           key=lambda x: tuple(x.shape))
-    times = alone.times(batches)
+    times = alone.block(batches)
     assert len(times) == 3 and all(t > 0 for t in times)
     assert recorded == [(5, 32), (7, 32)]   # equal shapes share a recording

@@ -185,6 +185,27 @@ def run_until_first_checkpoint(cmd: list[str], ckpt: Path, env=None) -> int:
     return read_meta(ckpt)["state"]["step"]
 
 
+def same_run_metrics(a, b, rel: float = 1e-5, path: str = "metrics"):
+    """Assert two runs' metrics (nested dicts and lists) agree: counts, accuracies and every other
+    exact figure equal; losses (float sums of many products) within `rel`. A run resumed from its
+    checkpoint retraces the uninterrupted run's steps, but CI once saw its loss one float rounding
+    apart (0.67524993 against 0.67524999, the same predictions) where no second run here could
+    reproduce it; a wrong resume (the data position, the dropout RNG, AdamW's moments) moves the
+    loss by far more than 1e-5."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), f"{path}: {sorted(a.keys() ^ b.keys())}"
+        for key in a:
+            same_run_metrics(a[key], b[key], rel, f"{path}.{key}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), f"{path}: {len(a)} against {len(b)} entries"
+        for n, (x, y) in enumerate(zip(a, b, strict=True)):
+            same_run_metrics(x, y, rel, f"{path}[{n}]")
+    elif path.rstrip("]0123456789[").endswith("loss"):   # "evals[2].loss", "evals.loss[3]"
+        assert a == pytest.approx(b, rel=rel), f"{path}: {a} against {b}"
+    else:
+        assert a == b, f"{path}: {a} against {b}"
+
+
 @contextmanager
 def kernel_calls():
     """The names of the CPU kernels (llamaforge.model.kernels' extension) called inside the

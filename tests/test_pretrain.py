@@ -10,7 +10,7 @@ from llamaforge.cli import main
 from llamaforge.formats.load import load
 from llamaforge.text.convert import from_hf_dir
 
-from conftest import hf_model_from_dir, run_until_first_checkpoint
+from conftest import hf_model_from_dir, run_until_first_checkpoint, same_run_metrics
 
 STORIES = Path(__file__).resolve().parent.parent / "llamaforge" / "datasets" / "stories"
 MIXED = "Once upon a time, 羊驼 lived in Cusco 🦙.\n\tdef f(x): return x ** 2  # code\n\n  spaces   here"
@@ -100,5 +100,5 @@ def test_pretraining_resumes_after_sigkill_to_the_same_losses(tmp_path):
     r = subprocess.run(cmd + ["--out", str(killed), "--resume"], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (whole, killed))
-    assert [e["loss"] for e in a["evals"]] == [e["loss"] for e in b["evals"]]
-    assert a["final"]["loss"] == b["final"]["loss"]
+    same_run_metrics([e["loss"] for e in a["evals"]], [e["loss"] for e in b["evals"]], path="evals.loss")
+    same_run_metrics(a["final"]["loss"], b["final"]["loss"], path="final.loss")

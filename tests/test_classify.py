@@ -85,6 +85,9 @@ def test_best_model_is_kept_and_evaluate_reproduces_it(lora_run, capsys):
     report = json.loads(capsys.readouterr().out)
     assert {"accuracy", "macro_f1", "micro_f1", "weighted_f1", "n", "per_class"} <= set(report)
     assert report["n"] == 80 and report["accuracy"] == pytest.approx(best["accuracy"])
+    # The final dev report, made from the best model's evaluation during training, is the saved
+    # model's, read back: every count and figure.
+    assert report == metrics["final"]["dev"]
     assert set(report["per_class"]["positive"]) == {"precision", "recall", "f1", "support"}
 
 

@@ -388,3 +388,75 @@ def test_int8_decode_attention_kernel(G, D, amx, monkeypatch):
                                                  vs[b:b + 1, :, :n])[0], out[b])
     with pytest.raises(RuntimeError, match="length"):
         decode_attention_int8(q, k, ks, v, vs, torch.tensor([1, 2, 3, 4, L + 1]))
+
+
+def test_training_kernels_round_once_and_give_autograds_gradients():
+    """Training's SwiGLU and frozen-weight RMSNorm: forward values the fp32 result rounded once,
+    gradients those of fp32 autograd within bf16's rounding."""
+    import torch.nn.functional as F
+
+    from llamaforge.model.kernels import _FrozenWeightRMSNorm, swiglu
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge trains with PyTorch's ops")
+    g = torch.Generator().manual_seed(0)
+    gate, up = ((torch.randn(2, 3, 48, generator=g) * s).bfloat16().requires_grad_() for s in (4, 1))
+    grad = torch.randn(2, 3, 48, generator=g).bfloat16()
+    x = (torch.randn(2, 3, 64, generator=g) * 3).bfloat16().requires_grad_()
+    w = (1 + 0.2 * torch.randn(64, generator=g)).bfloat16()
+    norm_grad = torch.randn(2, 3, 64, generator=g).bfloat16()
+    for ours, ref, inputs, dy in (
+            (lambda a, b: swiglu(a, b), lambda a, b: F.silu(a) * b, (gate, up), grad),
+            (lambda a: _FrozenWeightRMSNorm.apply(a, w, 1e-5), lambda a: F.rms_norm(a, (64,), w.float(), 1e-5),
+             (x,), norm_grad)):
+        exact = [t.detach().float().requires_grad_() for t in inputs]
+        want = ref(*exact)
+        want.backward(dy.float())
+        out = ours(*inputs)
+        out.backward(dy)
+        assert out.dtype == torch.bfloat16 and (out != want.bfloat16()).float().mean() < 0.02
+        torch.testing.assert_close(out.float(), want, atol=1e-6, rtol=2 ** -7)
+        for t, e in zip(inputs, exact, strict=True):
+            torch.testing.assert_close(t.grad.float(), e.grad, atol=2e-2 * e.grad.abs().max().item(), rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_kernels_in_a_model_give_its_gradients(tiny_bpe, method):
+    """use_cpu_training_kernels: a bf16 training step runs SwiGLU (forward and backward) through the
+    kernel, and the norms too where their weight is frozen (LoRA; full fine-tuning trains them with
+    PyTorch's ops); its loss and gradients are as near fp32's as PyTorch's bf16 ops are."""
+    from llamaforge.model.adapters import LoRAConfig, add_lora
+    from llamaforge.model.kernels import use_cpu_training_kernels
+    if gemv_extension() is None:
+        pytest.skip("no AVX-512 / compiler here: llamaforge trains with PyTorch's ops")
+    ckpt, _ = random_model("tiny", tiny_bpe)
+    models = []
+    for dtype in ("fp32", "bf16", "bf16"):
+        m = build_model(ckpt, dtype)
+        if method == "lora":
+            torch.manual_seed(0)
+            add_lora(m, LoRAConfig(rank=4, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+            for name, p in m.named_parameters():
+                if name.endswith("lora_B"):
+                    torch.nn.init.normal_(p, std=0.02)   # B starts at zero: give A a gradient
+        models.append(m)
+    exact, plain, kernel = models
+    assert use_cpu_training_kernels(kernel) and not use_cpu_training_kernels(exact)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for m in models:
+        with kernel_calls() as calls:
+            loss = m(ids).float().logsumexp(-1).mean()
+            loss.backward()
+        losses.append(loss.item())
+    assert {"swiglu", "swiglu_backward"} <= set(calls)
+    assert ({"rms_norm", "rms_norm_backward"} <= set(calls)) == (method == "lora")
+
+    assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3 * abs(losses[0])
+
+    def grad_errors(m):   # each trained tensor's gradient's distance from fp32's, relative to its size
+        return {n: float((p.grad.float() - q.grad).norm() / q.grad.norm())
+                for (n, p), q in zip(m.named_parameters(), exact.parameters(), strict=True) if q.requires_grad}
+    ours, theirs = grad_errors(kernel), grad_errors(plain)
+    assert all(ours[n] <= 1.5 * theirs[n] + 0.02 for n in ours), \
+        {n: (ours[n], theirs[n]) for n in ours if ours[n] > 1.5 * theirs[n] + 0.02}
+    

@@ -67,12 +67,17 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
 
 
+def kernel_takes(t: torch.Tensor) -> bool:
+    """Whether a CPU kernel hook with a backward of its own (MLP.swiglu, set by
+    kernels.use_cpu_training_kernels) may replace PyTorch's ops on t: bf16 on a CPU, nothing
+    tracing (torch.compile fuses its own)."""
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def inference_kernel_takes(t: torch.Tensor) -> bool:
     """Whether a CPU kernel hook (Attention.rope and .prefill_attention, MLP.silu_mul; set by
-    kernels.use_cpu_kernels)
-    may replace PyTorch's ops on t: bf16 on a CPU, no gradient to carry, nothing tracing."""
-    return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not t.requires_grad \
-        and not torch.compiler.is_compiling()
+    kernels.use_cpu_kernels) may replace PyTorch's ops on t: as kernel_takes, and no gradient to carry."""
+    return kernel_takes(t) and not t.requires_grad
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -303,10 +308,15 @@ class MLP(nn.Module):
         # silu(gate) * up of the stacked projection's output in one op, for inference: a CPU
         # kernel set by kernels.use_cpu_kernels; None: chunk, silu and mul.
         self.silu_mul = None
+        # silu(gate) * up of separate projections (training's), forward and backward each in one
+        # pass: a CPU kernel set by kernels.use_cpu_training_kernels; None: silu and mul.
+        self.swiglu = None
 
     def forward(self, x):
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
+            if self.swiglu is not None and kernel_takes(gate) and kernel_takes(up):
+                return self.down_proj(self.swiglu(gate, up))
         else:
             gate_up = self.gate_up_proj(x)
             if self.silu_mul is not None and inference_kernel_takes(gate_up):

@@ -31,7 +31,7 @@ from ..data.batching import share
 from ..errors import LlamaforgeError
 from ..evaluate.metrics import plot_curves
 from ..files import atomic_output_dir, keep_compiled_code, write_json
-from ..model.kernels import prepare_compile
+from ..model.kernels import prepare_compile, use_cpu_training_kernels
 from ..model.llama import Llama
 from . import checkpoint
 from .adalora import RankAllocator, adalora_layers, resolve_schedule
@@ -217,6 +217,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: str | Pat
             any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise LlamaforgeError(f"{torch.cuda.get_device_name(world.device)} has no bf16: train with --dtype fp32")
     strategy = choose_strategy(cfg.distributed, getattr(cfg, "method", "full")) if world.distributed else None
+    if world.device.type == "cpu" and strategy != "fsdp":   # (FSDP's parameters are shards)
+        for llama in llamas:   # eager steps' norms and SwiGLU in bf16; compiled blocks fuse their own
+            use_cpu_training_kernels(llama)
     if cfg.compile and strategy == "fsdp":   # the compiled blocks are called around FSDP's hooks
         raise LlamaforgeError("--compile does not combine with FSDP yet: use --distributed ddp, or leave out --compile")
     if llamas:   # the models whose shape the estimate knows

@@ -109,19 +109,28 @@ def test_a_damaged_adapter_config_is_named(tmp_path, change, message):
         read_peft_config(tmp_path)
 
 
-def test_lora_trains_out_of_place_and_infers_in_place_to_the_same_numbers():
+@pytest.mark.parametrize("bias, dropout, x_grad", [(True, 0.0, True), (False, 0.0, False), (True, 0.1, True)])
+def test_lora_trains_with_its_own_backward_and_infers_in_place_to_the_same_numbers(bias, dropout, x_grad):
+    """Training's product (_LoRAProduct, its own backward; with dropout autograd's out-of-place
+    form) and inference's in-place one give the same output, and the gradients of the plain
+    formula x W^T + b + (drop(x) A^T B^T) * alpha / rank, whether x needs one or not."""
     torch.manual_seed(0)
-    lora = LoRALinear(torch.nn.Linear(32, 48), LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    lora = LoRALinear(torch.nn.Linear(32, 48, bias=bias), LoRAConfig(rank=4, alpha=8, dropout=dropout))
     with torch.no_grad():
         lora.lora_B.normal_()
-    x = torch.randn(2, 5, 32, requires_grad=True)
+    x = torch.randn(2, 5, 32, requires_grad=x_grad)
+    torch.manual_seed(1)
     y = lora(x)
-    with torch.no_grad():
-        assert torch.equal(lora(x), y)   # the in-place path, nothing needing a gradient
-    # The gradients are those of the plain formula x W^T + b + (x A^T B^T) * alpha / rank.
+    if not dropout:
+        with torch.no_grad():
+            assert torch.equal(lora(x), y)   # the in-place path, nothing needing a gradient
     dy = torch.randn_like(y)
     y.backward(dy)
     x2, A, B = (t.detach().clone().requires_grad_() for t in (x, lora.lora_A, lora.lora_B))
-    (torch.nn.functional.linear(x2, lora.weight, lora.bias) + (x2 @ A.t() @ B.t()) * 2.0).backward(dy)
-    for ours, ref in ((x.grad, x2.grad), (lora.lora_A.grad, A.grad), (lora.lora_B.grad, B.grad)):
+    torch.manual_seed(1)
+    dropped = lora.dropout(x2)   # the same mask
+    (torch.nn.functional.linear(x2, lora.weight, lora.bias) + (dropped @ A.t() @ B.t()) * 2.0).backward(dy)
+    pairs = [(lora.lora_A.grad, A.grad), (lora.lora_B.grad, B.grad)] + ([(x.grad, x2.grad)] if x_grad else [])
+    assert x_grad or x.grad is None
+    for ours, ref in pairs:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -391,11 +391,12 @@ def test_int8_decode_attention_kernel(G, D, amx, monkeypatch):
 
 
 def test_training_kernels_round_once_and_give_autograds_gradients():
-    """Training's SwiGLU and frozen-weight RMSNorm: forward values the fp32 result rounded once,
+    """Training's SwiGLU, RoPE and frozen-weight RMSNorm: forward values the fp32 result rounded once,
     gradients those of fp32 autograd within bf16's rounding."""
     import torch.nn.functional as F
 
-    from llamaforge.model.kernels import _FrozenWeightRMSNorm, swiglu
+    from llamaforge.model.kernels import _FrozenWeightRMSNorm, rope_heads, swiglu
+    from llamaforge.model.llama import apply_rope, rope_cos_sin
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: llamaforge trains with PyTorch's ops")
     g = torch.Generator().manual_seed(0)
@@ -404,7 +405,12 @@ def test_training_kernels_round_once_and_give_autograds_gradients():
     x = (torch.randn(2, 3, 64, generator=g) * 3).bfloat16().requires_grad_()
     w = (1 + 0.2 * torch.randn(64, generator=g)).bfloat16()
     norm_grad = torch.randn(2, 3, 64, generator=g).bfloat16()
+    heads = (torch.randn(2, 3, 4, 64, generator=g) * 2).bfloat16().requires_grad_()   # (B, T, heads, D)
+    cos, sin = rope_cos_sin(1e4 ** -(torch.arange(0, 64, 2) / 64), torch.arange(5, 8)[None], torch.bfloat16)
+    rope_grad = torch.randn(2, 3, 4, 64, generator=g).bfloat16()
     for ours, ref, inputs, dy in (
+            (lambda a: rope_heads(a, cos, sin),
+             lambda a: apply_rope(a.transpose(1, 2), cos.float(), sin.float()).transpose(1, 2), (heads,), rope_grad),
             (lambda a, b: swiglu(a, b), lambda a, b: F.silu(a) * b, (gate, up), grad),
             (lambda a: _FrozenWeightRMSNorm.apply(a, w, 1e-5), lambda a: F.rms_norm(a, (64,), w.float(), 1e-5),
              (x,), norm_grad)):
@@ -421,20 +427,20 @@ def test_training_kernels_round_once_and_give_autograds_gradients():
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_kernels_in_a_model_give_its_gradients(tiny_bpe, method):
-    """use_cpu_training_kernels: a bf16 training step runs SwiGLU (forward and backward) through the
-    kernel, and the norms too where their weight is frozen (LoRA; full fine-tuning trains them with
+    """use_cpu_training_kernels: a bf16 training step runs SwiGLU and RoPE (forward and backward)
+    through the kernel, and the norms too where their weight is frozen (LoRA; full fine-tuning trains them with
     PyTorch's ops); its loss and gradients are as near fp32's as PyTorch's bf16 ops are."""
     from llamaforge.model.adapters import LoRAConfig, add_lora
     from llamaforge.model.kernels import use_cpu_training_kernels
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: llamaforge trains with PyTorch's ops")
-    ckpt, _ = random_model("tiny", tiny_bpe)
+    ckpt, _ = random_model("tiny", tiny_bpe, n_heads=2, n_kv_heads=1, head_dim=32)   # heads of 32: the RoPE kernel takes them
     models = []
     for dtype in ("fp32", "bf16", "bf16"):
         m = build_model(ckpt, dtype)
         if method == "lora":
             torch.manual_seed(0)
-            add_lora(m, LoRAConfig(rank=4, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+            add_lora(m, LoRAConfig(rank=4, dropout=0.0, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
             for name, p in m.named_parameters():
                 if name.endswith("lora_B"):
                     torch.nn.init.normal_(p, std=0.02)   # B starts at zero: give A a gradient
@@ -450,6 +456,8 @@ def test_training_kernels_in_a_model_give_its_gradients(tiny_bpe, method):
         losses.append(loss.item())
     assert {"swiglu", "swiglu_backward"} <= set(calls)
     assert ({"rms_norm", "rms_norm_backward"} <= set(calls)) == (method == "lora")
+    # q and k, forward and backward (but the first layer's k under LoRA: nothing before it trains)
+    assert calls.count("rope") == 2 * 2 * kernel.config.n_layers - (method == "lora")
 
     assert abs(losses[2] - losses[0]) <= 2 * abs(losses[1] - losses[0]) + 1e-3 * abs(losses[0])
 

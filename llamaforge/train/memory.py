@@ -143,7 +143,8 @@ def activation_bytes(llama: Llama, batch: int, seq_len: int, checkpointing: bool
     again as the copy the value product takes; and in fp32 (F.rms_norm computes in fp32) the
     two norms' inputs and, when the norm weights train, their normalised outputs. sdpa: on a GPU,
     training attention is SDPA's flash or memory-efficient kernel, which keeps its output and a
-    log-sum-exp per head instead of the probabilities (not measured here: no GPU).
+    log-sum-exp per head instead of the probabilities, and the loss keeps fp32 logits (not
+    measured here: no GPU).
     """
     c = llama.config
     b = llama.embed_tokens.weight.element_size()
@@ -158,12 +159,13 @@ def activation_bytes(llama: Llama, batch: int, seq_len: int, checkpointing: bool
         per_block += c.n_heads * keys * (4 + (b if b < 4 else 0))
     norms_train = llama.layers[0].input_layernorm.weight.requires_grad
     per_block += 2 * 4 * c.dim * (2 if norms_train else 1)
-    # The backward pass starts with the loss's fp32 logits: the log-softmax output it kept, and
-    # next to it its gradient and the logits', 3 x 4 bytes per vocabulary entry (SmolLM2's 49k
-    # vocabulary: 590 KB a token, against 1 MB for all 30 blocks in bf16). Later, the block being
-    # back-propagated adds its gradients, about one block's worth, and checkpointed, its
-    # recomputed activations as well.
-    logits = scored_tokens * c.vocab_size * 12
+    # The backward pass starts with the loss's logits. On a GPU, fp32: the log-softmax output it
+    # kept, and next to it its gradient and the logits', 3 x 4 bytes per vocabulary entry
+    # (SmolLM2's 49k vocabulary: 590 KB a token, against 1 MB for all 30 blocks in bf16). On a
+    # CPU the loss runs a few rows at a time (evaluate.lm.ChunkedCrossEntropy): the logits and
+    # their gradient in the model's dtype, 2 x b. Later, the block being back-propagated adds its
+    # gradients, about one block's worth, and checkpointed, its recomputed activations as well.
+    logits = scored_tokens * c.vocab_size * (12 if sdpa else 2 * b)
     if checkpointing:
         return tokens * c.n_layers * b * c.dim + max(logits, tokens * 2 * per_block)
     return tokens * c.n_layers * per_block + max(logits, tokens * per_block)

@@ -395,7 +395,7 @@ def test_training_kernels_round_once_and_give_autograds_gradients():
     gradients those of fp32 autograd within bf16's rounding."""
     import torch.nn.functional as F
 
-    from llamaforge.model.kernels import _FrozenWeightRMSNorm, rope_heads, swiglu
+    from llamaforge.model.kernels import _FrozenWeightRMSNorm, rope, swiglu
     from llamaforge.model.llama import apply_rope, rope_cos_sin
     if gemv_extension() is None:
         pytest.skip("no AVX-512 / compiler here: llamaforge trains with PyTorch's ops")
@@ -409,7 +409,7 @@ def test_training_kernels_round_once_and_give_autograds_gradients():
     cos, sin = rope_cos_sin(1e4 ** -(torch.arange(0, 64, 2) / 64), torch.arange(5, 8)[None], torch.bfloat16)
     rope_grad = torch.randn(2, 3, 4, 64, generator=g).bfloat16()
     for ours, ref, inputs, dy in (
-            (lambda a: rope_heads(a, cos, sin),
+            (lambda a: rope(a, cos, sin, 4),
              lambda a: apply_rope(a.transpose(1, 2), cos.float(), sin.float()).transpose(1, 2), (heads,), rope_grad),
             (lambda a, b: swiglu(a, b), lambda a, b: F.silu(a) * b, (gate, up), grad),
             (lambda a: _FrozenWeightRMSNorm.apply(a, w, 1e-5), lambda a: F.rms_norm(a, (64,), w.float(), 1e-5),

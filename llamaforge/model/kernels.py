@@ -373,9 +373,6 @@ std::vector<torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor r, torch:
   return {sum, y};
 }
 
-// SwiGLU's silu(gate) * up for bf16 rows (..., 2I) that hold gate then up (the stacked gate_up
-// projection's output): in fp32, rounded to bf16 once, in one pass. PyTorch runs chunk, silu and
-// mul as three ops, each a pass over memory and, in a decode step, a Python dispatch.
 // sigmoid(g) from e = exp(-|g|) <= 1: 1 / (1 + e) for g >= 0, e / (1 + e) below.
 static inline __m512 sigmoid512(__m512 g) {
   const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));
@@ -383,6 +380,9 @@ static inline __m512 sigmoid512(__m512 g) {
   return _mm512_mask_mul_ps(d, _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ), d, e);
 }
 
+// SwiGLU's silu(gate) * up for bf16 rows (..., 2I) that hold gate then up (the stacked gate_up
+// projection's output): in fp32, rounded to bf16 once, in one pass. PyTorch runs chunk, silu and
+// mul as three ops, each a pass over memory and, in a decode step, a Python dispatch.
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   const int64_t I = gate_up.size(-1) / 2;
   TORCH_CHECK(I % 16 == 0 && gate_up.size(-1) == 2 * I && gate_up.scalar_type() == at::kBFloat16,
@@ -1950,12 +1950,6 @@ def cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v
     return True
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """RoPE of the first `heads` heads of bf16 rows (B, T, >=heads, D): (B, T, heads, D), rounded
-    once (the kernel)."""
-    return gemv_extension().rope(x, cos, sin, heads)
-
-
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of bf16 rows (..., 2I) holding gate then up, rounded once (the kernel)."""
     return gemv_extension().silu_mul(gate_up)
@@ -1993,9 +1987,15 @@ class _RoPE(torch.autograd.Function):
         return gemv_extension().rope(grad, cos, -sin, grad.shape[2]), None, None
 
 
-def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of bf16 rows (B, T, heads, D) as (B, T, heads, D), rounded once; its backward one pass too (the kernel)."""
-    return _RoPE.apply(x, cos, sin)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """RoPE of the first `heads` heads of bf16 rows (B, T, >=heads, D): (B, T, heads, D), rounded
+    once (the kernel). Where x needs a gradient (training: all of its heads), the backward is one
+    pass too."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        if heads != x.shape[2]:
+            raise ValueError("rope: a gradient only through all of x's heads")
+        return _RoPE.apply(x, cos, sin)
+    return gemv_extension().rope(x, cos, sin, heads)
 
 
 class _FrozenWeightRMSNorm(torch.autograd.Function):
@@ -2070,7 +2070,7 @@ def use_cpu_training_kernels(model: nn.Module) -> bool:
         if model.config.intermediate_size % 16 == 0:
             block.mlp.swiglu = swiglu
         if model.config.head_dim % 32 == 0:
-            block.self_attn.rope_heads = rope_heads
+            block.self_attn.rope = rope
     return True
 
 

@@ -68,7 +68,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 
 def kernel_takes(t: torch.Tensor) -> bool:
-    """Whether a CPU kernel hook with a backward of its own (MLP.swiglu, Attention.rope_heads; set by
+    """Whether a CPU kernel hook with a backward of its own (MLP.swiglu, Attention.rope; set by
     kernels.use_cpu_training_kernels) may replace PyTorch's ops on t: bf16 on a CPU, nothing
     tracing (torch.compile fuses its own)."""
     return t.dtype == torch.bfloat16 and t.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -213,13 +213,11 @@ class Attention(nn.Module):
         # A decode step's attention of one query per row over the whole cache, (q, k, v) -> y or
         # None: a CPU kernel set by kernels.use_cpu_kernels for inference; None: SDPA.
         self.decode_attention = None
-        # RoPE of the stacked projection's q and k heads in one op, (qkv, cos, sin, heads) -> (B, T,
-        # heads, hd), for inference: a CPU kernel set by kernels.use_cpu_kernels; None: apply_rope.
+        # RoPE of the first heads of rows, (x (B, T, >=heads, hd), cos, sin, heads) -> (B, T, heads,
+        # hd), in one op: the stacked projection's q and k in inference, or q or k alone, forward
+        # and backward, in training. A CPU kernel set by kernels.use_cpu_kernels and
+        # use_cpu_training_kernels; None: apply_rope.
         self.rope = None
-        # RoPE of separate q or k projections (training's), (x (B, T, heads, hd), cos, sin) -> (B, T,
-        # heads, hd), forward and backward each one pass: a CPU kernel set by
-        # kernels.use_cpu_training_kernels; None: apply_rope.
-        self.rope_heads = None
         # Causal attention of a prefill chunk (no mask), (q, k, v) -> y or None, for inference: the
         # AMX kernel set by kernels.use_cpu_kernels where the CPU has tiles; None: `torch_attention`.
         self.prefill_attention = None
@@ -262,8 +260,8 @@ class Attention(nn.Module):
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv_proj is None:
             q, k = self.q_proj(x).view(B, T, H, hd), self.k_proj(x).view(B, T, Hkv, hd)
-            if self.rope_heads is not None and kernel_takes(q) and kernel_takes(k) and cos.dtype == torch.bfloat16:
-                q, k = self.rope_heads(q, cos, sin).transpose(1, 2), self.rope_heads(k, cos, sin).transpose(1, 2)
+            if self.rope is not None and kernel_takes(q) and kernel_takes(k) and cos.dtype == torch.bfloat16:
+                q, k = self.rope(q, cos, sin, H).transpose(1, 2), self.rope(k, cos, sin, Hkv).transpose(1, 2)
             else:
                 q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
             v = self.v_proj(x).view(B, T, Hkv, hd).transpose(1, 2)                    # (B, Hkv, T, hd)
